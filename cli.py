@@ -1,0 +1,82 @@
+"""Command-line entry points: the `featstore` and `mil` typer apps.
+
+Commands live beside the code they drive (``<package>/commands.py``, each with a
+``register(app)``); this module only assembles the two apps and turns the packages' own
+errors into one red line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from analysis.errors import AnalysisError
+from featstore.errors import FeatstoreError
+from mil.errors import MilError
+
+_USER_ERRORS = (FeatstoreError, MilError, AnalysisError)
+_err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=_err, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _make_app(help_text: str) -> typer.Typer:
+    app = typer.Typer(help=help_text, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+        _setup_logging(verbose)
+
+    return app
+
+
+def _guard(app: typer.Typer) -> typer.Typer:
+    """Wrap every registered command so user errors exit with one clear line."""
+    for info in app.registered_commands:
+        fn = info.callback
+
+        @functools.wraps(fn)
+        def wrapped(*args, __fn=fn, **kwargs):
+            try:
+                return __fn(*args, **kwargs)
+            except _USER_ERRORS as exc:
+                _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                _err.print("[yellow]interrupted[/]: completed work is kept; rerun to resume")
+                raise typer.Exit(130) from None
+
+        info.callback = wrapped
+    return app
+
+
+def _build() -> tuple[typer.Typer, typer.Typer]:
+    import analysis.commands
+    import featstore.commands
+    import mil.commands
+
+    fs = _make_app("Slides -> tissue tiles -> encoder embeddings in a chunked Zarr store.")
+    ml = _make_app("Attention-MIL over a featstore: train, predict, heatmaps, top-k fine-tuning.")
+    featstore.commands.register(fs)
+    mil.commands.register(ml)
+    analysis.commands.register(fs, ml)
+    return _guard(fs), _guard(ml)
+
+
+featstore_app, mil_app = _build()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(featstore_app())

@@ -1,0 +1,1 @@
+"""mil: attention multiple-instance learning over featstore embeddings."""
