@@ -1,0 +1,176 @@
+"""Statistics for comparing classifiers: AUC, bootstrap CIs, Welch's t-test, DeLong's test.
+
+Used by ``mil`` for the CIs in metrics.json and by ``analysis.compare`` for significance.
+Everything is plain numpy/scipy on small vectors (slides, seeds), deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from scipy import stats as _st
+from sklearn.metrics import roc_auc_score
+
+from analysis.errors import AnalysisError
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _as_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim != 1 or y_score.ndim not in (1, 2) or len(y_true) != len(y_score):
+        raise AnalysisError(
+            f"y_true has shape {y_true.shape} and y_score {y_score.shape}: pass (N,) labels with "
+            "(N,) scores or (N, C) class probabilities"
+        )
+    return y_true, y_score
+
+
+def auc(y_true, y_score) -> float:
+    """ROC AUC: binary when ``y_score`` is (N,), macro one-vs-rest when it is (N, C).
+
+    Binary labels may be any two values (the larger one is positive, as in scikit-learn);
+    multiclass labels must be integer class indices 0..C-1 matching the score columns.
+    """
+    y_true, y_score = _as_arrays(y_true, y_score)
+    classes = np.unique(y_true)
+    if len(classes) < 2:
+        raise AnalysisError(f"AUC needs both classes but y_true has only {classes.tolist()}; "
+                            "check the labels of the evaluated slides")
+    if y_score.ndim == 1:
+        if len(classes) > 2:
+            raise AnalysisError(f"y_true has {len(classes)} classes but y_score is 1-D; "
+                                "pass (N, C) class probabilities for multiclass AUC")
+        return float(roc_auc_score(y_true, y_score))
+    n_cls = y_score.shape[1]
+    if n_cls == 2 and set(classes.tolist()) <= {0, 1}:
+        return float(roc_auc_score(y_true, y_score[:, 1]))
+    if not np.issubdtype(y_true.dtype, np.integer) or classes.min() < 0 or classes.max() >= n_cls:
+        raise AnalysisError(f"multiclass y_true must hold class indices 0..{n_cls - 1} "
+                            f"matching the {n_cls} score columns; got {classes[:10].tolist()}")
+    # Macro OvR over the classes present (a class absent from y_true has no AUC).
+    aucs = [roc_auc_score(y_true == c, y_score[:, c]) for c in classes]
+    return float(np.mean(aucs))
+
+
+def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0, stratified: bool = True) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``metric(y_true, y_score)``.
+
+    Stratified resampling draws with replacement within each class, so every resample keeps
+    the class counts (and AUC is always defined). Unstratified resamples that contain a single
+    class are skipped. Returns (nan, nan) if no resample was usable.
+    """
+    y_true, y_score = _as_arrays(y_true, y_score)
+    if not 0 < alpha < 1:
+        raise AnalysisError(f"alpha={alpha} must lie in (0, 1), e.g. 0.05 for a 95% CI")
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    values = []
+    for _ in range(n_boot):
+        if stratified:
+            idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        else:
+            idx = rng.integers(0, n, n)
+            if len(np.unique(y_true[idx])) < 2:
+                continue
+        try:
+            values.append(float(metric(y_true[idx], y_score[idx])))
+        except (ValueError, AnalysisError):  # metric undefined on this resample
+            continue
+    if not values:
+        log.warning("bootstrap_ci: no usable resample out of %d; returning nan", n_boot)
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def welch_ttest(a, b) -> tuple[float, float]:
+    """Welch's two-sided t-test (unequal variances), e.g. AUCs of two configs over seeds.
+
+    Same result as ``scipy.stats.ttest_ind(a, b, equal_var=False)``; computed explicitly
+    (Welch-Satterthwaite degrees of freedom). nan when both groups have zero variance.
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if len(a) < 2 or len(b) < 2:
+        raise AnalysisError(f"Welch's t-test needs at least 2 values per group (got {len(a)} and "
+                            f"{len(b)}); run more seeds or folds")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se2 = va + vb
+    if se2 == 0:
+        return float("nan"), float("nan")
+    t = (a.mean() - b.mean()) / np.sqrt(se2)
+    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = 2 * _st.t.sf(abs(t), df)
+    return float(t), float(p)
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    """Midranks (1-based, ties get the average rank), as in Sun & Xu (2014)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    n = len(x)
+    ranks_sorted = np.empty(n, dtype=np.float64)
+    i = 0
+    while i < n:
+        j = i
+        while j < n and xs[j] == xs[i]:
+            j += 1
+        ranks_sorted[i:j] = 0.5 * (i + j - 1) + 1
+        i = j
+    out = np.empty(n, dtype=np.float64)
+    out[order] = ranks_sorted
+    return out
+
+
+def delong_components(y_true, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fast DeLong (Sun & Xu 2014): AUCs and structural components of K correlated scores.
+
+    ``scores`` is (K, N). Returns (aucs (K,), V10 (K, m) over positives, V01 (K, n) over
+    negatives); the DeLong covariance is cov(V10)/m + cov(V01)/n.
+    """
+    y = np.asarray(y_true)
+    classes = np.unique(y)
+    if len(classes) != 2:
+        raise AnalysisError(f"DeLong's test needs binary labels; got classes {classes[:10].tolist()}")
+    pos = y == classes[1]
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    x, z = scores[:, pos], scores[:, ~pos]
+    m, n = x.shape[1], z.shape[1]
+    tx = np.stack([_midrank(r) for r in x])
+    tz = np.stack([_midrank(r) for r in z])
+    tall = np.stack([_midrank(r) for r in np.concatenate([x, z], axis=1)])
+    aucs = tall[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v10 = (tall[:, :m] - tx) / n
+    v01 = 1.0 - (tall[:, m:] - tz) / m
+    return aucs, v10, v01
+
+
+def delong_test(y_true, score_a, score_b) -> tuple[float, float, float, float]:
+    """DeLong's test for two correlated AUCs on the same cases: (auc_a, auc_b, z, p two-sided).
+
+    Binary labels (the larger label is positive). z and p are nan if the difference has zero
+    variance (e.g. identical scores).
+    """
+    y = np.asarray(y_true)
+    a = np.asarray(score_a, dtype=np.float64).ravel()
+    b = np.asarray(score_b, dtype=np.float64).ravel()
+    if not (len(y) == len(a) == len(b)):
+        raise AnalysisError(f"DeLong: y_true ({len(y)}), score_a ({len(a)}) and score_b ({len(b)}) "
+                            "must be scores of the same cases")
+    aucs, v10, v01 = delong_components(y, np.stack([a, b]))
+    m, n = v10.shape[1], v01.shape[1]
+    s = np.cov(v10) / m + np.cov(v01) / n
+    var = s[0, 0] + s[1, 1] - 2 * s[0, 1]
+    if not var > 0:
+        return float(aucs[0]), float(aucs[1]), float("nan"), float("nan")
+    zval = (aucs[0] - aucs[1]) / np.sqrt(var)
+    p = 2 * _st.norm.sf(abs(zval))
+    return float(aucs[0]), float(aucs[1]), float(zval), float(p)
