@@ -1,0 +1,86 @@
+"""Turn the SLIDES arguments (files, directories, globs, a CSV) into a checked list of slides."""
+
+from __future__ import annotations
+
+import csv
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+from featstore.errors import FeatstoreError, SlideNotFoundError
+from featstore.store import safe_slide_id
+
+#: File endings OpenSlide opens (a directory is searched for these).
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
+)
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """A slide to process: its safe id (the store key) and its file."""
+
+    slide_id: str
+    path: Path
+
+
+def _from_csv(path: Path) -> list[SlideRef]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"slide_id", "path"} <= cols:
+            raise FeatstoreError(f"{path}: a slide list CSV needs columns slide_id,path (found {sorted(cols)})")
+        refs = []
+        for i, row in enumerate(reader, start=2):
+            if not (row.get("slide_id") or "").strip() or not (row.get("path") or "").strip():
+                raise FeatstoreError(f"{path}:{i}: empty slide_id or path")
+            p = Path(row["path"].strip()).expanduser()
+            if not p.is_absolute():
+                p = path.parent / p
+            refs.append(SlideRef(safe_slide_id(row["slide_id"].strip()), p))
+    return refs
+
+
+def _from_dir(path: Path) -> list[SlideRef]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+    return [SlideRef(safe_slide_id(p.stem), p) for p in files]
+
+
+def discover_slides(inputs: list[str | Path]) -> list[SlideRef]:
+    """Expand files, directories, globs and ``slide_id,path`` CSVs into slides.
+
+    Ids come from file stems (or the CSV) made safe for Zarr keys. Two slides with the same
+    id are an error before any work starts. A named file that does not exist is an error;
+    a directory or glob that matches nothing is an error too (a typo should not run nothing).
+    """
+    refs: list[SlideRef] = []
+    for item in inputs:
+        s = str(item)
+        p = Path(s).expanduser()
+        if p.is_dir():
+            found = _from_dir(p)
+            if not found:
+                raise FeatstoreError(f"{p}: directory holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
+            refs.extend(found)
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            refs.extend(_from_csv(p))
+        elif p.exists():
+            refs.append(SlideRef(safe_slide_id(p.stem), p))
+        elif any(ch in s for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(s, recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise FeatstoreError(f"{s}: pattern matches no file")
+            refs.extend(SlideRef(safe_slide_id(m.stem), m) for m in matches)
+        else:
+            raise SlideNotFoundError(f"{p}: no such file or directory")
+    seen: dict[str, Path] = {}
+    for r in refs:
+        if r.slide_id in seen and seen[r.slide_id].resolve() != r.path.resolve():
+            raise FeatstoreError(
+                f"slide id {r.slide_id!r} is used by both {seen[r.slide_id]} and {r.path}; "
+                "rename one or list slides in a CSV with distinct slide_id values"
+            )
+        seen[r.slide_id] = r.path
+    unique = {r.slide_id: r for r in refs}
+    return list(unique.values())
