@@ -1,0 +1,43 @@
+"""`mil compare`: many run directories -> one grouped table (Markdown, CSV) and a bar plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+_console = Console()
+
+
+def compare(
+    run_dirs: Annotated[List[Path], typer.Argument(help="mil run directories, or folders containing them.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for compare.md/.csv/.png.")],
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", help="Group to compare against: ENCODER:WEIGHTS:minusK[:KIND].")] = None,
+    unit: Annotated[str, typer.Option(
+        "--unit", help="Observation for mean/sd/Welch: 'fold' (every fold of every run) or 'run'.")] = "fold",
+) -> None:
+    """Group runs by encoder x weights x level x kind: mean +- sd AUC, delta vs baseline, Welch p."""
+    from analysis.compare import format_p, compare_runs, write_outputs
+
+    rows = compare_runs(run_dirs, baseline=baseline, unit=unit)
+    paths = write_outputs(rows, out)
+    table = Table(title=f"{len(rows)} groups")
+    for col, just in [("group", "left"), ("n", "right"), ("AUC", "right"), ("95% CI", "right"),
+                      ("Δ vs baseline", "right"), ("p", "right")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        sd = "" if math.isnan(r.sd["auc"]) else f" ± {r.sd['auc']:.3f}"
+        delta = "baseline" if r.is_baseline else ("" if r.delta is None else f"{r.delta:+.3f}")
+        table.add_row(r.key.label(), str(r.n), f"{r.mean['auc']:.3f}{sd}", f"{r.ci[0]:.3f}–{r.ci[1]:.3f}",
+                      delta, format_p(r.p))
+    _console.print(table)
+    _console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
+    mil_app.command("compare")(compare)

@@ -1,0 +1,283 @@
+"""Compare many `mil train` / `mil finetune` runs: one table grouped by encoder x weights x level.
+
+Reads each run directory's config.json and metrics.json (docs/architecture.md, "mil run
+directory"). Groups by (encoder, weights, minus, kind, train_fraction); within a group every
+fold of every run (seed) is one observation (``unit="fold"``) or each run's mean is
+(``unit="run"``). A finetune run's "frozen" block (the frozen model scored on the same slides)
+becomes its own group of kind "frozen". Reports n, mean +- sd AUC, a 95 % CI of the mean, and
+the difference to a baseline group with Welch's t-test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+from analysis.errors import AnalysisError
+from analysis.stats import welch_ttest
+
+log = logging.getLogger(__name__)
+
+METRICS = ("auc", "balanced_accuracy", "f1")
+UNITS = ("fold", "run")
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    encoder: str
+    weights: str
+    minus: int
+    kind: str
+    train_fraction: float | None = None
+
+    def label(self) -> str:
+        s = f"{self.encoder}:{self.weights}:minus{self.minus} {self.kind}"
+        if self.train_fraction is not None:
+            s += f" frac={self.train_fraction:g}"
+        return s
+
+
+@dataclass
+class Observation:
+    """One AUC (and friends) of one fold of one run."""
+
+    key: GroupKey
+    run: str
+    fold: str
+    seed: int | None
+    values: dict[str, float]
+    auc_ci: tuple[float, float] | None = None
+
+
+@dataclass
+class GroupRow:
+    key: GroupKey
+    n: int
+    n_runs: int
+    mean: dict[str, float]
+    sd: dict[str, float]
+    ci: tuple[float, float]
+    delta: float | None = None
+    p: float | None = None
+    is_baseline: bool = False
+    runs: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ reading runs
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories: each path itself if it holds config.json, else its subdirectories that do."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise AnalysisError(f"{p}: not a directory; pass mil run directories (or a folder of them)")
+        if (p / "config.json").is_file():
+            found.append(p)
+            continue
+        subs = sorted(d for d in p.iterdir() if d.is_dir() and (d / "config.json").is_file())
+        if not subs:
+            raise AnalysisError(f"{p}: no config.json here or in its subfolders; is it a `mil train` run?")
+        found.extend(subs)
+    return list(dict.fromkeys(found))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AnalysisError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}); rerun or remove the run") from None
+
+
+def _fold_obs(key: GroupKey, run: Path, block: dict, seed, unit: str) -> list[Observation]:
+    folds = block.get("folds") or {}
+    if not folds:
+        raise AnalysisError(f"{run}/metrics.json has no 'folds'; was the run finished by this version of mil?")
+    obs = []
+    for name, m in folds.items():
+        if m.get("auc") is None:
+            raise AnalysisError(f"{run}/metrics.json: fold {name!r} has no 'auc'")
+        ci = tuple(m["auc_ci"]) if m.get("auc_ci") else None
+        obs.append(Observation(key, run.name, str(name), seed,
+                               {k: float(m[k]) if m.get(k) is not None else math.nan for k in METRICS}, ci))
+    if unit == "run" and len(obs) > 1:
+        vals = {k: float(np.nanmean([o.values[k] for o in obs])) for k in METRICS}
+        return [Observation(key, run.name, "mean", seed, vals)]
+    return obs
+
+
+def read_run(run: Path, unit: str = "fold") -> list[Observation]:
+    """Observations of one run directory (plus its "frozen" block for finetune runs)."""
+    cfg = _read_json(run / "config.json")
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        log.warning("%s: no metrics.json (unfinished run?); skipped", run)
+        return []
+    metrics = _read_json(metrics_path)
+    missing = [k for k in ("encoder", "weights", "minus") if k not in cfg]
+    if missing:
+        raise AnalysisError(f"{run}/config.json lacks {', '.join(missing)}; not a mil run config")
+    frac = cfg.get("train_fraction")
+    frac = None if frac is None or float(frac) == 1.0 else float(frac)
+    kind = str(cfg.get("kind", "train"))
+    key = GroupKey(str(cfg["encoder"]), str(cfg["weights"]), int(cfg["minus"]), kind, frac)
+    seed = cfg.get("seed")
+    obs = _fold_obs(key, run, metrics, seed, unit)
+    if "frozen" in metrics:
+        fkey = GroupKey(key.encoder, key.weights, key.minus, "frozen", frac)
+        obs += _fold_obs(fkey, run, metrics["frozen"], seed, unit)
+    return obs
+
+
+# ------------------------------------------------------------------ grouping
+def parse_baseline(text: str) -> dict:
+    """``ENC:WEIGHTS:minusK[:KIND]`` -> fields to match a group."""
+    parts = str(text).split(":")
+    if len(parts) not in (3, 4) or not parts[2].removeprefix("minus").isdigit():
+        raise AnalysisError(f"--baseline {text!r}: expected ENCODER:WEIGHTS:minusK[:KIND], "
+                            "e.g. resnet18:imagenet:minus0")
+    out = {"encoder": parts[0], "weights": parts[1], "minus": int(parts[2].removeprefix("minus"))}
+    if len(parts) == 4:
+        out["kind"] = parts[3]
+    return out
+
+
+def _pick_baseline(keys: Sequence[GroupKey], spec: dict) -> GroupKey:
+    hits = [k for k in keys if all(getattr(k, f) == v for f, v in spec.items())]
+    if len(hits) > 1:
+        train = [k for k in hits if k.kind == "train"]
+        hits = train if len(train) == 1 else hits
+    if len(hits) != 1:
+        what = "matches no group" if not hits else f"matches {len(hits)} groups"
+        have = "; ".join(k.label() for k in (hits or keys))
+        raise AnalysisError(f"baseline {spec} {what} ({have}); add :KIND or pick one of these")
+    return hits[0]
+
+
+def _ci_of_mean(x: np.ndarray, single: tuple[float, float] | None) -> tuple[float, float]:
+    if len(x) >= 2:
+        half = _st.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        return float(x.mean() - half), float(x.mean() + half)
+    if single is not None:  # one fold: its bootstrap CI
+        return float(single[0]), float(single[1])
+    return float("nan"), float("nan")
+
+
+def compare_runs(run_dirs: Iterable[str | Path], baseline: str | dict | None = None,
+                 unit: str = "fold") -> list[GroupRow]:
+    """Group the runs' fold metrics and test each group against the baseline (Welch)."""
+    if unit not in UNITS:
+        raise AnalysisError(f"unit must be one of {UNITS}, not {unit!r}")
+    runs = find_runs(run_dirs)
+    obs = [o for r in runs for o in read_run(r, unit)]
+    if not obs:
+        raise AnalysisError("no finished run among the given directories (none has metrics.json)")
+    groups: dict[GroupKey, list[Observation]] = {}
+    for o in obs:
+        groups.setdefault(o.key, []).append(o)
+    keys = sorted(groups, key=lambda k: (k.encoder, k.weights, k.minus, k.kind, k.train_fraction or 1.0))
+    base = None
+    if baseline:
+        base = _pick_baseline(keys, parse_baseline(baseline) if isinstance(baseline, str) else baseline)
+    rows = []
+    base_auc = np.array([o.values["auc"] for o in groups[base]]) if base else None
+    for k in keys:
+        g = groups[k]
+        vals = {m: np.array([o.values[m] for o in g]) for m in METRICS}
+        auc = vals["auc"]
+        row = GroupRow(
+            key=k, n=len(g), n_runs=len({o.run for o in g}),
+            mean={m: float(np.nanmean(v)) for m, v in vals.items()},
+            sd={m: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan")
+                for m, v in vals.items()},
+            ci=_ci_of_mean(auc, g[0].auc_ci if len(g) == 1 else None),
+            is_baseline=(k == base), runs=sorted({o.run for o in g}),
+        )
+        if base is not None and k != base:
+            row.delta = float(auc.mean() - base_auc.mean())
+            if len(auc) >= 2 and len(base_auc) >= 2:
+                row.p = welch_ttest(auc, base_auc)[1]
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ outputs
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return ""
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def write_csv(rows: Sequence[GroupRow], path: str | Path) -> Path:
+    path = Path(path)
+    fields = ["encoder", "weights", "minus", "kind", "train_fraction", "n", "n_runs", "auc_mean", "auc_sd",
+              "auc_ci_lo", "auc_ci_hi", "balanced_accuracy_mean", "balanced_accuracy_sd", "f1_mean", "f1_sd",
+              "delta_auc", "p_welch", "baseline", "runs"]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(fields)
+        for r in rows:
+            k = r.key
+            w.writerow([k.encoder, k.weights, k.minus, k.kind, "" if k.train_fraction is None else k.train_fraction,
+                        r.n, r.n_runs, r.mean["auc"], r.sd["auc"], r.ci[0], r.ci[1],
+                        r.mean["balanced_accuracy"], r.sd["balanced_accuracy"], r.mean["f1"], r.sd["f1"],
+                        "" if r.delta is None else r.delta, "" if r.p is None else r.p,
+                        int(r.is_baseline), ";".join(r.runs)])
+    return path
+
+
+def to_markdown(rows: Sequence[GroupRow]) -> str:
+    with_frac = any(r.key.train_fraction is not None for r in rows)
+    head = ["encoder", "weights", "level", "kind"] + (["train fraction"] if with_frac else []) + \
+           ["n", "AUC mean ± sd", "95% CI", "bal. acc.", "F1", "Δ AUC vs baseline", "p (Welch)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        k = r.key
+        cells = [k.encoder, k.weights, f"minus{k.minus}", k.kind]
+        if with_frac:
+            cells.append("1" if k.train_fraction is None else f"{k.train_fraction:g}")
+        sd = f" ± {_fmt(r.sd['auc'])}" if not math.isnan(r.sd["auc"]) else ""
+        cells += [str(r.n), f"{_fmt(r.mean['auc'])}{sd}", f"{_fmt(r.ci[0])}–{_fmt(r.ci[1])}",
+                  _fmt(r.mean["balanced_accuracy"]), _fmt(r.mean["f1"]),
+                  "baseline" if r.is_baseline else _fmt(r.delta, "+.3f"), format_p(r.p)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(rows: Sequence[GroupRow], path: str | Path) -> Path:
+    path = Path(path)
+    n_obs = sum(r.n for r in rows)
+    path.write_text(f"# Run comparison\n\n{len(rows)} groups, {n_obs} observations. Mean ± sd over "
+                    "folds and seeds; 95% CI of the mean (t); p: Welch's t-test vs the baseline.\n\n"
+                    + to_markdown(rows))
+    return path
+
+
+def plot(rows: Sequence[GroupRow], path: str | Path) -> Path:
+    from analysis.plots import bars_with_ci
+
+    base = next((i for i, r in enumerate(rows) if r.is_baseline), None)
+    notes = [("baseline" if r.is_baseline else
+              (f"{r.delta:+.3f}" + (f" p={format_p(r.p)}" if r.p is not None and not math.isnan(r.p) else ""))
+              if r.delta is not None else "") for r in rows]
+    return bars_with_ci([r.key.label() for r in rows], [r.mean["auc"] for r in rows],
+                        [r.ci[0] for r in rows], [r.ci[1] for r in rows], path,
+                        title="AUC by encoder x weights x level (mean, 95% CI)", ylabel="AUC",
+                        highlight=base, annotations=notes)
+
+
+def write_outputs(rows: Sequence[GroupRow], out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {"md": write_markdown(rows, out / "compare.md"), "csv": write_csv(rows, out / "compare.csv"),
+            "png": plot(rows, out / "compare.png")}
