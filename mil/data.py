@@ -1,0 +1,415 @@
+"""Labels CSV, patient-grouped stratified splits, and bags of embeddings read from a store.
+
+Labels: ``slide_id,label[,patient_id][,split|fold]``. Splits never put one patient's slides on
+both sides of a train/test (or train/val) boundary. Bags come from the store's public read API
+only (``Store.features``) and are cached in memory when the cohort fits.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+
+from featstore.store import FeatureKey
+from mil.errors import LabelsError, MilError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("slide_id", "label")
+OPTIONAL = ("patient_id", "split", "fold")
+SPLIT_VALUES = ("train", "val", "test")
+_NA = {"", "nan", "na", "n/a", "none", "null"}
+
+
+# --------------------------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class Labels:
+    """A parsed labels CSV: one row per slide, labels as class indices into ``classes``."""
+
+    path: str
+    slide_ids: tuple[str, ...]
+    y: np.ndarray                        # (n,) int64 index into classes
+    classes: tuple[str, ...]             # sorted (numerically when every label is an integer)
+    patients: tuple[str, ...]            # patient_id, or the slide_id when the column is absent
+    split: tuple[str, ...] | None = None  # train/val/test per slide
+    fold: tuple[str, ...] | None = None   # predefined fold per slide
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def subset(self, keep: Sequence[int]) -> "Labels":
+        """Rows *keep* (in that order)."""
+        keep = list(keep)
+        pick = lambda t: None if t is None else tuple(t[i] for i in keep)  # noqa: E731
+        return replace(self, slide_ids=pick(self.slide_ids), y=self.y[keep],
+                       patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold))
+
+
+def _rows_text(rows: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+def _sort_classes(values: Iterable[str]) -> list[str]:
+    uniq = set(values)
+    try:
+        return sorted(uniq, key=lambda v: (float(v), v))
+    except ValueError:
+        return sorted(uniq)
+
+
+def read_labels(path: str | Path) -> Labels:
+    """Parse and validate a labels CSV; every problem is one ``LabelsError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"labels file {path} does not exist; pass a CSV with columns slide_id,label")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise LabelsError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+                          f"(need slide_id,label and optionally {', '.join(OPTIONAL)})")
+    unknown = [c for c in header if c not in REQUIRED + OPTIONAL]
+    if unknown:
+        raise LabelsError(f"{path}: unknown column(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(REQUIRED + OPTIONAL)}")
+    if "split" in header and "fold" in header:
+        raise LabelsError(f"{path}: has both 'split' and 'fold' columns; keep one")
+    if not rows:
+        raise LabelsError(f"{path}: no rows; add one line per slide (slide_id,label)")
+    # CSV line numbers: header is line 1.
+    no_id = [i + 2 for i, r in enumerate(rows) if r["slide_id"].lower() in _NA]
+    if no_id:
+        raise LabelsError(f"{path}: empty slide_id on line(s) {_rows_text(no_id)}")
+    nan = [i + 2 for i, r in enumerate(rows) if r["label"].lower() in _NA]
+    if nan:
+        raise LabelsError(f"{path}: empty/NaN label on line(s) {_rows_text(nan)}; fill them or drop those rows")
+    ids = [r["slide_id"] for r in rows]
+    counts: dict[str, int] = {}
+    for s in ids:
+        counts[s] = counts.get(s, 0) + 1
+    dup = sorted(s for s, c in counts.items() if c > 1)
+    if dup:
+        raise LabelsError(f"{path}: duplicate slide_id(s) {_rows_text(dup)}; one row per slide")
+    labels = [r["label"] for r in rows]
+    classes = _sort_classes(labels)
+    if len(classes) < 2:
+        raise LabelsError(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
+                          "a classifier needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    patients = [r.get("patient_id", "") or r["slide_id"] for r in rows]
+    split = fold = None
+    if "split" in header:
+        split = [r["split"].lower() for r in rows]
+        bad = [i + 2 for i, s in enumerate(split) if s not in SPLIT_VALUES]
+        if bad:
+            raise LabelsError(f"{path}: split must be train/val/test; bad value on line(s) {_rows_text(bad)}")
+    if "fold" in header:
+        fold = [r["fold"] for r in rows]
+        bad = [i + 2 for i, f in enumerate(fold) if f.lower() in _NA]
+        if bad:
+            raise LabelsError(f"{path}: empty fold on line(s) {_rows_text(bad)}")
+    return Labels(str(path), tuple(ids), np.array([index[v] for v in labels], dtype=np.int64),
+                  tuple(classes), tuple(patients), None if split is None else tuple(split),
+                  None if fold is None else tuple(fold))
+
+
+def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
+                store_name: str = "the store") -> Labels:
+    """Drop (with --allow-missing) or reject slides of *labels* whose features *available* lacks."""
+    avail = set(available)
+    missing = [s for s in labels.slide_ids if s not in avail]
+    if not missing:
+        return labels
+    if not allow_missing:
+        raise LabelsError(f"{len(missing)} slide(s) of {labels.path} have no features in {store_name}: "
+                          f"{_rows_text(missing)}; extract them or pass --allow-missing to skip them")
+    log.warning("skipping %d slide(s) without features in %s: %s", len(missing), store_name,
+                _rows_text(missing))
+    kept = labels.subset([i for i, s in enumerate(labels.slide_ids) if s in avail])
+    if len(kept) == 0 or len(set(kept.y.tolist())) < 2:
+        raise LabelsError(f"after skipping slides missing from {store_name}, {labels.path} has "
+                          f"{len(kept)} slide(s) and fewer than two classes; extract the missing slides")
+    return kept
+
+
+# --------------------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Split:
+    """One fold: row indices into the Labels it was made from."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def to_dict(self, labels: Labels) -> dict:
+        ids = labels.slide_ids
+        return {k: [ids[i] for i in getattr(self, k)] for k in ("train", "val", "test")}
+
+
+def _group_pick(idx: np.ndarray, y: np.ndarray, groups: Sequence[str], frac: float,
+                rng: np.random.Generator, *, min_per_class: int, leave_per_class: int) -> np.ndarray:
+    """Pick ~frac of the patients of *idx*, stratified by each patient's majority class.
+
+    Per class, between ``min_per_class`` patients and all but ``leave_per_class`` are taken
+    (when the class has that many). Returns the picked row indices, sorted.
+    """
+    by_group: dict[str, list[int]] = {}
+    for i in idx:
+        by_group.setdefault(groups[i], []).append(int(i))
+    names = sorted(by_group)
+    g_class = {g: int(np.bincount(y[by_group[g]]).argmax()) for g in names}
+    picked: list[int] = []
+    for c in sorted(set(g_class.values())):
+        gs = [g for g in names if g_class[g] == c]
+        gs = [gs[j] for j in rng.permutation(len(gs))]
+        n = int(round(frac * len(gs)))
+        n = max(n, min(min_per_class, len(gs)))
+        n = min(n, max(len(gs) - leave_per_class, 0))
+        for g in gs[:n]:
+            picked.extend(by_group[g])
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+def carve_val(train: np.ndarray, labels: Labels, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split *train* rows into (train, val) by patient, stratified; val may be empty if too few."""
+    if frac <= 0 or len(train) == 0:
+        return train, np.array([], dtype=np.int64)
+    rng = np.random.default_rng([seed, 1])
+    val = _group_pick(train, labels.y, labels.patients, frac, rng, min_per_class=1, leave_per_class=1)
+    return np.setdiff1d(train, val), val
+
+
+def subsample_train(train: np.ndarray, labels: Labels, fraction: float, seed: int) -> np.ndarray:
+    """Keep ~fraction of the training patients, stratified, at least one patient per class."""
+    if not 0 < fraction <= 1:
+        raise MilError(f"--train-fraction {fraction} must lie in (0, 1]")
+    if fraction == 1:
+        return train
+    rng = np.random.default_rng([seed, 2])
+    return _group_pick(train, labels.y, labels.patients, fraction, rng, min_per_class=1, leave_per_class=0)
+
+
+def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_fraction: float = 0.2,
+                train_fraction: float = 1.0, test_fraction: float = 0.2) -> list[Split]:
+    """Folds for a labels table.
+
+    * ``folds=K``: patient-grouped stratified K-fold (``fold0..fold{K-1}``);
+    * a ``split`` column: one fold ``test`` (rows marked val are the validation set, else it is
+      carved from train);
+    * a ``fold`` column: one fold per value, named ``fold<value>``;
+    * otherwise one patient-grouped stratified hold-out of ~``test_fraction`` named ``test``.
+
+    The validation set is carved from the training patients first, then ``train_fraction``
+    subsamples what is left, so val and test stay the same across fractions for one seed.
+    """
+    n = len(labels)
+    all_idx = np.arange(n)
+    raw: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]] = []
+    if folds is not None and (labels.split is not None or labels.fold is not None):
+        col = "split" if labels.split is not None else "fold"
+        raise LabelsError(f"{labels.path} has a '{col}' column and --folds {folds} was given; use one of them")
+    if labels.split is not None:
+        s = np.array(labels.split)
+        tr, va, te = all_idx[s == "train"], all_idx[s == "val"], all_idx[s == "test"]
+        if len(tr) == 0 or len(te) == 0:
+            raise LabelsError(f"{labels.path}: the split column needs both 'train' and 'test' rows")
+        raw.append(("test", tr, va if len(va) else None, te))
+    elif labels.fold is not None:
+        f = np.array(labels.fold)
+        values = _sort_classes(f.tolist())
+        if len(values) < 2:
+            raise LabelsError(f"{labels.path}: the fold column has one value ({values[0]}); need >= 2 folds")
+        for v in values:
+            raw.append((f"fold{v}", all_idx[f != v], None, all_idx[f == v]))
+    else:
+        k = folds if folds is not None else max(2, int(round(1 / test_fraction)))
+        if k < 2:
+            raise MilError(f"--folds {k} must be >= 2")
+        n_groups = len(set(labels.patients))
+        if n_groups < k:
+            raise LabelsError(f"{labels.path}: {n_groups} patient(s) cannot make {k} folds; "
+                              "lower --folds or add slides")
+        sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = list(sgkf.split(np.zeros(n), labels.y, groups=np.array(labels.patients)))
+        if folds is None:
+            tr, te = parts[0]
+            raw.append(("test", tr, None, te))
+        else:
+            raw.extend((f"fold{i}", tr, None, te) for i, (tr, te) in enumerate(parts))
+    out = []
+    for name, tr, va, te in raw:
+        tr = np.sort(tr)
+        if va is None:
+            tr, va = carve_val(tr, labels, val_fraction, seed)
+        tr = subsample_train(tr, labels, train_fraction, seed)
+        if len(set(labels.y[tr].tolist())) < 2:
+            raise LabelsError(f"{labels.path}: fold {name} has training slides of one class only; "
+                              "add slides of the rarer class or use fewer folds")
+        out.append(Split(name, tr, np.sort(va), np.sort(te)))
+    _check_no_leak(out, labels)
+    return out
+
+
+def _check_no_leak(splits: Sequence[Split], labels: Labels) -> None:
+    """A patient must sit on one side only; a split column that breaks this is a user error."""
+    p = np.array(labels.patients)
+    for s in splits:
+        sides = [set(p[s.train]), set(p[s.val]), set(p[s.test])]
+        both = (sides[0] & sides[2]) | (sides[0] & sides[1]) | (sides[1] & sides[2])
+        if both:
+            raise LabelsError(f"{labels.path}: patient(s) {_rows_text(sorted(both))} have slides in more "
+                              f"than one of train/val/test in fold {s.name}; fix the split/fold column")
+
+
+# ----------------------------------------------------------------------------------------- bags
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+@dataclass
+class Bags:
+    """Bags of one cohort, by slide id: ``bags[slide_id]`` -> float32 tensor (N, D).
+
+    ``cache`` is "float32", "float16" (stored as float16, cast per access) or "none" (read from
+    the store each time; :meth:`iterate` prefetches in a thread).
+    """
+
+    store: object
+    key: FeatureKey
+    slide_ids: list[str]
+    cache: str = "none"
+    dim: int = 0
+    prefetch: int = 4
+    _mem: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Bags":
+        """In-memory bags (tests, notebooks): {slide_id: (N, D) array}."""
+        ids = list(arrays)
+        dim = int(np.asarray(arrays[ids[0]]).shape[1]) if ids else 0
+        mem = {s: np.ascontiguousarray(a, dtype=np.float32) for s, a in arrays.items()}
+        return cls(None, FeatureKey("memory", "memory", 0), ids, cache="float32", dim=dim, _mem=mem)
+
+    def _read(self, slide_id: str) -> np.ndarray:
+        k = self.key
+        return self.store.features(slide_id, encoder=k.encoder, minus=k.minus, weights=k.weights)
+
+    def _to_tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+    def __getitem__(self, slide_id: str) -> torch.Tensor:
+        if slide_id in self._mem:
+            return self._to_tensor(self._mem[slide_id])
+        return self._to_tensor(self._read(slide_id))
+
+    def iterate(self, order: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (slide_id, bag) in *order*; a background thread reads ahead when not cached."""
+        if self.cache != "none" or self.prefetch <= 0:
+            for s in order:
+                yield s, self[s]
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for s in order:
+                    if stop.is_set():
+                        return
+                    q.put((s, self._to_tensor(self._read(s))))
+                q.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
+                q.put(exc)
+
+        t = threading.Thread(target=work, daemon=True, name="mil-bag-prefetch")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():  # unblock a worker waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.05)
+
+
+def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = "auto",
+              max_cache_bytes: int | None = None, expected_dim: int | None = None,
+              progress=None) -> Bags:
+    """Check every slide's features and cache them in memory when the cohort fits.
+
+    *key* must be resolved (``store.resolve_key``) so every slide reads the same weights tag.
+    ``cache="auto"`` picks float32 when it fits in ``max_cache_bytes`` (default: half the
+    available memory), else float16, else streams from the store. All bags must share one dim
+    (and equal *expected_dim* when given), else ``LabelsError``.
+    """
+    slide_ids = list(slide_ids)
+    sizes = {s: store.n_tiles(s) for s in slide_ids}
+    first = store.features(slide_ids[0], encoder=key.encoder, minus=key.minus, weights=key.weights)
+    dim = int(first.shape[1])
+    if expected_dim is not None and dim != expected_dim:
+        raise LabelsError(f"features {key.encoder} minus {key.minus} of slide {slide_ids[0]} are "
+                          f"{dim}-d but the model expects {expected_dim}-d; use the run's encoder/level")
+    n_total = sum(sizes.values())
+    budget = max_cache_bytes if max_cache_bytes is not None else _available_memory() // 2
+    if cache == "auto":
+        cache = ("float32" if n_total * dim * 4 <= budget else
+                 "float16" if n_total * dim * 2 <= budget else "none")
+    if cache not in ("float32", "float16", "none"):
+        raise MilError(f"cache={cache!r}: choose auto, float32, float16 or none")
+    log.info("bags: %d slides, %d tiles, dim %d, cache %s (%.1f MiB as float32)", len(slide_ids),
+             n_total, dim, cache, n_total * dim * 4 / 2**20)
+    bags = Bags(store, key, slide_ids, cache=cache, dim=dim)
+    bad: list[str] = []
+    it = bags.iterate(slide_ids) if cache == "none" else ((s, None) for s in slide_ids)
+    for s, t in it:
+        if cache != "none":
+            a = first if s == slide_ids[0] else bags._read(s)
+            shape = a.shape
+            bags._mem[s] = np.ascontiguousarray(a, dtype=np.float32 if cache == "float32" else np.float16)
+        else:
+            shape = tuple(t.shape)
+        if len(shape) != 2 or shape[1] != dim or shape[0] != sizes[s]:
+            bad.append(f"{s} {tuple(shape)}")
+        if progress is not None:
+            progress(1)
+    if bad:
+        raise LabelsError(f"features of the wrong shape (expected (N, {dim}) matching coords) for "
+                          f"{len(bad)} slide(s): {_rows_text(bad)}; re-extract them")
+    if any(n == 0 for n in sizes.values()):
+        empty = [s for s, n in sizes.items() if n == 0]
+        raise LabelsError(f"slide(s) with no tiles in the store: {_rows_text(empty)}; drop them from the labels")
+    return bags
+
+
+def estimate_bytes(n_tiles: int, dim: int, dtype_bytes: int = 4) -> int:
+    """Memory of a cached cohort."""
+    return int(n_tiles) * int(dim) * dtype_bytes
+
+
+__all__ = ["Labels", "read_labels", "match_store", "Split", "make_splits", "carve_val",
+           "subsample_train", "FeatureKey", "Bags", "load_bags", "estimate_bytes"]

@@ -1,0 +1,253 @@
+"""The MIL run directory: write its files, read it back (`load_run`).
+
+Layout (docs/architecture.md "mil run directory", details in docs/mil.md)::
+
+    runs/NAME/
+      config.json       run settings, store/labels paths, classes, store provenance, splits
+      model.pt          {"state_dict": {fold: state_dict}, "config", "classes", "provenance", "folds"}
+      metrics.json      {"folds": {fold: {auc, balanced_accuracy, f1, auc_ci, n}}, "mean", "std"}
+      predictions.csv   slide_id,label,probability,fold[,prob_<class>...]
+      attention.npz     "<fold>/<slide_id>" -> (N,) float32 raw attention, rows = store coords
+      history.json      per fold: epoch, train_loss, val_loss, val_auc, best_epoch
+      roc.png, curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from mil.errors import RunError
+from mil.models import model_from_config
+
+log = logging.getLogger(__name__)
+
+FILES = ("config.json", "model.pt", "metrics.json", "predictions.csv", "roc.png", "curves.png")
+MODEL_FORMAT = 1
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return _clean(float(o))
+    if isinstance(o, (np.ndarray, tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(x):
+    """NaN/inf -> None so the JSON is strict."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Strict JSON (no NaN), written to a temporary name then renamed."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def save_models(run_dir: Path, states: Mapping[str, dict], model_config: dict, classes: list[str],
+                provenance: dict) -> Path:
+    """model.pt: plain tensors and builtins only, so it loads with ``weights_only=True``."""
+    path = Path(run_dir) / "model.pt"
+    payload = {
+        "format": MODEL_FORMAT,
+        "state_dict": {f: {k: v.detach().cpu().clone() for k, v in sd.items()} for f, sd in states.items()},
+        "folds": list(states),
+        "config": json.loads(json.dumps(model_config, default=_json_default)),
+        "classes": list(classes),
+        "provenance": json.loads(json.dumps(_clean(provenance), default=_json_default)),
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def save_predictions(run_dir: Path, rows: list[dict], classes: list[str]) -> Path:
+    """predictions.csv; ``rows`` hold slide_id, label (class name), fold, probs (C,).
+
+    probability: binary P(classes[1]); multiclass P(predicted class) and prob_<class> columns.
+    """
+    path = Path(run_dir) / "predictions.csv"
+    multi = len(classes) > 2
+    header = ["slide_id", "label", "probability", "fold"] + ([f"prob_{c}" for c in classes] if multi else [])
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for r in rows:
+            p = np.asarray(r["probs"], dtype=np.float64)
+            prob = p[1] if not multi else p.max()
+            w.writerow([r["slide_id"], r.get("label", ""), f"{prob:.6f}", r["fold"]]
+                       + ([f"{v:.6f}" for v in p] if multi else []))
+    return path
+
+
+def read_predictions(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def save_attention(run_dir: Path, attention: Mapping[tuple[str, str], np.ndarray]) -> Path | None:
+    """attention.npz keyed ``"<fold>/<slide_id>"``; nothing is written for heads without attention."""
+    arrays = {f"{fold}/{sid}": np.asarray(a, dtype=np.float32) for (fold, sid), a in attention.items()
+              if a is not None}
+    if not arrays:
+        return None
+    path = Path(run_dir) / "attention.npz"
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+def plot_roc(run_dir: Path, fold_results: Mapping[str, tuple[np.ndarray, np.ndarray]],
+             classes: list[str], metrics: dict) -> Path:
+    """roc.png: one ROC per fold (binary) or per class one-vs-rest over all folds (multiclass)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
+    if len(classes) == 2:
+        for fold, (y, p) in fold_results.items():
+            if len(np.unique(y)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, p[:, 1])
+            a = metrics["folds"][fold]["auc"]
+            ax.plot(fpr, tpr, lw=1.5, label=f"{fold} (AUC {a:.3f})" if a is not None else fold)
+        title = f"ROC, positive = {classes[1]}"
+    else:
+        y = np.concatenate([v[0] for v in fold_results.values()])
+        p = np.concatenate([v[1] for v in fold_results.values()])
+        for c, name in enumerate(classes):
+            if 0 < (y == c).sum() < len(y):
+                fpr, tpr, _ = roc_curve(y == c, p[:, c])
+                ax.plot(fpr, tpr, lw=1.5, label=f"{name} vs rest")
+        title = "ROC, one vs rest (all folds)"
+    m = metrics["mean"].get("auc")
+    ax.set_title(title + (f"\nmean AUC {m:.3f}" if m is not None else ""))
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(run_dir) / "roc.png"
+    fig.savefig(path)
+    return path
+
+
+def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
+    """curves.png: train/val loss (left) and val AUC (right) per epoch, one line per fold."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_l, ax_a = fig.subplots(1, 2)
+    for i, (fold, h) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        ep = h["epoch"]
+        ax_l.plot(ep, h["train_loss"], c=color, lw=1.5, label=f"{fold} train")
+        val = [np.nan if v is None else v for v in h["val_loss"]]
+        ax_l.plot(ep, val, c=color, lw=1.5, ls="--", label=f"{fold} val")
+        ax_a.plot(ep, [np.nan if v is None else v for v in h["val_auc"]], c=color, lw=1.5, label=fold)
+        if h.get("best_epoch"):
+            ax_l.axvline(h["best_epoch"], c=color, lw=0.8, ls=":")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("cross-entropy")
+    ax_l.set_title("loss (dotted: best epoch)")
+    ax_l.legend(fontsize=7)
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel("validation AUC")
+    ax_a.set_ylim(0, 1.02)
+    ax_a.set_title("validation AUC")
+    ax_a.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(run_dir) / "curves.png"
+    fig.savefig(path)
+    return path
+
+
+@dataclass
+class Run:
+    """A run directory read back: config, classes, one state_dict per fold."""
+
+    path: Path
+    config: dict
+    classes: list[str]
+    model_config: dict
+    provenance: dict
+    states: dict[str, dict] = field(repr=False)
+
+    @property
+    def folds(self) -> list[str]:
+        return list(self.states)
+
+    def model(self, fold: str) -> nn.Module:
+        """The head of *fold* in eval mode."""
+        if fold not in self.states:
+            raise RunError(f"{self.path}: no fold {fold!r} (folds: {', '.join(self.states)})")
+        m = model_from_config(self.model_config)
+        m.load_state_dict(self.states[fold])
+        return m.eval()
+
+    def models(self) -> dict[str, nn.Module]:
+        return {f: self.model(f) for f in self.states}
+
+    @property
+    def metrics(self) -> dict | None:
+        p = self.path / "metrics.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def attention(self, fold: str, slide_id: str) -> np.ndarray | None:
+        """Saved raw attention of a test slide, or None."""
+        p = self.path / "attention.npz"
+        if not p.is_file():
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            key = f"{fold}/{slide_id}"
+            return z[key] if key in z.files else None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read config.json and model.pt of a run (``weights_only=True``); RunError if incomplete."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} does not exist; train one with `mil train --out {run_dir}`")
+    for name in ("config.json", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise RunError(f"{run_dir} has no {name}; it is not a finished run (rerun `mil train`)")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{run_dir / 'config.json'} is not valid JSON ({exc}); rerun `mil train`") from None
+    try:
+        payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise RunError(f"{run_dir / 'model.pt'} cannot be read ({str(exc).splitlines()[0]}); rerun `mil train`") from None
+    if not isinstance(payload, dict) or not {"state_dict", "config", "classes"} <= set(payload):
+        raise RunError(f"{run_dir / 'model.pt'} lacks state_dict/config/classes; rerun `mil train`")
+    states = payload["state_dict"]
+    if states and all(isinstance(v, torch.Tensor) for v in states.values()):
+        states = {"test": states}  # a single bare state_dict (e.g. written by another tool)
+    return Run(run_dir, config, list(payload["classes"]), dict(payload["config"]),
+               dict(payload.get("provenance", {})), dict(states))
