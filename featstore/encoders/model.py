@@ -1,0 +1,153 @@
+"""Encoder: one forward pass -> {truncation level: pooled (B, D) float32 features}.
+
+The full timm model is built and loaded first (weights always go into the full network), then
+its top-level modules are run in the spec's ``steps`` order up to the deepest requested tap
+only: deeper stages are never computed. Each tap is global-average pooled in float32 as soon
+as it is produced, so later in-place ops cannot touch it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from featstore.encoders.registry import EncoderSpec, get_spec
+from featstore.encoders.weights import Checkpoint, ResolvedWeights, load_weights, resolve_weights
+from featstore.errors import EncoderError
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(nn.Module):
+    """A truncatable timm encoder returning pooled features for a set of levels."""
+
+    def __init__(self, spec: EncoderSpec, model: nn.Module, levels: Sequence[int],
+                 resolved: ResolvedWeights, checkpoint: Checkpoint | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = model                      # the FULL timm model (timm key layout)
+        self.name = spec.name
+        self.weights_tag = resolved.tag
+        self.weights_sha256 = checkpoint.sha256 if checkpoint else None
+        self._resolved = resolved
+        self._meta = dict(checkpoint.meta) if checkpoint else {}
+        pre = self._meta.get("preprocessing") or {}
+        wspec = resolved.spec
+        self.input_size: int = int(pre.get("input_size", spec.input_size))
+        self.mean: tuple = tuple(pre.get("mean") or (wspec and wspec.mean) or spec.mean)
+        self.std: tuple = tuple(pre.get("std") or (wspec and wspec.std) or spec.std)
+        self.interpolation: str = str(pre.get("interpolation", spec.interpolation))
+        self.channels_last = False
+        self._steps = [(n, model.get_submodule(n)) for n in spec.steps]
+        self.set_levels(levels)
+
+    # ------------------------------------------------------------ levels and forward
+    def set_levels(self, levels: Sequence[int]) -> None:
+        """Choose the levels returned by forward (validated, sorted, unique)."""
+        if isinstance(levels, int):
+            levels = (levels,)
+        lv = tuple(sorted({self.spec.check_level(int(x)) for x in levels}))
+        if not lv:
+            raise EncoderError(f"encoder {self.name}: ask for at least one level (minus K)")
+        self.levels: tuple[int, ...] = lv
+        self.dims: dict[int, int] = {k: self.spec.dims[k] for k in lv}
+        step_index = {n: i for i, n in enumerate(self.spec.steps)}
+        self._tap_at: dict[int, list[int]] = {}
+        for k in lv:
+            self._tap_at.setdefault(step_index[self.spec.taps[k]], []).append(k)
+        self._depth = max(self._tap_at) + 1       # steps actually run
+
+    def forward(self, x: Tensor) -> dict[int, Tensor]:
+        """Normalised (B, 3, H, W) -> {level: (B, D) float32}, stopping at the deepest level."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out: dict[int, Tensor] = {}
+        for i in range(self._depth):
+            x = self._steps[i][1](x)
+            for k in self._tap_at.get(i, ()):
+                out[k] = x.float().mean(dim=(2, 3))
+        return {k: out[k] for k in self.levels}
+
+    # ------------------------------------------------------------ fine-tuning support
+    def stage_modules(self) -> list[tuple[str, nn.Module]]:
+        """(timm path, module) of the steps the current levels run, in order."""
+        return list(self._steps[: self._depth])
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the modules that forward runs (deeper stages get no gradient)."""
+        for _, module in self.stage_modules():
+            yield from module.parameters()
+
+    def set_batchnorm_eval(self) -> None:
+        """Put every BatchNorm in eval mode (call after ``.train()`` when fine-tuning)."""
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """State dict of the full timm model (timm key layout), e.g. for a fine-tuned file."""
+        return self.model.state_dict()
+
+    # ------------------------------------------------------------ provenance
+    def preprocessing(self) -> dict[str, Any]:
+        """Input size, normalisation and resize interpolation the weights expect."""
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    def provenance(self) -> dict[str, Any]:
+        """Plain-data record of what produced the features (stored beside them)."""
+        import timm
+
+        r = self._resolved
+        prov: dict[str, Any] = {
+            "encoder": self.name,
+            "timm_model": self.spec.timm_name,
+            "weights": self.weights_tag,
+            "weights_kind": r.kind,
+            "weights_sha256": self.weights_sha256,
+            "weights_path": str(r.path.resolve()) if r.path else None,
+            "seed": r.seed,
+            "levels": list(self.levels),
+            "dims": {str(k): v for k, v in self.dims.items()},
+            "taps": {str(k): self.spec.taps[k] for k in self.levels},
+            "pooling": "global average (float32)",
+            "preprocessing": self.preprocessing(),
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+        }
+        if r.spec is not None and r.spec.citation:
+            prov["weights_citation"] = r.spec.citation
+        if self._meta:
+            prov["finetuned"] = {k: v for k, v in self._meta.items() if k != "preprocessing"}
+        return prov
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, weights={self.weights_tag}, levels={self.levels}"
+
+
+def create_encoder(name: str, weights: str = "random", levels: Sequence[int] = (0,), *,
+                   seed: int = 0, allow_download: bool = False, strict: bool = True) -> Encoder:
+    """Build encoder *name* with *weights* returning *levels* (see docs/encoders.md).
+
+    The weights file is located before the model is built, so a missing file fails fast.
+    Without ``allow_download`` nothing touches the network (HF_HUB_OFFLINE=1 is set).
+    The encoder is returned in eval mode on the CPU, fp32.
+    """
+    spec = get_spec(name)
+    if not allow_download:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    resolved = resolve_weights(spec, weights, seed=seed, allow_download=allow_download)
+    import timm  # imported here: listing encoders and failing on a missing file stay fast
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False)
+    checkpoint = load_weights(model, spec, resolved, strict=strict)
+    encoder = Encoder(spec, model, levels, resolved, checkpoint)
+    log.debug("created %s weights=%s levels=%s", name, encoder.weights_tag, encoder.levels)
+    return encoder.eval()

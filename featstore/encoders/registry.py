@@ -1,0 +1,138 @@
+"""Encoder registry: one frozen :class:`EncoderSpec` per encoder is the only source of truth.
+
+A spec says which timm architecture to build, the order in which its top-level modules run
+(``steps``), which module output makes each truncation level (``taps``, level 0 = "minus 0"
+= the final features), the embedding dim per level, the preprocessing, and the weight tags
+that are known for it. Everything else (the model, the CLI table, the docs table) is derived.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from featstore.errors import EncoderError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A named set of weights the user can ask for with ``--weights TAG``.
+
+    ``files`` are the file names looked for in the weights directories (first found wins);
+    ``urls`` the matching download addresses (used only with ``allow_download``);
+    ``hf_repo`` a timm Hugging Face repository whose cached ``model.safetensors`` also counts.
+    ``drop_prefixes``: keys of the authors' checkpoint that are not part of the encoder (e.g.
+    multi-task heads) and are dropped before the key check. ``mean``/``std`` override the
+    encoder's normalisation when the authors trained with other statistics.
+    """
+
+    tag: str
+    files: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    hf_repo: str | None = None
+    drop_prefixes: tuple[str, ...] = ()
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    citation: str = ""
+    source: str = ""
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.urls and len(self.urls) != len(self.files):
+            raise ValueError(f"WeightsSpec {self.tag}: urls must match files one to one")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything known about one encoder; see the module docstring."""
+
+    name: str
+    timm_name: str
+    family: str
+    steps: tuple[str, ...]          # top-level module paths, in execution order
+    taps: tuple[str, ...]           # taps[K] = module whose output is level "minus K"
+    dims: tuple[int, ...]           # dims[K] = channels of taps[K]
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    head_prefixes: tuple[str, ...] = ("fc.",)   # classifier keys: never used, may be absent
+    weights: Mapping[str, WeightsSpec] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.taps) != len(self.dims):
+            raise ValueError(f"EncoderSpec {self.name}: taps and dims differ in length")
+        missing = [t for t in self.taps if t not in self.steps]
+        if missing:
+            raise ValueError(f"EncoderSpec {self.name}: taps {missing} are not steps")
+        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """All truncation levels this encoder offers (0 = full network)."""
+        return tuple(range(len(self.taps)))
+
+    def dim(self, level: int) -> int:
+        """Embedding dim of truncation level *level*."""
+        return self.dims[self.check_level(level)]
+
+    def check_level(self, level: int) -> int:
+        """Return *level* if valid, else raise a one-line :class:`EncoderError`."""
+        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(self.taps):
+            raise EncoderError(
+                f"encoder {self.name} has truncation levels 0..{len(self.taps) - 1} "
+                f"(minus K), got {level!r}; pick one of {list(self.levels)}"
+            )
+        return level
+
+    def weights_spec(self, tag: str) -> WeightsSpec:
+        """The :class:`WeightsSpec` of a named tag (not "random" or a path)."""
+        try:
+            return self.weights[tag]
+        except KeyError:
+            raise EncoderError(
+                f"encoder {self.name} has no weights tag {tag!r}; known tags: random, "
+                f"{', '.join(self.weights)}, or a path to a weights file"
+            ) from None
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+_ZOO_MODULES = ("featstore.encoders.zoo",)
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    """Add *spec* to the registry (a name may be registered once)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"encoder {spec.name} is already registered with a different spec")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_zoo() -> None:
+    for mod in _ZOO_MODULES:
+        importlib.import_module(mod)
+
+
+def list_encoders(pattern: str = "*") -> list[str]:
+    """Registered encoder names matching a shell-style wildcard, sorted ("res*", "*b[0-3]")."""
+    _ensure_zoo()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower()))
+
+
+def get_spec(name: str) -> EncoderSpec:
+    """The spec of encoder *name*; unknown names raise :class:`EncoderError`."""
+    _ensure_zoo()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise EncoderError(
+            f"unknown encoder {name!r}; known: {', '.join(sorted(_REGISTRY))} "
+            "(see `featstore encoders`)"
+        ) from None
