@@ -160,6 +160,7 @@ def plot_roc(run_dir: Path, fold_results: Mapping[str, tuple[np.ndarray, np.ndar
 def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     """curves.png: train/val loss (left) and val AUC (right) per epoch, one line per fold."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_l, ax_a = fig.subplots(1, 2)
@@ -181,6 +182,8 @@ def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     ax_a.set_ylim(0, 1.02)
     ax_a.set_title("validation AUC")
     ax_a.legend(fontsize=7)
+    for ax in (ax_l, ax_a):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = Path(run_dir) / "curves.png"
     fig.savefig(path)

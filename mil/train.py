@@ -1,8 +1,8 @@
 """Training loop for MIL heads: one bag per step, early stopping on a validation split.
 
-Deterministic on CPU for a fixed seed: the global torch RNG is forked and seeded (model init,
-dropout), the epoch order comes from a seeded numpy generator, and deterministic algorithms are
-switched on for the duration of the fit. Progress is reported through an optional callback so
+Deterministic on CPU for a fixed seed (and thread count): the global torch RNG is forked and
+seeded (model init, dropout), the epoch order comes from a seeded numpy generator; on CUDA,
+deterministic algorithms are switched on for the duration of the fit. Progress is reported through an optional callback so
 commands can draw a progress bar; the library itself only logs.
 """
 
@@ -115,12 +115,20 @@ def _nan_none(x: float) -> float | None:
 
 @contextmanager
 def deterministic(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch inside a forked RNG and enable deterministic algorithms, then restore both."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    """Seed torch inside a forked RNG (the caller's RNG state is left alone).
+
+    On CUDA, deterministic algorithms are switched on for the duration (restored after). The CPU
+    kernels a MIL head uses (linear, softmax, Adam) are deterministic already, and switching the
+    flag on imports torch's compiler stack (~4 s), so on CPU only the seeding is done.
+    """
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
+        if device.type != "cuda":
+            yield
+            return
+        prev = torch.are_deterministic_algorithms_enabled()
+        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             yield

@@ -58,10 +58,11 @@ def write_labels(path: Path, rows: list[dict], columns: list[str] | None = None)
     return str(path)
 
 
-@pytest.fixture
-def cohort(tmp_path):
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
     """(store path, labels path, bags, y): 40 slides, 20 patients of 2 slides, planted signal."""
-    bags, y = planted_bags(40, dim=16, n_inst=(20, 40), seed=1)
+    tmp_path = tmp_path_factory.mktemp("cohort")
+    bags, y = planted_bags(40, dim=16, n_inst=(20, 40), k=4, shift=6.0, seed=1)
     store = write_store(tmp_path / "cohort.zarr", bags)
     rows = [{"slide_id": s, "label": ["normal", "tumor"][int(c)], "patient_id": f"p{i // 2:02d}"}
             for i, (s, c) in enumerate(zip(bags, y))]
