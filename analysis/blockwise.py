@@ -138,6 +138,8 @@ def blockwise_cka(store, a: tuple[str, str | None], b: tuple[str, str | None],
         raise AnalysisError(f"{store.path}: no slide has features for all of {', '.join(specs)}; "
                             "extract both encoders at these levels first")
     if kernel == "rbf":
+        if max_tiles and max_tiles > RBF_MAX_N:
+            log.warning("RBF CKA builds N x N Gram matrices: using %d tiles, not %d", RBF_MAX_N, max_tiles)
         max_tiles = min(max_tiles or RBF_DEFAULT_TILES, RBF_MAX_N)
     picks = _subsample(store, ids, max_tiles, seed) if max_tiles else None
 

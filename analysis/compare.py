@@ -101,8 +101,9 @@ def _fold_obs(key: GroupKey, run: Path, block: dict, seed, unit: str) -> list[Ob
         raise AnalysisError(f"{run}/metrics.json has no 'folds'; was the run finished by this version of mil?")
     obs = []
     for name, m in folds.items():
-        if m.get("auc") is None:
-            raise AnalysisError(f"{run}/metrics.json: fold {name!r} has no 'auc'")
+        if m.get("auc") is None:  # mil writes null when a test fold holds a single class
+            log.warning("%s: fold %r has no AUC (single-class test fold?); left out", run, name)
+            continue
         ci = tuple(m["auc_ci"]) if m.get("auc_ci") else None
         obs.append(Observation(key, run.name, str(name), seed,
                                {k: float(m[k]) if m.get(k) is not None else math.nan for k in METRICS}, ci))

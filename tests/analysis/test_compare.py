@@ -111,6 +111,15 @@ def test_outputs_and_cli(runs, tmp_path):
     assert bad.exit_code == 1 and "not a directory" in bad.output
 
 
+def test_fold_without_auc_is_left_out(tmp_path):
+    d = _run(tmp_path, "r", "resnet18", 0, 0, {"fold0": 0.8, "fold1": 0.9})
+    m = json.loads((d / "metrics.json").read_text())
+    m["folds"]["fold1"]["auc"] = None  # mil: single-class test fold
+    (d / "metrics.json").write_text(json.dumps(m))
+    (row,) = compare_runs([d])
+    assert row.n == 1 and row.mean["auc"] == pytest.approx(0.8)
+
+
 def test_broken_metrics_json_is_named(tmp_path):
     d = _run(tmp_path, "r", "resnet18", 0, 0, {"test": 0.8})
     (d / "metrics.json").write_text("{oops")
