@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -308,7 +308,6 @@ _KERNELS = {"linear": gram_linear, "rbf": gram_rbf}
 
 
 # --------------------------------------------------------------------------- store
-FeatureSpec = tuple  # (encoder, minus, weights | None)
 
 
 def _spec(s: Sequence) -> tuple[str, int, str | None]:

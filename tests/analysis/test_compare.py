@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as st
 from typer.testing import CliRunner
 
-from analysis.compare import compare_runs, write_outputs
+from analysis.compare import compare_runs
 from analysis.errors import AnalysisError
 
 
