@@ -67,7 +67,8 @@ def bars_with_ci(labels: Sequence[str], means: Sequence[float], lo: Sequence[flo
     if annotations is not None:
         for yi, text in zip(y, annotations):
             if text:
-                ax.text(1.0, yi, " " + text, va="center", ha="left", fontsize=8, clip_on=False)
+                ax.text(1.01, yi, text, va="center", ha="left", fontsize=8, clip_on=False,
+                        transform=ax.get_yaxis_transform())  # x in axes units: right margin
     ax.set_xlabel(ylabel)
     ax.set_title(title)
     return save(fig, path)

@@ -42,12 +42,13 @@ def cka(
     png_path = res.plot(out / "cka.png")
 
     kind = ("debiased " if debiased else "") + f"{kernel} CKA"
-    table = Table(title=f"{kind} over {res.n_tiles:,} tiles of {len(res.slides)} slides")
-    table.add_column(f"A \\ B")
+    a_name, b_name = (f"{k[0]}:{k[1]}" for k in (res.rows[0], res.cols[0]))
+    table = Table(title=f"{kind}: rows {a_name}, columns {b_name}\n{res.n_tiles:,} tiles of {len(res.slides)} slides")
+    table.add_column("A \\ B", no_wrap=True)
     for c in res.cols:
-        table.add_column(res.label(c), justify="right")
+        table.add_column(f"minus{c[2]}", justify="right")
     for i, r in enumerate(res.rows):
-        table.add_row(res.label(r), *[f"{v:.3f}" for v in res.matrix[i]])
+        table.add_row(f"minus{r[2]}", *[f"{v:.3f}" for v in res.matrix[i]])
     _console.print(table)
     _console.print(f"wrote {csv_path} and {png_path}")
 

@@ -27,7 +27,8 @@ def compare(
     rows = compare_runs(run_dirs, baseline=baseline, unit=unit)
     paths = write_outputs(rows, out)
     table = Table(title=f"{len(rows)} groups")
-    for col, just in [("group", "left"), ("n", "right"), ("AUC", "right"), ("95% CI", "right"),
+    table.add_column("group", no_wrap=True)
+    for col, just in [ ("n", "right"), ("AUC", "right"), ("95% CI", "right"),
                       ("Δ vs baseline", "right"), ("p", "right")]:
         table.add_column(col, justify=just)
     for r in rows:
