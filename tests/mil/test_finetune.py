@@ -186,3 +186,16 @@ def test_bad_inputs_give_one_line_errors(parent, tmp_path):
     assert res.exit_code == 1 and "does not exist" in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
 
+
+
+def test_same_seed_same_finetune_with_reselect_and_accumulation(parent, tmp_path):
+    slides, _, run, _ = parent
+    cfg = FinetuneConfig(**{**FT, "k": 2, "epochs": 2, "reselect": True, "accumulate": 2, "eval_tiles": "topk"})
+    outs = [finetune_run(FinetuneSpec(str(run), str(tmp_path / f"ft{i}"), slides=[str(slides)]), cfg)
+            for i in range(2)]
+    a, b = (torch.load(r.path / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"] for r in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (outs[0].path / "metrics.json").read_text() == (outs[1].path / "metrics.json").read_text()
+    hist = json.loads((outs[0].path / "history.json").read_text())["test"]
+    assert hist["epoch"] == [1, 2] and all(v is not None for v in hist["val_loss"])
+    assert not (outs[0].path / "attention.npz").exists()   # top-k scoring: no all-tile attention
