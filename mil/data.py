@@ -312,6 +312,12 @@ class Bags:
         return self.store.features(slide_id, encoder=k.encoder, minus=k.minus, weights=k.weights)
 
     def _to_tensor(self, a: np.ndarray) -> torch.Tensor:
+        """float32 tensor; zero-copy for float32, torch's vectorised cast for float16."""
+        a = np.asarray(a)
+        if a.dtype == np.float32:
+            return torch.from_numpy(a)
+        if a.dtype == np.float16 and a.flags.writeable:
+            return torch.from_numpy(a).float()
         return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
     def __getitem__(self, slide_id: str) -> torch.Tensor:
