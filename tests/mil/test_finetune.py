@@ -37,7 +37,7 @@ def parent(tmp_path_factory):
     slides = root / "slides"
     slides.mkdir()
     for i in range(10):
-        write_pyramid_tiff(slides / f"s{i}.tif", rectangles_slide((512, 512), [(0, 0, 512, 512)], seed=i), mpp=0.5)
+        write_pyramid_tiff(slides / f"s{i}.tif", rectangles_slide((768, 768), [(0, 0, 512, 512)], seed=i), mpp=0.5)
     store = root / "cohort.zarr"
     report = Extractor(ExtractConfig(**EXTRACT)).run(discover_slides([slides]), store)
     assert report.ok and len(report.done) == 10
