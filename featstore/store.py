@@ -223,6 +223,7 @@ class Store:
         self._root = root
         self.path = str(path)
         self.mode = mode
+        self._keys_cache: list[FeatureKey] | None = None  # for resolve_key; cleared by every write
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
@@ -255,6 +256,7 @@ class Store:
         return g
 
     def _writable(self) -> None:
+        self._keys_cache = None
         if self.mode == "r":
             raise StoreError(f"{self.path} is open read-only; open_store(path, mode='a') to write")
 
@@ -299,9 +301,22 @@ class Store:
 
     def resolve_key(self, encoder: str, minus: int, weights: str | None = None) -> FeatureKey:
         """Fill in ``weights`` when exactly one weights tag is stored for (encoder, minus)."""
+        def tags_now() -> list[str]:
+            return sorted({k.weights for k in self._keys_cache or [] if k.encoder == encoder and k.minus == int(minus)})
+
+        if self._keys_cache is None:
+            self._keys_cache = self.encoders()
+        tags = tags_now()
+        if not tags or (weights is not None and weights not in tags):
+            self._keys_cache = self.encoders()  # the cached listing may predate another writer
+            tags = tags_now()
         if weights is not None:
+            # "random" finds "random-s0" (seeded random weights are tagged with their seed)
+            if weights not in tags:
+                seeded = [t for t in tags if t.startswith(f"{weights}-s")]
+                if len(seeded) == 1:
+                    return FeatureKey(encoder, seeded[0], int(minus))
             return FeatureKey(encoder, weights, int(minus))
-        tags = sorted({k.weights for k in self.encoders() if k.encoder == encoder and k.minus == int(minus)})
         if len(tags) == 1:
             return FeatureKey(encoder, tags[0], int(minus))
         if not tags:
@@ -323,12 +338,24 @@ class Store:
 
     def has_features(self, slide_id: str, encoder: str, minus: int, weights: str | None = None) -> bool:
         """True when the slide has complete features for the key."""
+        if weights is not None:  # answer from this slide alone: no store-wide listing
+            try:
+                g = self._slide(slide_id)
+            except StoreKeyError:
+                return False
+            return any(k.encoder == encoder and k.minus == int(minus)
+                       and (k.weights == weights or k.weights.startswith(f"{weights}-s"))
+                       for k, _ in self._feature_arrays(g))
         try:
             key = self.resolve_key(encoder, minus, weights)
             self._features_array(slide_id, key)
         except StoreError:
             return False
         return True
+
+    def refresh(self) -> None:
+        """Forget cached listings (call after another process wrote to the store)."""
+        self._keys_cache = None
 
     def features(self, slide_id: str, encoder: str, minus: int, weights: str | None = None) -> np.ndarray:
         """(N, D) float16 embeddings of one slide, rows aligned with :meth:`coords`."""

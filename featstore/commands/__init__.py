@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-_MODULES = ("tiling", "encoders", "extract", "store", "study")
+_MODULES = ("tiling", "encoders", "extract", "store")
 
 
 def register(app: typer.Typer) -> None:

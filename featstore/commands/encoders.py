@@ -8,12 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from featstore.encoders import find_weights, get_spec, list_encoders
-from featstore.encoders.weights import expected_paths
 from featstore.errors import EncoderError
 
 
 def _weights_cell(name: str, show_paths: bool) -> str:
+    from featstore.encoders import expected_paths, find_weights, get_spec
+
     spec = get_spec(name)
     lines = ["random  [green]built in[/]"]
     for tag, wspec in spec.weights.items():
@@ -34,6 +34,8 @@ def encoders(
 ) -> None:
     """List encoders: truncation levels with dims, input preprocessing, weight tags and
     whether each weights file is present on this machine (offline lookup only)."""
+    from featstore.encoders import get_spec, list_encoders
+
     names = list_encoders(pattern)
     if not names:
         raise EncoderError(f"no encoder matches {pattern!r}; run `featstore encoders` to see all")

@@ -1,0 +1,158 @@
+"""Extraction benchmarks (issue 4): prints a table of ratios measured in one run.
+
+    python benchmarks/bench_extract.py [--encoder densenet121] [--slides 12] [--precision auto]
+
+- efficiency     = end-to-end tiles/s / model-only tiles/s (same encoder, precision, batch, threads)
+- multi-level    = time(--minus 0,1,2,3) / time(--minus 0)
+- feeder         = tiles/s of one reader worker to normalised tensors / raw read_region tiles/s
+- store read     = GB/s reading every slide's features via the read API / via per-slide .h5 files
+- peak RSS       = max RSS extracting 20 slides / max RSS extracting 1 slide (separate processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featstore.cohort import discover_slides  # noqa: E402
+from featstore.demo import make_demo_cohort  # noqa: E402
+from featstore.encoders import autocast, create_encoder, prepare_encoder, resolve_precision  # noqa: E402
+from featstore.extract import ExtractConfig, Extractor, _Readers, tune_malloc  # noqa: E402
+from featstore.h5io import export_h5  # noqa: E402
+from featstore.slide import Slide  # noqa: E402
+from featstore.store import open_store  # noqa: E402
+from featstore.tiling import TilingConfig, tile_slide  # noqa: E402
+
+
+def model_only(encoder_name: str, levels, precision: str, batch: int, n_tiles: int, size: int) -> float:
+    enc = create_encoder(encoder_name, "random", levels=levels)
+    dev = torch.device("cpu")
+    prec = resolve_precision(precision, dev)
+    enc = prepare_encoder(enc, prec, dev)
+    x = torch.randn(batch, 3, size, size)
+    with torch.inference_mode(), autocast(prec, dev):
+        enc(x)  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n_tiles:
+            enc(x[: min(batch, n_tiles - done)])
+            done += batch
+    return n_tiles / (time.perf_counter() - t0)
+
+
+def end_to_end(refs, store: Path, encoder: str, levels, precision: str, batch: int, workers: int) -> tuple[float, int]:
+    cfg = ExtractConfig(encoder=encoder, levels=tuple(levels), precision=precision, batch_size=batch, workers=workers)
+    ex = Extractor(cfg)
+    # warm-up on a scratch store so both timings exclude one-off start-up
+    ex.run(refs[:1], store.with_name(store.name + "-warm"))
+    t0 = time.perf_counter()
+    rep = ex.run(refs, store)
+    return rep.tiles / (time.perf_counter() - t0), rep.tiles
+
+
+def feeder(refs, size: int, n: int = 400) -> tuple[float, float]:
+    slide = Slide(refs[0].path)
+    tiles = tile_slide(slide, TilingConfig())
+    coords = np.resize(tiles.coords, (n, 2))
+    t0 = time.perf_counter()
+    for x, y in coords:
+        slide._osr.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0)) if hasattr(slide, "_osr") else \
+            slide.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0))
+    raw = n / (time.perf_counter() - t0)
+    r = _Readers(1, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pin=False, slide_mpp=None)
+    t0 = time.perf_counter()
+    for i in range(0, n, 32):
+        r.submit(refs[0].path, coords[i:i + 32], tiles.size0).result()
+    fed = n / (time.perf_counter() - t0)
+    r.close()
+    return fed, raw
+
+
+def store_read(store: Path, encoder: str, level: int, tmp: Path) -> tuple[float, float]:
+    import h5py
+
+    st = open_store(store)
+    h5dir = tmp / "h5"
+    export_h5(st, h5dir, encoder, level)
+    ids = st.slide_ids()
+    t0 = time.perf_counter()
+    nbytes = sum(st.features(s, encoder, level).nbytes for s in ids)
+    zarr_gbs = nbytes / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    hbytes = 0
+    for s in ids:
+        with h5py.File(h5dir / f"{s}.h5", "r") as f:
+            hbytes += f["features"][()].astype(np.float16).nbytes
+    h5_gbs = hbytes / (time.perf_counter() - t0) / 1e9
+    return zarr_gbs, h5_gbs
+
+
+def peak_rss(slides_dir: Path, n: int, tmp: Path, encoder: str) -> float:
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from featstore.cohort import discover_slides
+from featstore.extract import ExtractConfig, Extractor
+refs = discover_slides([{str(slides_dir)!r}])
+refs = (refs * (1 + {n} // len(refs)))[:{n}]
+refs = [type(r)(f"{{r.slide_id}}_{{i}}", r.path) for i, r in enumerate(refs)]
+Extractor(ExtractConfig(encoder={encoder!r}, levels=(0,), batch_size=32)).run(refs, {str(tmp / f'rss{n}.zarr')!r})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="densenet121")
+    ap.add_argument("--slides", type=int, default=12)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    tune_malloc()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        make_demo_cohort(tmp / "demo", n_slides=max(args.slides, 2), seed=0)
+        refs = discover_slides([tmp / "demo" / "slides"])[: args.slides]
+        size = create_encoder(args.encoder, "random").input_size
+        prec = resolve_precision(args.precision, torch.device("cpu"))
+        e2e, n_tiles = end_to_end(refs, tmp / "m0.zarr", args.encoder, (0,), prec, args.batch_size, args.workers)
+        mo = model_only(args.encoder, (0,), prec, args.batch_size, n_tiles, size)
+        e2e_all, _ = end_to_end(refs, tmp / "m0123.zarr", args.encoder, (0, 1, 2, 3), prec, args.batch_size, args.workers)
+        fed, raw = feeder(refs, size)
+        zr, hr = store_read(tmp / "m0123.zarr", args.encoder, 0, tmp)
+        rows = [
+            ("extraction efficiency (e2e / model-only tiles/s)", f"{e2e:.1f} / {mo:.1f}", e2e / mo, ">= 0.90"),
+            ("multi-level cost (time minus0-3 / time minus0)", f"{n_tiles / e2e_all:.1f}s / {n_tiles / e2e:.1f}s", e2e / e2e_all, "<= 1.05"),
+            ("feeder (1 worker tiles/s / raw read_region tiles/s)", f"{fed:.0f} / {raw:.0f}", fed / raw, "info"),
+            ("store read (read API GB/s / h5 GB/s)", f"{zr:.2f} / {hr:.2f}", zr / hr, "info"),
+        ]
+        if not args.skip_rss:
+            r1 = peak_rss(tmp / "demo" / "slides", 1, tmp, args.encoder)
+            r20 = peak_rss(tmp / "demo" / "slides", 20, tmp, args.encoder)
+            rows.append(("peak RSS (20 slides / 1 slide, MiB)", f"{r20:.0f} / {r1:.0f}", r20 / r1, "~1.0 (flat)"))
+        print(f"\nencoder={args.encoder} precision={prec} batch={args.batch_size} workers={args.workers} "
+              f"tiles={n_tiles} torch_threads={torch.get_num_threads()}\n")
+        print(f"| {'measure':<52} | {'values':>22} | {'ratio':>6} | goal |")
+        print(f"|{'-' * 54}|{'-' * 24}|{'-' * 8}|------|")
+        for name, vals, ratio, goal in rows:
+            print(f"| {name:<52} | {vals:>22} | {ratio:6.3f} | {goal} |")
+        print(json.dumps({r[0]: round(r[2], 4) for r in rows}))
+
+
+if __name__ == "__main__":
+    main()

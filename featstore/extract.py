@@ -1,0 +1,448 @@
+"""The batch extractor: slides -> tiles -> ONE encoder forward -> every requested level -> store.
+
+Threads, not processes: OpenSlide decoding, PIL resizing and torch all release the GIL, so
+reader threads (one OpenSlide handle each) overlap with the encoder on the main thread, and a
+writer thread keeps Zarr writes off the compute path. Batches stream across slide boundaries
+(the next slide's tiles are read while the current slide's last batches run), with a bounded
+number in flight so memory stays flat however many slides there are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import logging
+import platform
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from featstore.cohort import SlideRef
+from featstore.errors import FeatstoreError, SlideReadError
+from featstore.store import FeatureKey, FeatureWriter, Store, open_store
+from featstore.tiling import TilingConfig, tile_slide
+from featstore.slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract and how fast: encoder, levels, weights, tiling and the pipeline's knobs."""
+
+    encoder: str
+    levels: tuple[int, ...] = (0,)
+    weights: str = "random"
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    input_size: int | None = None  # None: the encoder's own input size
+    batch_size: int = 32
+    workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    slide_mpp: float | None = None  # override for slides without mpp metadata
+    seed: int = 0
+    allow_download: bool = False
+    strict_weights: bool = True
+    tune_malloc: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise FeatstoreError("no truncation level requested (use --minus 0 or e.g. --minus 0,1,2,3)")
+        if self.batch_size < 1 or self.workers < 1:
+            raise FeatstoreError("--batch-size and --workers must be >= 1")
+
+
+@dataclass
+class ExtractReport:
+    """What a run did: slides completed, skipped (already done or claimed elsewhere), failed."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    tiles: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class Progress(Protocol):
+    """Callbacks the command uses to draw progress (all optional to implement meaningfully)."""
+
+    def slide_started(self, slide_id: str, n_tiles: int) -> None: ...
+    def tiles_done(self, n: int) -> None: ...
+    def slide_finished(self, slide_id: str, status: str) -> None: ...
+
+
+class _NoProgress:
+    def slide_started(self, slide_id: str, n_tiles: int) -> None:
+        pass
+
+    def tiles_done(self, n: int) -> None:
+        pass
+
+    def slide_finished(self, slide_id: str, status: str) -> None:
+        pass
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise FeatstoreError(f"--device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatstoreError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep glibc from returning big activation buffers to the OS after every batch.
+
+    Measured (FACTS.md): the default malloc re-faults the buffers each batch, costing up to
+    half the run in the kernel on CPU; M_MMAP_MAX=0 + a huge M_TRIM_THRESHOLD removes that at
+    the price of higher peak memory. No-op off glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or platform.system() != "Linux":
+        return _MALLOC_TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 36) == 1
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
+@dataclass
+class _Job:
+    """One slide's work: its tiles and the levels still missing in the store."""
+
+    ref: SlideRef
+    coords: np.ndarray
+    size0: int
+    keys: dict[int, FeatureKey]
+    lock: object
+    slide_mpp: float
+    writers: dict[int, FeatureWriter] = field(default_factory=dict)
+    failed: str | None = None
+    batches: int = 0
+
+
+class _Readers:
+    """Reader threads, each with its own OpenSlide handle per slide, producing normalised batches."""
+
+    def __init__(self, workers: int, out_size: int, mean, std, pin: bool, slide_mpp: float | None):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
+        self.local = threading.local()
+        self.out_size = out_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.pin = pin
+        self.slide_mpp = slide_mpp
+
+    def _slide(self, path) -> Slide:
+        cache = getattr(self.local, "slides", None)
+        if cache is None:
+            cache = self.local.slides = {}
+        if path not in cache:
+            while len(cache) >= 2:  # the current and the next slide
+                _, old = cache.popitem()
+                old.close()
+            cache[path] = Slide(path, mpp=self.slide_mpp)
+        return cache[path]
+
+    def _read(self, path, coords: np.ndarray, size0: int) -> torch.Tensor:
+        slide = self._slide(path)
+        batch = np.empty((len(coords), self.out_size, self.out_size, 3), dtype=np.uint8)
+        for i, (x, y) in enumerate(coords):
+            batch[i] = slide.read_patch((int(x), int(y)), size0, self.out_size)
+        t = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+        t = t.sub_(self.mean).div_(self.std).contiguous()
+        return t.pin_memory() if self.pin else t
+
+    def submit(self, path, coords: np.ndarray, size0: int) -> Future:
+        return self.pool.submit(self._read, path, coords, size0)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writer:
+    """A thread that owns every store write, so the encoder never waits on disk."""
+
+    def __init__(self, on_done: Callable[[_Job, str | None], None], maxsize: int = 8):
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.on_done = on_done
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            kind, job, payload = item
+            try:
+                if job.failed:
+                    continue
+                if kind == "rows":
+                    for level, rows in payload.items():
+                        job.writers[level].write(rows)
+                elif kind == "finish":
+                    for w in job.writers.values():
+                        w.finish()
+                    self.on_done(job, None)
+            except Exception as exc:  # noqa: BLE001 -- any write failure fails this slide only
+                job.failed = f"store write failed: {exc}"
+                self.on_done(job, job.failed)
+
+    def put(self, kind: str, job: _Job, payload=None) -> None:
+        self.q.put((kind, job, payload))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+def _provenance(encoder, level: int, cfg: ExtractConfig, tiling: dict, slide_info: dict, precision: str,
+                input_size: int) -> dict:
+    from featstore import __version__
+    import timm
+
+    base = encoder.provenance() if hasattr(encoder, "provenance") else {}
+    return {
+        **base,
+        "encoder": encoder.name,
+        "weights": encoder.weights_tag,
+        "weights_sha256": getattr(encoder, "weights_sha256", None),
+        "minus": int(level),
+        "dim": int(encoder.dims[level]),
+        "preprocessing": {
+            **encoder.preprocessing(),
+            "input_size": int(input_size),
+            "resize": "Slide.read_patch: best pyramid level, then PIL antialiased resize",
+        },
+        "precision": precision,
+        "tiling": tiling,
+        "slide": {
+            "source": slide_info["source"],
+            "fingerprint": slide_info["fingerprint"],
+            "slide_mpp": slide_info["slide_mpp"],
+            "size0": slide_info["size0"],
+        },
+        "featstore_version": __version__,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class Extractor:
+    """Runs :class:`ExtractConfig` over slides into a store. One instance per run."""
+
+    def __init__(self, cfg: ExtractConfig, encoder=None):
+        from featstore.encoders import create_encoder, prepare_encoder, resolve_precision
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.tune_malloc and self.device.type == "cpu":
+            tune_malloc()
+        if encoder is None:
+            encoder = create_encoder(cfg.encoder, weights=cfg.weights, levels=cfg.levels, seed=cfg.seed,
+                                     allow_download=cfg.allow_download, strict=cfg.strict_weights)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.encoder = prepare_encoder(encoder, self.precision, self.device)
+        self.input_size = int(cfg.input_size or encoder.input_size)
+        self.levels = tuple(sorted(set(int(k) for k in cfg.levels)))
+
+    # -------------------------------------------------------------- planning
+    def _keys(self) -> dict[int, FeatureKey]:
+        return {lv: FeatureKey(self.encoder.name, self.encoder.weights_tag, lv) for lv in self.levels}
+
+    def _prepare(self, store: Store, ref: SlideRef, report: ExtractReport) -> _Job | None:
+        """Claim a slide, tile it (or reuse its stored tiling) and list the levels still to do."""
+        keys = self._keys()
+        if store.has_tiling(ref.slide_id):
+            todo = {lv: k for lv, k in keys.items() if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
+            if not todo:
+                report.skipped.append(ref.slide_id)
+                return None
+        lock = store.lock(ref.slide_id)
+        if not lock.acquire():
+            report.busy.append(ref.slide_id)
+            return None
+        try:
+            with Slide(ref.path, mpp=self.cfg.slide_mpp) as slide:
+                fp = slide.fingerprint()
+                if store.has_tiling(ref.slide_id):
+                    info = store.slide_info(ref.slide_id)
+                    if info.get("fingerprint") and info["fingerprint"] != fp:
+                        raise FeatstoreError(
+                            f"{ref.path}: file differs from the one tiled into the store as {ref.slide_id!r} "
+                            "(size/hash changed); use a new store or a different slide id"
+                        )
+                    coords = store.coords(ref.slide_id)
+                    size0, slide_mpp = int(info["size0"]), float(info["slide_mpp"])
+                else:
+                    tiles = tile_slide(slide, self.cfg.tiling)
+                    if len(tiles.coords) == 0:
+                        raise FeatstoreError(
+                            f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "
+                            "check with `featstore tiles`"
+                        )
+                    info = {
+                        "source": str(ref.path), "fingerprint": fp, "slide_mpp": float(tiles.slide_mpp),
+                        "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
+                        "dimensions": list(slide.dimensions), "vendor": slide.vendor,
+                    }
+                    store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
+                    coords, size0, slide_mpp = tiles.coords, int(tiles.size0), float(tiles.slide_mpp)
+            todo = {lv: k for lv, k in keys.items() if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
+            if not todo:
+                lock.release()
+                report.skipped.append(ref.slide_id)
+                return None
+            job = _Job(ref, coords, size0, todo, lock, slide_mpp)
+            tiling = self.cfg.tiling.to_dict()
+            info = store.slide_info(ref.slide_id)
+            for lv, key in todo.items():
+                prov = _provenance(self.encoder, lv, self.cfg, tiling, info, self.precision, self.input_size)
+                job.writers[lv] = store.begin_features(ref.slide_id, key, self.encoder.dims[lv], prov)
+            return job
+        except Exception:
+            lock.release()
+            raise
+
+    # -------------------------------------------------------------- running
+    def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: _Readers,
+                 progress: Progress) -> Iterator[tuple[_Job, Future | None]]:
+        """Yield (job, future batch) in order, keeping a bounded window of reads in flight.
+
+        A job's last item is (job, None): the signal that all its batches were yielded.
+        """
+        window: deque[tuple[_Job, Future | None]] = deque()
+        max_in_flight = max(2, 2 * readers.pool._max_workers)
+        bs = self.cfg.batch_size
+        for ref in refs:
+            try:
+                job = self._prepare(store, ref, report)
+            except (FeatstoreError, OSError) as exc:
+                self._fail(store, ref, str(exc), report, progress)
+                continue
+            if job is None:
+                continue
+            progress.slide_started(ref.slide_id, len(job.coords))
+            for start in range(0, len(job.coords), bs):
+                window.append((job, readers.submit(ref.path, job.coords[start:start + bs], job.size0)))
+                while len(window) > max_in_flight:
+                    yield window.popleft()
+            window.append((job, None))
+        while window:
+            yield window.popleft()
+
+    def _fail(self, store: Store, ref: SlideRef, reason: str, report: ExtractReport, progress: Progress) -> None:
+        reason = reason.splitlines()[0] if reason else "unknown error"
+        log.error("%s: %s", ref.slide_id, reason)
+        report.failed[ref.slide_id] = reason
+        try:
+            store.record_failure(ref.slide_id, reason, str(ref.path))
+        except Exception as exc:  # noqa: BLE001 -- the failure log itself must not stop the batch
+            log.error("could not record failure of %s: %s", ref.slide_id, exc)
+        progress.slide_finished(ref.slide_id, "failed")
+
+    @torch.inference_mode()
+    def run(self, refs: list[SlideRef], store: Store | str, progress: Progress | None = None) -> ExtractReport:
+        """Extract every slide in *refs* into *store*; failed slides are logged and skipped."""
+        import time
+
+        from featstore.encoders import autocast
+
+        t0 = time.perf_counter()
+        progress = progress or _NoProgress()
+        store = store if isinstance(store, Store) else open_store(store, mode="a")
+        store.set_tiling(self.cfg.tiling.to_dict())
+        report = ExtractReport()
+        cuda = self.device.type == "cuda"
+        readers = _Readers(self.cfg.workers, self.input_size, self.encoder.mean, self.encoder.std,
+                           pin=cuda, slide_mpp=self.cfg.slide_mpp)
+        done_lock = threading.Lock()
+
+        def on_done(job: _Job, error: str | None) -> None:
+            with done_lock:
+                if error:
+                    self._abort(store, job, error, report, progress)
+                else:
+                    store.clear_failure(job.ref.slide_id)
+                    job.lock.release()
+                    report.done.append(job.ref.slide_id)
+                    progress.slide_finished(job.ref.slide_id, "done")
+
+        writer = _Writer(on_done)
+        try:
+            for job, fut in self._batches(store, refs, report, readers, progress):
+                if fut is None:
+                    if not job.failed:
+                        writer.put("finish", job)
+                    continue
+                if job.failed:
+                    fut.cancel()
+                    continue
+                try:
+                    x = fut.result()
+                except (SlideReadError, FeatstoreError, OSError) as exc:
+                    with done_lock:
+                        self._abort(store, job, str(exc), report, progress)
+                    continue
+                x = x.to(self.device, non_blocking=cuda)
+                with autocast(self.precision, self.device):
+                    out = self.encoder(x)
+                rows = {lv: out[lv].float().cpu().numpy().astype(np.float16) for lv in job.keys}
+                writer.put("rows", job, rows)
+                report.tiles += len(x)
+                progress.tiles_done(len(x))
+        finally:
+            writer.close()
+            readers.close()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _abort(self, store: Store, job: _Job, reason: str, report: ExtractReport, progress: Progress) -> None:
+        """Fail one slide mid-run: drop its partial arrays, release its claim, log the reason."""
+        if job.failed and job.ref.slide_id in report.failed:
+            return
+        job.failed = reason
+        for key in job.keys.values():
+            try:
+                store.delete_features(job.ref.slide_id, key)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not remove partial features of %s: %s", job.ref.slide_id, exc)
+        job.lock.release()
+        self._fail(store, job.ref, reason, report, progress)
+
+
+def extract(refs: list[SlideRef], store: Store | str, cfg: ExtractConfig,
+            progress: Progress | None = None) -> ExtractReport:
+    """Convenience wrapper: build an :class:`Extractor` for *cfg* and run it."""
+    return Extractor(cfg).run(refs, store, progress)
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    d = asdict(cfg)
+    d["tiling"] = cfg.tiling.to_dict()
+    return d

@@ -1,0 +1,201 @@
+"""A thin reader over OpenSlide: every format OpenSlide opens, regions at a target size.
+
+Only reading lives here (no masks, no tiling, no plotting). Errors name the file and say what
+is wrong. OpenSlide errors are sticky (after one failed read every call on the handle fails),
+so a failed read reopens the handle before raising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from featstore.errors import MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_BYTES = 1 << 20
+_RESOLUTION_UNITS_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
+
+
+def composite_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (H, W, 4) uint8 -> RGB with transparent areas (outside the scan) painted white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    # OpenSlide returns premultiplied-free RGB with alpha; blend on white
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """One whole-slide image. ``mpp`` overrides (or supplies) the file's microns per pixel.
+
+    Handles are safe to share between threads for reading (OpenSlide is thread-safe), but the
+    extractor gives each reader thread its own handle so a reopen never races another read.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideNotFoundError(f"{self.path}: no such slide file")
+        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+            raise MissingMppError(f"{self.path}: --slide-mpp must be a positive number, got {mpp}")
+        self._mpp_override = mpp
+        self._lock = threading.Lock()
+        self._osr = self._open()
+
+    def _open(self) -> openslide.OpenSlide:
+        try:
+            return openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideFormatError(
+                f"{self.path}: not a slide OpenSlide can read (unsupported format, or a corrupt/truncated file)"
+            ) from None
+        except openslide.OpenSlideError as exc:
+            raise SlideFormatError(f"{self.path}: OpenSlide cannot open it ({exc})") from None
+        except OSError as exc:
+            raise SlideFormatError(f"{self.path}: cannot open ({exc})") from None
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def vendor(self) -> str:
+        return str(self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"))
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(self._osr.dimensions)
+
+    @property
+    def level_count(self) -> int:
+        return int(self._osr.level_count)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._osr.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._osr.properties)
+
+    def file_mpp(self) -> float | None:
+        """Microns per pixel recorded in the file (OpenSlide's mpp, else the TIFF resolution)."""
+        props = self._osr.properties
+        vals = []
+        for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+            try:
+                v = float(props[key])
+            except (KeyError, ValueError):
+                continue
+            if v > 0 and math.isfinite(v):
+                vals.append(v)
+        if vals:
+            return float(np.mean(vals))
+        try:
+            res = float(props["tiff.XResolution"])
+            unit = props.get("tiff.ResolutionUnit", "").lower()
+        except (KeyError, ValueError):
+            return None
+        if res > 0 and unit in _RESOLUTION_UNITS_UM:
+            return _RESOLUTION_UNITS_UM[unit] / res
+        return None
+
+    @property
+    def mpp(self) -> float:
+        """Microns per level-0 pixel: the override, else the file's; an error if neither."""
+        if self._mpp_override is not None:
+            return float(self._mpp_override)
+        mpp = self.file_mpp()
+        if mpp is None:
+            raise MissingMppError(f"{self.path}: no microns-per-pixel in the file; pass --slide-mpp")
+        return mpp
+
+    # ------------------------------------------------------------------ reading
+    def read_region(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of *size* pixels at *level*, top-left at level-0 *xy0*; background white."""
+        try:
+            img = self._osr.read_region((int(xy0[0]), int(xy0[1])), int(level), (int(size[0]), int(size[1])))
+        except openslide.OpenSlideError as exc:
+            self._reopen()
+            raise SlideReadError(
+                f"{self.path}: unreadable region at level {level}, ({xy0[0]}, {xy0[1]}) size {size} ({exc})"
+            ) from None
+        return composite_white(np.asarray(img))
+
+    def _reopen(self) -> None:
+        with self._lock:
+            try:
+                self._osr.close()
+            except openslide.OpenSlideError:
+                pass
+            self._osr = self._open()
+
+    def best_level(self, downsample: float) -> int:
+        """The deepest level whose downsample does not exceed *downsample* (1 % tolerance)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * 1.01:
+                best = i
+        return best
+
+    def read_patch(self, xy0: tuple[int, int], size0: int, out_size: int) -> np.ndarray:
+        """A square of side *size0* level-0 px at *xy0*, read from the best level, as out_size² RGB."""
+        level = self.best_level(size0 / out_size)
+        ds = self.level_downsamples[level]
+        side = max(1, int(round(size0 / ds)))
+        rgb = self.read_region(xy0, level, (side, side))
+        if side == out_size:
+            return rgb
+        return np.asarray(Image.fromarray(rgb).resize((out_size, out_size), Image.BILINEAR))
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """RGB thumbnail whose longer side is at most *max_size*, and its downsample vs level 0."""
+        w, h = self.dimensions
+        scale = max(w, h) / max_size
+        if scale <= 1:
+            tw, th = w, h
+        else:
+            tw, th = max(1, int(round(w / scale))), max(1, int(round(h / scale)))
+        level = self.best_level(min(w / tw, h / th))
+        lw, lh = self.level_dimensions[level]
+        rgb = self.read_region((0, 0), level, (lw, lh))
+        if (lw, lh) != (tw, th):
+            rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.BILINEAR))
+        return rgb, w / tw
+
+    def fingerprint(self) -> dict:
+        """File size and sha256 of its first and last MiB: detects a changed or swapped file cheaply."""
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        h = hashlib.sha256()
+        if self.path.is_file():
+            with self.path.open("rb") as fh:
+                h.update(fh.read(_FINGERPRINT_BYTES))
+                if size > _FINGERPRINT_BYTES:
+                    fh.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+                    h.update(fh.read(_FINGERPRINT_BYTES))
+        return {"size": int(size), "partial_sha256": h.hexdigest()}
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, levels={self.level_count})"

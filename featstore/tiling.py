@@ -1,0 +1,194 @@
+"""Tissue mask on a thumbnail (Otsu) and a grid of patches of a physical size.
+
+A patch is ``patch_size`` pixels at ``mpp`` microns per pixel (default 512 px at 0.5 µm/px,
+about 20x), i.e. a fixed physical size whatever the scanner's resolution. Its tissue fraction
+is the area-weighted share of mask pixels it covers (exact for any alignment, via a bilinear
+read of the mask's integral image). Coords are level-0 (x, y) of top-left corners, row-major.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from featstore.errors import FeatstoreError
+from featstore.slide import Slide
+
+log = logging.getLogger(__name__)
+
+MASKS = ("saturation", "gray")
+_MIN_SATURATION = 0.05   # below this nothing is tissue, whatever Otsu says (blank glass)
+_MIN_DARKNESS = 20.0     # gray mode: 255 - gray must exceed this
+
+
+class TilingError(FeatstoreError, ValueError):
+    """An invalid tiling configuration."""
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How a slide is cut into patches (frozen; round-trips through ``to_dict``)."""
+
+    patch_size: int = 512          # px at the target mpp
+    mpp: float = 0.5               # target microns per pixel
+    overlap: int = 0               # px at the target mpp
+    min_tissue: float = 0.5        # keep patches with at least this tissue fraction
+    mask: str = "saturation"       # "saturation" (HSV S channel) or "gray" (inverted grayscale)
+    thumb_mpp: float = 8.0         # resolution of the tissue mask, µm/px (finer for tiny patches)
+
+    def __post_init__(self) -> None:
+        if int(self.patch_size) != self.patch_size or self.patch_size <= 0:
+            raise TilingError(f"patch_size must be a positive integer, got {self.patch_size}")
+        if not (self.mpp > 0 and math.isfinite(self.mpp)):
+            raise TilingError(f"mpp must be a positive number, got {self.mpp}")
+        if not (0 <= self.overlap < self.patch_size):
+            raise TilingError(f"overlap must be in [0, patch_size), got {self.overlap}")
+        if not (0.0 <= self.min_tissue <= 1.0):
+            raise TilingError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.mask not in MASKS:
+            raise TilingError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        if not self.thumb_mpp > 0:
+            raise TilingError(f"thumb_mpp must be positive, got {self.thumb_mpp}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TilingConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise TilingError(f"unknown tiling keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The patches of one slide."""
+
+    coords: np.ndarray       # (N, 2) int32 level-0 (x, y)
+    tissue: np.ndarray       # (N,) float32 tissue fraction
+    size0: int               # patch side in level-0 px
+    slide_mpp: float
+    config: TilingConfig = field(default_factory=TilingConfig)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (numpy only)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between[:-1]))]) if len(between) > 1 else lo
+
+
+def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int = 0,
+                max_hole_px: int = 0) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail: Otsu on saturation (or darkness), then cleanup.
+
+    Specks smaller than ``min_object_px`` are removed and holes smaller than ``max_hole_px``
+    filled. A thumbnail with no tissue contrast (blank glass) gives an empty mask.
+    """
+    x = rgb.astype(np.float32)
+    if method == "saturation":
+        mx, mn = x.max(axis=2), x.min(axis=2)
+        channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
+        floor = _MIN_SATURATION
+    elif method == "gray":
+        channel = 255.0 - (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])
+        floor = _MIN_DARKNESS
+    else:
+        raise TilingError(f"mask must be one of {MASKS}, got {method!r}")
+    thr = max(otsu_threshold(channel), floor)
+    mask = channel > thr
+    mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) if mask.any() else mask
+    if min_object_px > 0 and mask.any():
+        lab, n = ndimage.label(mask)
+        sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+        mask = np.isin(lab, 1 + np.flatnonzero(sizes >= min_object_px))
+    if max_hole_px > 0 and mask.any():
+        holes = ndimage.binary_fill_holes(mask) & ~mask
+        lab, n = ndimage.label(holes)
+        if n:
+            sizes = ndimage.sum(holes, lab, index=np.arange(1, n + 1))
+            mask |= np.isin(lab, 1 + np.flatnonzero(sizes < max_hole_px))
+    return mask
+
+
+def _bilinear(S: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Bilinear read of the integral image S (H+1, W+1) at fractional (y, x)."""
+    y = np.clip(y, 0, S.shape[0] - 1)
+    x = np.clip(x, 0, S.shape[1] - 1)
+    y0 = np.minimum(np.floor(y).astype(int), S.shape[0] - 2)
+    x0 = np.minimum(np.floor(x).astype(int), S.shape[1] - 2)
+    fy, fx = y - y0, x - x0
+    return ((1 - fy) * (1 - fx) * S[y0, x0] + (1 - fy) * fx * S[y0, x0 + 1]
+            + fy * (1 - fx) * S[y0 + 1, x0] + fy * fx * S[y0 + 1, x0 + 1])
+
+
+def coverage(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Area-weighted share of *mask* pixels inside boxes [x0, x1) x [y0, y1) (mask pixel units)."""
+    S = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    S[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    area = _bilinear(S, y1, x1) - _bilinear(S, y0, x1) - _bilinear(S, y1, x0) + _bilinear(S, y0, x0)
+    return (area / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+def mask_for_slide(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, float, np.ndarray]:
+    """(mask, downsample of the mask vs level 0, thumbnail) at about ``thumb_mpp`` µm/px.
+
+    The mask resolution is made fine enough that a patch spans at least 16 mask pixels.
+    """
+    slide_mpp = slide.mpp
+    patch_um = config.patch_size * config.mpp
+    thumb_mpp = min(config.thumb_mpp, patch_um / 16.0)
+    w, h = slide.dimensions
+    target_ds = max(1.0, thumb_mpp / slide_mpp)
+    max_side = int(min(8192, max(64, math.ceil(max(w, h) / target_ds))))
+    thumb, ds = slide.thumbnail(max_side)
+    patch_thumb = patch_um / (slide_mpp * ds)
+    mask = tissue_mask(thumb, config.mask, min_object_px=int((patch_thumb / 4) ** 2),
+                       max_hole_px=int((patch_thumb / 2) ** 2))
+    return mask, ds, thumb
+
+
+def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
+    """Grid of patches with tissue fraction >= ``min_tissue``; zero tissue gives empty Tiles."""
+    slide_mpp = slide.mpp
+    size0 = max(1, int(round(config.patch_size * config.mpp / slide_mpp)))
+    overlap0 = int(round(config.overlap * config.mpp / slide_mpp))
+    stride0 = max(1, size0 - overlap0)
+    w, h = slide.dimensions
+    empty = Tiles(np.zeros((0, 2), np.int32), np.zeros((0,), np.float32), size0, slide_mpp, config)
+    if w < size0 or h < size0:
+        log.warning("%s: smaller than one patch (%dx%d < %d px)", slide.path, w, h, size0)
+        return empty
+    mask, ds, _ = mask_for_slide(slide, config)
+    if not mask.any():
+        log.info("%s: no tissue found", slide.path)
+        return empty
+    xs = np.arange(0, w - size0 + 1, stride0)
+    ys = np.arange(0, h - size0 + 1, stride0)
+    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
+    gx, gy = gx.ravel(), gy.ravel()
+    # mask pixel (i, j) covers level-0 [j*dsx, (j+1)*dsx) x [i*dsy, (i+1)*dsy)
+    dsx, dsy = w / mask.shape[1], h / mask.shape[0]
+    frac = coverage(mask, gx / dsx, gy / dsy, (gx + size0) / dsx, (gy + size0) / dsy)
+    keep = frac >= config.min_tissue - 1e-6
+    coords = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int32)
+    return Tiles(coords, np.clip(frac[keep], 0, 1).astype(np.float32), size0, slide_mpp, config)
