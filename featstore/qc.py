@@ -1,0 +1,45 @@
+"""The tiling QC picture: thumbnail, tissue outline and kept patches. People check tiling by looking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featstore.slide import Slide
+from featstore.tiling import Tiles, mask_for_slide
+
+
+def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1600) -> Path:
+    """Save thumbnail | thumbnail + tissue contour (green) + kept patches (blue boxes) to *out_png*."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    thumb, ds = slide.thumbnail(max_size)
+    mask, mds, _ = mask_for_slide(slide, tiles.config)
+    h, w = thumb.shape[:2]
+    fig = Figure(figsize=(12, 6 * h / max(w, 1) + 0.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax0, ax1 = fig.subplots(1, 2)
+    for ax in (ax0, ax1):
+        ax.imshow(thumb)
+        ax.set_axis_off()
+    ax0.set_title(f"{slide.path.name}  {slide.dimensions[0]}x{slide.dimensions[1]} px, {slide.mpp:.3g} µm/px")
+    scale = mds / ds
+    ys = (np.arange(mask.shape[0]) + 0.5) * scale
+    xs = (np.arange(mask.shape[1]) + 0.5) * scale
+    if mask.any() and not mask.all():
+        ax1.contour(xs, ys, mask.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+    side = tiles.size0 / ds
+    for (x, y), f in zip(tiles.coords, tiles.tissue):
+        ax1.add_patch(Rectangle((x / ds, y / ds), side, side, fill=False, lw=0.6,
+                                ec=(0.1, 0.3, 1.0, 0.4 + 0.6 * float(f))))
+    c = tiles.config
+    ax1.set_title(f"{len(tiles)} patches of {c.patch_size}px @ {c.mpp} µm/px (≥{c.min_tissue:.0%} tissue, "
+                  f"{c.mask} mask)")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
