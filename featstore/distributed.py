@@ -1,0 +1,286 @@
+"""Extraction on a dask.distributed cluster: one task per slide, written straight into the shared store.
+
+The client records the store's tiling once, then submits one task per slide. The scheduler
+gives each task to exactly one worker (claim-once); a worker keeps one
+:class:`~featstore.extract.Extractor` per process (cached by config, so the encoder is built once)
+and runs it on its slide, with the same completion flags as the single-process path: a slide's
+arrays become visible only when complete. When a worker dies mid-slide, dask reruns the task
+elsewhere (up to the scheduler's ``distributed.scheduler.allowed-failures``); the rerun recreates
+the partial arrays (``Store.begin_features``) and, on local stores, takes over the dead process's
+slide lock. Results come back with :func:`distributed.as_completed` for progress and the failure
+summary. Recipes for SLURM / Kubernetes and the throughput model: docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from featstore.cohort import SlideRef
+from featstore.errors import FeatstoreError
+from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress
+from featstore.remote import remote_options, store_location
+from featstore.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(FeatstoreError, RuntimeError):
+    """The cluster cannot be reached, or a task failed for a reason that is not the slide's."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where tasks run: an existing scheduler ``address``, or a LocalCluster of ``n_workers`` processes."""
+
+    address: str | None = None
+    n_workers: int = 0
+    threads_per_worker: int = 1
+
+    @property
+    def local(self) -> bool:
+        return self.address is None
+
+    @classmethod
+    def parse(cls, text: str, threads_per_worker: int = 1) -> "ClusterSpec":
+        """``local:N`` (N worker processes), ``local:N:T`` (T threads each) or a scheduler address."""
+        s = text.strip()
+        if s.startswith("local"):
+            parts = s.split(":")
+            try:
+                n = int(parts[1]) if len(parts) > 1 and parts[1] else 1
+                t = int(parts[2]) if len(parts) > 2 else threads_per_worker
+            except ValueError:
+                n = t = 0
+            if len(parts) > 3 or n < 1 or t < 1:
+                raise ClusterError(f"--cluster {text!r}: write local:N (N worker processes) or local:N:T "
+                                   "(T threads each), e.g. local:2")
+            return cls(None, n, t)
+        if not s:
+            raise ClusterError("--cluster is empty: give a scheduler address (tcp://host:8786) or local:N")
+        return cls(s if "://" in s else f"tcp://{s}")
+
+
+@contextmanager
+def connect(spec: ClusterSpec | str, *, timeout: float = 30.0) -> Iterator[Any]:
+    """A ``distributed.Client`` for *spec*; a LocalCluster it starts is closed on exit.
+
+    Local workers are processes with a nanny (a killed worker is restarted) and declare one
+    ``GPU`` resource each when CUDA is available, so slide tasks go one per GPU.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError("--cluster needs dask.distributed: pip install 'featstore[distributed]'") from None
+    spec = ClusterSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.local:
+        resources = {"GPU": 1} if torch.cuda.is_available() else None
+        cluster = LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker,
+                               processes=True, resources=resources, dashboard_address=None,
+                               silence_logs=logging.WARNING)
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+        return
+    try:
+        client = Client(spec.address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"--cluster {spec.address}: cannot reach the dask scheduler ({exc}); "
+                           "start one with `dask scheduler` or use local:N") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- worker side
+_CACHE: dict[tuple, Extractor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _worker_device(cfg: ExtractConfig, gpu_by_name: bool) -> str:
+    """On a LocalCluster we started, worker ``k`` takes GPU ``k``; elsewhere the worker's default."""
+    if cfg.device != "auto" or not gpu_by_name or not torch.cuda.is_available():
+        return cfg.device
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ValueError, TypeError):
+        return cfg.device
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def _extractor(cfg: ExtractConfig, torch_threads: int | None, gpu_by_name: bool) -> Extractor:
+    """This process's extractor for *cfg* (the encoder is created once per worker and config)."""
+    cfg = replace(cfg, device=_worker_device(cfg, gpu_by_name))
+    key = (cfg, torch_threads)
+    with _CACHE_LOCK:
+        ex = _CACHE.get(key)
+        if ex is None:
+            _CACHE.clear()  # one config at a time: do not keep old encoders in memory
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            ex = _CACHE[key] = Extractor(cfg)
+        return ex
+
+
+def extract_slide_task(ref: SlideRef, store: str, cfg: ExtractConfig, storage_options: dict | None = None,
+                       torch_threads: int | None = None, busy_wait: float = 150.0, gpu_by_name: bool = False) -> dict:
+    """Run on a worker: extract one slide into the shared store; return its outcome as plain data.
+
+    A slide claimed by another process (a live lock, or a dead worker's lock on a shared
+    filesystem not yet stale) is retried until ``busy_wait`` seconds have passed.
+    """
+    ex = _extractor(cfg, torch_threads, gpu_by_name)
+    deadline = time.monotonic() + busy_wait
+    while True:
+        rep = ex.run([ref], open_store(store, mode="a", storage_options=storage_options))
+        if not rep.busy or time.monotonic() >= deadline:
+            break
+        time.sleep(min(5.0, max(0.1, busy_wait / 30)))
+    status = ("failed" if rep.failed else "done" if rep.done else "skipped" if rep.skipped else "busy")
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except ValueError:  # called outside a worker (tests, debugging)
+        worker = "local"
+    return {"slide_id": ref.slide_id, "status": status, "reason": rep.failed.get(ref.slide_id, ""),
+            "tiles": rep.tiles, "seconds": rep.seconds, "worker": worker, "pid": os.getpid()}
+
+
+# ---------------------------------------------------------------- client side
+def _gpu_workers(client) -> bool:
+    workers = client.scheduler_info().get("workers", {})
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def task_key(slide_id: str) -> str:
+    """The dask key of a slide's task (also how tests find which worker runs a slide)."""
+    return f"featstore-extract-{slide_id}"
+
+
+def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractConfig, client, *,
+                        storage_options: dict | None = None, progress: Progress | None = None,
+                        torch_threads: int | None = None, gpu_by_name: bool = False,
+                        busy_wait: float = 150.0) -> ExtractReport:
+    """Extract *refs* into *store* with one task per slide on *client*'s cluster.
+
+    Failed slides (including a slide whose worker died more than the scheduler's allowed
+    failures) go into the report and the store's failure log; any other task error stops the
+    run with :class:`ClusterError`.
+    """
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    t0 = time.perf_counter()
+    progress = progress or _NoProgress()
+    location = store_location(store)
+    options = remote_options(location, storage_options)
+    st = open_store(location, mode="a", storage_options=options)
+    st.set_tiling(cfg.tiling.to_dict())  # once, before any task: workers only check it
+    refs = [SlideRef(r.slide_id, Path(r.path).expanduser().resolve()) for r in refs]
+    if len({r.slide_id for r in refs}) != len(refs):
+        raise FeatstoreError("two slides share one slide id; give them distinct ids (CSV slide_id,path)")
+    resources = {"GPU": 1} if _gpu_workers(client) else None
+    futures = {}
+    for i, ref in enumerate(refs):
+        fut = client.submit(extract_slide_task, ref, location, cfg, options, torch_threads, busy_wait, gpu_by_name,
+                            key=f"{task_key(ref.slide_id)}-{os.urandom(4).hex()}", pure=False,
+                            resources=resources, priority=-i)
+        futures[fut] = ref
+    report = ExtractReport()
+    try:
+        for fut in as_completed(list(futures)):
+            ref = futures[fut]
+            try:
+                out = fut.result()
+            except KilledWorker:
+                reason = (f"{ref.path}: its worker died on every attempt (out of memory or a crash); "
+                          "extract it alone to see the error")
+                report.failed[ref.slide_id] = reason
+                st.record_failure(ref.slide_id, reason, str(ref.path))
+                progress.slide_finished(ref.slide_id, "failed")
+                continue
+            except Exception as exc:  # noqa: BLE001 -- not a slide error: stop the whole run
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ClusterError(f"{ref.slide_id}: task failed on the cluster ({msg})") from exc
+            status = out["status"]
+            if status == "done":
+                report.done.append(ref.slide_id)
+            elif status == "skipped":
+                report.skipped.append(ref.slide_id)
+            elif status == "busy":
+                report.busy.append(ref.slide_id)
+            else:
+                report.failed[ref.slide_id] = out["reason"]
+            report.tiles += out["tiles"]
+            if out["tiles"]:
+                progress.slide_started(ref.slide_id, out["tiles"])
+                progress.tiles_done(out["tiles"])
+            progress.slide_finished(ref.slide_id, status)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def build_config(store: str, storage_options: dict | None, encoder: str, minus: str, weights: str,
+                 mpp: float | None, patch_size: int | None, overlap: int | None, min_tissue: float | None,
+                 resize: int | None, batch_size: int, workers: int, precision: str, device: str,
+                 slide_mpp: float | None, seed: int, allow_download: bool, strict_weights: bool) -> ExtractConfig:
+    """The command's options as an ExtractConfig, tiling defaulting to the store's (as run_extract does)."""
+    from featstore.commands.extract import parse_levels
+    from featstore.tiling import TilingConfig
+
+    location = store_location(store)
+    st = open_store(location, mode="a", storage_options=remote_options(location, storage_options))
+    tiling = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
+    overrides = {k: v for k, v in dict(mpp=mpp, patch_size=patch_size, overlap=overlap,
+                                       min_tissue=min_tissue).items() if v is not None}
+    return ExtractConfig(encoder=encoder, levels=parse_levels(minus, encoder), weights=weights,
+                         tiling=replace(tiling, **overrides), input_size=resize, batch_size=batch_size,
+                         workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, seed=seed,
+                         allow_download=allow_download, strict_weights=strict_weights)
+
+
+def run_distributed_cli(slides: list[str], store: str, encoder: str, minus: str = "0", weights: str = "random",
+                        mpp: float | None = None, patch_size: int | None = None, overlap: int | None = None,
+                        min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32,
+                        workers: int = 2, precision: str = "auto", device: str = "auto",
+                        slide_mpp: float | None = None, seed: int = 0, allow_download: bool = False,
+                        strict_weights: bool = True, cluster: str = "local:1",
+                        storage_options: dict | None = None, show_progress: bool = True) -> ExtractReport:
+    """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report."""
+    from featstore.cohort import discover_slides
+    from featstore.commands.extract import RichProgress, _progress, console
+
+    refs = discover_slides(slides)
+    cfg = build_config(store, storage_options, encoder, minus, weights, mpp, patch_size, overlap, min_tissue,
+                       resize, batch_size, workers, precision, device, slide_mpp, seed, allow_download,
+                       strict_weights)
+    spec = ClusterSpec.parse(cluster)
+    # our own LocalCluster: split this machine's cores between the worker processes
+    threads = max(1, (os.cpu_count() or 1) // spec.n_workers) if spec.local else None
+    with connect(spec) as client:
+        n = len(client.scheduler_info().get("workers", {}))
+        console.print(f"[bold]{cfg.encoder}[/] weights={cfg.weights} levels={list(cfg.levels)} "
+                      f"precision={cfg.precision} slides={len(refs)} cluster={cluster} ({n} workers) -> {store}",
+                      highlight=False)
+        kw = dict(storage_options=storage_options, torch_threads=threads, gpu_by_name=spec.local)
+        if not show_progress:
+            return extract_distributed(refs, store, cfg, client, **kw)
+        with _progress() as p:
+            return extract_distributed(refs, store, cfg, client, progress=RichProgress(p, len(refs)), **kw)
