@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-_MODULES = ("cka", "compare", "probe", "umap")
+_MODULES = ("cka", "compare", "probe", "umap", "study")
 
 
 def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:

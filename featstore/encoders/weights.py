@@ -121,8 +121,15 @@ def _download(wspec: WeightsSpec) -> Path:
 
 
 def file_tag(path: Path) -> str:
-    """weights_tag of an explicit file: ``file-<stem>`` (safe as a Zarr node name)."""
-    return "file-" + _TAG_SAFE.sub("_", path.stem)
+    """weights_tag of an explicit file: ``file-<stem>-<sha256[:8]>`` (safe as a Zarr node name).
+
+    The short hash keeps two files with the same name (e.g. two fine-tuned ``encoder.pt``)
+    apart in one store; for a fine-tuned run the run folder's name is used as the stem.
+    """
+    stem = path.stem
+    if stem == "encoder" and path.parent.name:
+        stem = path.parent.name
+    return f"file-{_TAG_SAFE.sub('_', stem)}-{file_sha256(path)[:8]}"
 
 
 def resolve_weights(spec: EncoderSpec, weights: str, *, seed: int = 0,

@@ -63,7 +63,7 @@ def test_torchvision_resnet_file_loads_bit_exact(tmp_path):
     torch.save(sd, tmp_path / "tv_resnet18.pth")
     enc = create_encoder("resnet18", str(tmp_path / "tv_resnet18.pth"))
     _assert_loaded(enc, sd)
-    assert enc.weights_tag == "file-tv_resnet18"
+    assert enc.weights_tag == f"file-tv_resnet18-{file_sha256(tmp_path / 'tv_resnet18.pth')[:8]}"
 
 
 def test_torchvision_densenet_legacy_keys_load_as_imagenet_from_torch_hub(tmp_path):
@@ -219,8 +219,8 @@ def test_finetuned_checkpoint_round_trip(tmp_path):
     again = create_encoder("resnet18", str(out), levels=(0, 1))
     _assert_loaded(again, expected)
     prov = again.provenance()
-    assert prov["weights"] == "file-resnet18_ft"
-    assert prov["finetuned"]["parent_weights"] == "file-parent"
+    assert prov["weights"] == f"file-resnet18_ft-{file_sha256(out)[:8]}"
+    assert prov["finetuned"]["parent_weights"] == f"file-parent-{file_sha256(parent)[:8]}"
     assert prov["finetuned"]["parent_sha256"] == file_sha256(parent)
     assert prov["finetuned"]["level"] == 1 and prov["finetuned"]["run"] == "runs/a"
     with pytest.raises(WeightsError, match="checkpoint of encoder 'resnet18', not 'resnet34'"):

@@ -137,6 +137,12 @@ def test_frozen_and_finetuned_metrics_on_the_same_slides(parent):
     assert json.loads((out / "history.json").read_text())["test"]["epoch"] == [1]
 
 
+def report_tag(path):
+    from featstore.encoders.weights import file_tag
+
+    return file_tag(path)
+
+
 def test_encoder_checkpoint_round_trips_through_the_extractor(parent, tmp_path):
     slides, store, run, res = parent
     enc_path = res.path / "encoder.pt"
@@ -153,7 +159,7 @@ def test_encoder_checkpoint_round_trips_through_the_extractor(parent, tmp_path):
         discover_slides([slides / "s6.tif"]), copy)
     assert report.ok, report.failed
     st = featstore.open_store(copy)
-    got = st.features("s6", "resnet18", 2, "file-encoder").astype(np.float32)
+    got = st.features("s6", "resnet18", 2, report_tag(enc_path)).astype(np.float32)
     reader = TileReader({"s6": slides / "s6.tif"}, {"s6": st.slide_info("s6")}, 64, res.model.encoder.mean,
                         res.model.encoder.std, 2)
     with torch.no_grad():

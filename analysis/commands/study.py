@@ -1,0 +1,91 @@
+"""`featstore study STUDY.yaml` and `featstore demo`: the main job in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+#: The demo study: two encoders x levels 0-3 x 3 seeds, fine-tune the best, CKA. Sized for a
+#: 2-core CPU (see docs/study.md for the measured time).
+DEMO_STUDY = {
+    "name": "demo cohort (generated, H&E-like)",
+    "slides": ["data/slides"],
+    "labels": "data/labels.csv",
+    "store": "cohort.zarr",
+    "out": "study",
+    "encoders": [
+        {"name": "resnet18", "weights": ["imagenet-or-random"], "levels": [0, 1, 2, 3]},
+        {"name": "densenet121", "weights": ["imagenet-or-random"], "levels": [0, 1, 2, 3]},
+    ],
+    "seeds": [0, 1, 2],
+    "folds": 4,
+    "extract": {"batch_size": 32, "workers": 2},
+    "mil": {"epochs": 40, "patience": 10, "lr": 5e-4},
+    "finetune": {"enabled": True, "k": 8, "epochs": 2, "eval_tiles": "topk"},
+    "cka": True,
+    "heatmaps": 3,
+}
+
+
+def _run_study(cfg) -> None:
+    import logging
+
+    from analysis.study import Study, StudyEvent
+
+    if logging.getLogger().level > logging.DEBUG:  # the progress display replaces per-run logs
+        for name in ("featstore", "mil", "analysis"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[item]}"), TimeElapsedColumn(), console=console) as p:
+        tasks: dict[str, int] = {}
+
+        def on_event(e: StudyEvent) -> None:
+            if e.stage not in tasks:
+                tasks[e.stage] = p.add_task(e.stage, total=e.total, item="")
+            p.update(tasks[e.stage], completed=e.done, total=e.total, item=e.text[:60])
+
+        result = Study(cfg, on_event).run()
+    out = Console()
+    if result.failures:
+        out.print(f"[yellow]{len(result.failures)} item(s) failed[/]; they are listed in the report")
+    out.print(f"new work this run: {result.new_work}")
+    out.print(f"[bold green]report:[/] {result.report}")
+
+
+def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
+    @featstore_app.command("study")
+    def study_cmd(
+        study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...).")],
+    ) -> None:
+        """Run a whole transfer-learning study and write report/report.md (reruns do only what is missing)."""
+        from analysis.study import StudyConfig
+
+        _run_study(StudyConfig.from_yaml(study_file))
+
+    @featstore_app.command("demo")
+    def demo_cmd(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo cohort, store, runs and report.")] = Path("demo"),
+        n_slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 24,
+        seed: Annotated[int, typer.Option(help="Seed of the generated cohort.")] = 0,
+    ) -> None:
+        """Generate the demo cohort and run the demo study on it (two encoders x levels 0-3 x 3 seeds,
+        top-k fine-tuning of the best, CKA), printing where the report is."""
+        from analysis.study import StudyConfig
+        from featstore.demo import make_demo_cohort
+
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "data" / "labels.csv").exists():
+            console.print(f"writing the demo cohort ({n_slides} slides) to {out / 'data'}")
+            make_demo_cohort(out / "data", n_slides=n_slides, seed=seed)
+        study_file = out / "study.yaml"
+        if not study_file.exists():
+            study_file.write_text(yaml.safe_dump(DEMO_STUDY, sort_keys=False))
+        _run_study(StudyConfig.from_yaml(study_file))

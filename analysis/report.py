@@ -1,0 +1,171 @@
+"""report.md of a study: the answers first, then the tables and pictures behind them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from analysis.compare import format_p
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.study import Study
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _f(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _table(rows: Sequence, title: str) -> list[str]:
+    out = [f"| {title} | runs x folds | AUC mean ± sd | 95% CI | bal. acc. | F1 | Δ AUC vs baseline | p (Welch) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r.key.label()}** (baseline)" if r.is_baseline else r.key.label()
+        out.append(
+            f"| {name} | {r.n_runs} x {r.n // max(r.n_runs, 1)} | {_f(r.mean.get('auc'))} ± {_f(r.sd.get('auc'))} "
+            f"| {_f(r.ci[0])}–{_f(r.ci[1])} | {_f(r.mean.get('balanced_accuracy'))} | {_f(r.mean.get('f1'))} "
+            f"| {'' if r.delta is None else format(r.delta, '+.3f')} | {format_p(r.p) if r.p is not None else ''} |"
+        )
+    return out
+
+
+def _best_per_level(rows: Sequence) -> list[str]:
+    """HistoTransfer Table II: per encoder x weights, AUC at each truncation level."""
+    frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
+    groups: dict[tuple[str, str], dict[int, object]] = {}
+    for r in frozen:
+        groups.setdefault((r.key.encoder, r.key.weights), {})[r.key.minus] = r
+    levels = sorted({lv for g in groups.values() for lv in g})
+    out = ["| encoder | weights | " + " | ".join(f"minus{lv}" for lv in levels) + " | best level |",
+           "|---|---|" + "---|" * len(levels) + "---|"]
+    for (enc, w), g in sorted(groups.items()):
+        cells = [f"{_f(g[lv].mean.get('auc'))} ± {_f(g[lv].sd.get('auc'))}" if lv in g else "" for lv in levels]
+        best = max(g.values(), key=lambda r: r.mean.get("auc") or -1)
+        out.append(f"| {enc} | {w} | " + " | ".join(cells) + f" | minus{best.key.minus} |")
+    return out
+
+
+def _fraction_table(rows: Sequence) -> list[str]:
+    fr = [r for r in rows if r.key.kind == "train" and r.key.train_fraction is not None]
+    fracs = sorted({r.key.train_fraction for r in fr})
+    if len(fracs) < 2:
+        return []
+    groups: dict[tuple, dict[float, object]] = {}
+    for r in fr:
+        groups.setdefault((r.key.encoder, r.key.weights, r.key.minus), {})[r.key.train_fraction] = r
+    out = ["| encoder:weights:level | " + " | ".join(f"{f:g} of training slides" for f in fracs) + " |",
+           "|---|" + "---|" * len(fracs)]
+    for (enc, w, lv), g in sorted(groups.items()):
+        out.append(f"| {enc}:{w}:minus{lv} | " + " | ".join(
+            f"{_f(g[f].mean.get('auc'))} ± {_f(g[f].sd.get('auc'))}" if f in g else "" for f in fracs) + " |")
+    return out
+
+
+def _finetune_section(ft_run: Path, base: Path) -> list[str]:
+    m = json.loads((ft_run / "metrics.json").read_text())
+    cfg = json.loads((ft_run / "config.json").read_text())
+    out = ["| model | slides | AUC | 95% CI | balanced accuracy | F1 |", "|---|---|---|---|---|---|"]
+    for name, block in (("frozen (MIL on stored features)", m.get("frozen", {})), ("top-k fine-tuned", m)):
+        for fold, v in (block.get("folds") or {}).items():
+            ci = v.get("auc_ci") or [None, None]
+            out.append(f"| {name} [{fold}] | {v.get('n', '')} | {_f(v.get('auc'))} | {_f(ci[0])}–{_f(ci[1])} "
+                       f"| {_f(v.get('balanced_accuracy'))} | {_f(v.get('f1'))} |")
+    extra = []
+    if "comparison" in m:
+        extra.append(f"Paired comparison on the same slides: {json.dumps(m['comparison'])}")
+    keys = ("k", "epochs", "lr", "head_lr", "fold")
+    settings = ", ".join(f"{k}={cfg.get(k, cfg.get('finetune', {}).get(k))}" for k in keys)
+    return out + ["", f"Fine-tune settings: {settings}. Run: `{_rel(ft_run, base)}`.", *extra]
+
+
+def _answers(study: "Study", rows: Sequence, best, ft_run: Path | None) -> list[str]:
+    if best is None:
+        return ["- No MIL run finished; see the failures below."]
+    frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
+    a = [f"- **Best frozen configuration:** `{best.key.encoder}` with `{best.key.weights}` weights at "
+         f"**minus{best.key.minus}**: AUC {_f(best.mean.get('auc'))} ± {_f(best.sd.get('auc'))} "
+         f"(95% CI {_f(best.ci[0])}–{_f(best.ci[1])}, {best.n} fold results)."]
+    by_enc: dict[tuple[str, str], list] = {}
+    for r in frozen:
+        by_enc.setdefault((r.key.encoder, r.key.weights), []).append(r)
+    for (enc, w), rs in sorted(by_enc.items()):
+        rs = sorted(rs, key=lambda r: r.key.minus)
+        full = next((r for r in rs if r.key.minus == 0), None)
+        top = max(rs, key=lambda r: r.mean.get("auc") or -1)
+        if full is not None and top is not full:
+            a.append(f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches AUC {_f(top.mean.get('auc'))} vs "
+                     f"{_f(full.mean.get('auc'))} for the full network (Δ {top.mean['auc'] - full.mean['auc']:+.3f}).")
+        elif full is not None:
+            a.append(f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, AUC {_f(full.mean.get('auc'))}.")
+    weights = sorted({r.key.weights for r in frozen})
+    if len(weights) > 1:
+        best_w = {w: max((r for r in frozen if r.key.weights == w), key=lambda r: r.mean.get("auc") or -1) for w in weights}
+        a.append("- **Pre-training:** best AUC per weights: " + ", ".join(
+            f"{w} {_f(r.mean.get('auc'))} ({r.key.encoder} minus{r.key.minus})" for w, r in best_w.items()) + ".")
+    if ft_run is not None and (ft_run / "metrics.json").exists():
+        m = json.loads((ft_run / "metrics.json").read_text())
+        fa, fb = m.get("frozen", {}).get("mean", {}).get("auc"), m.get("mean", {}).get("auc")
+        if fa is not None and fb is not None:
+            a.append(f"- **Fine-tuning helps?** On the same test slides: frozen AUC {_f(fa)} → fine-tuned {_f(fb)} "
+                     f"(Δ {fb - fa:+.3f}). See the fine-tuning table for CIs.")
+    a.append("- Differences whose Welch p ≥ 0.05 or whose CIs overlap widely are not evidence of a real "
+             "difference on this cohort; add seeds/folds or slides before concluding.")
+    return a
+
+
+def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft_run: Path | None,
+                 cka_files: dict, heatmaps: list, seconds: float) -> Path:
+    """Write ``<out>/report/report.md`` and return its path."""
+    from featstore.store import open_store
+
+    cfg = study.cfg
+    rep_dir = study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(cfg.store)
+    n_slides = len(store.slide_ids())
+    lines = [f"# Transfer-learning study: {cfg.name}", "",
+             f"Cohort: {n_slides} slides in `{cfg.store}`; labels `{cfg.labels}`; "
+             f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; seeds {cfg.seeds}; "
+             f"{'%d-fold CV' % cfg.folds if cfg.folds else 'hold-out split'}; train fractions {cfg.train_fractions}. "
+             f"This run took {seconds:.0f} s and did: {study.new_work}.", "",
+             "## Answers", "", *_answers(study, rows, best, ft_run), ""]
+    lines += ["## Table I: every frozen configuration (attention MIL on stored features)", "",
+              *_table(rows, "encoder:weights:level kind"), "",
+              "![AUC by configuration](frozen/compare.png)", "",
+              "## Table II: AUC by truncation level", "", *_best_per_level(rows), ""]
+    if ft_run is not None and (ft_run / "metrics.json").exists():
+        lines += ["## Table III: frozen vs top-k fine-tuned (same test slides)", "", *_finetune_section(ft_run, rep_dir), ""]
+    frac = _fraction_table(rows)
+    if frac:
+        lines += ["## Table IV: AUC by amount of training data", "", *frac, ""]
+    if cka_files.get("png"):
+        lines += ["## CKA: frozen vs fine-tuned encoder, level by level", "",
+                  f"![CKA heatmap]({_rel(cka_files['png'], rep_dir)})", "",
+                  f"Values: `{_rel(cka_files['csv'], rep_dir)}`. A diagonal near 1 means fine-tuning left that "
+                  "block's representation unchanged; low values mark the blocks that moved.", ""]
+    if best_dir is not None and (best_dir / "roc.png").exists():
+        lines += ["## ROC curves of the best frozen configuration", "",
+                  f"![ROC]({_rel(best_dir / 'roc.png', rep_dir)})", ""]
+    if heatmaps:
+        lines += ["## Attention heatmaps (best frozen configuration)", ""]
+        for sid, png in heatmaps:
+            lines += [f"### {sid}", "", f"![{sid}]({_rel(png, rep_dir)})", ""]
+    fails = list(study.failures) + [{"stage": "extract (store log)", "item": k, "error": v}
+                                    for k, v in store.failures().items()]
+    lines += ["## Failures", ""]
+    if fails:
+        lines += ["| stage | item | error |", "|---|---|---|"] + [
+            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in fails]
+    else:
+        lines += ["None."]
+    lines += ["", "## Files", "", "- `frozen/compare.csv`, `frozen/compare.md`: Table I as data.",
+              "- `../runs/*/`: one directory per MIL run (config.json, metrics.json, predictions.csv, plots).",
+              "- `../study.json`: the study configuration as run.", ""]
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
