@@ -367,7 +367,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
         for sid, i, p in zip(test_ids, sp.test, probs):
             rows.append({"slide_id": sid, "label": labels.classes[y[i]], "fold": sp.name, "probs": p})
             attention[(sp.name, sid)] = attn[sid]
-        log.info("fold %s: %s", sp.name, {k: fold_m[sp.name][k] for k in ("auc", "balanced_accuracy", "f1")})
+        log.debug("fold %s: %s", sp.name, {k: fold_m[sp.name][k] for k in ("auc", "balanced_accuracy", "f1")})
     metrics = summarize(fold_m)
     stage(f"writing {out}")
     classes = list(labels.classes)

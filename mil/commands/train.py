@@ -91,7 +91,7 @@ def train(
                 bar.update(t, completed=e.epoch, loss=f"{e.train_loss:.3f}", vloss=_fmt(_num(e.val_loss)),
                            vauc=_fmt(_num(e.val_auc)))
 
-        summary = train_run(spec, cfg, progress=progress, on_stage=lambda s: bar.console.log(s))
+        summary = train_run(spec, cfg, progress=progress, on_stage=lambda s: bar.console.print(f"[dim]{s}[/]"))
         for t in tasks.values():  # early-stopped folds: show the bar as finished
             bar.update(t, total=bar.tasks[t].completed)
     table = Table(title=f"{out}  ({summary.n_slides} slides, classes {', '.join(summary.classes)})")
