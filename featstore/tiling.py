@@ -114,7 +114,13 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int 
         floor = _MIN_DARKNESS
     else:
         raise TilingError(f"mask must be one of {MASKS}, got {method!r}")
-    thr = max(otsu_threshold(channel), floor)
+    thr = otsu_threshold(channel)
+    low = channel[channel <= thr]
+    if low.size and float(low.mean()) > floor:
+        # the "background" class is itself tissue (no glass in view, e.g. a fully covered slide):
+        # Otsu split stroma from nuclei, so fall back to the glass floor
+        thr = floor
+    thr = max(thr, floor)
     mask = channel > thr
     mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) if mask.any() else mask
     if min_object_px > 0 and mask.any():
