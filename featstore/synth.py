@@ -1,0 +1,197 @@
+"""Synthetic slides: pyramidal TIFFs that OpenSlide reads, and H&E-like texture.
+
+Used by the tests (slides of known geometry written on the fly) and by the demo cohort. The
+TIFF layout follows ../shared/FACTS.md: every level is a page of the main IFD chain (not
+SubIFDs), RGB, tiled, reduced levels marked ``subfiletype=1``, resolution in CENTIMETER so
+OpenSlide reports ``openslide.mpp-x/y``. ``vendor="aperio"`` writes an Aperio
+ImageDescription instead, so OpenSlide detects the ``aperio`` format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+# Colours (RGB) of the synthetic stain: white glass, eosin-pink stroma, haematoxylin nuclei.
+BACKGROUND = (243.0, 242.0, 245.0)
+STROMA = (236.0, 164.0, 200.0)
+NUCLEUS = (96.0, 58.0, 148.0)
+LESION_STROMA = (196.0, 132.0, 206.0)
+LESION_NUCLEUS = (62.0, 22.0, 104.0)
+
+_COMPRESSIONS = {"jpeg": {"level": 85}, "deflate": {"level": 6}, "lzw": None, "zstd": None, "none": None}
+
+
+def _aperio_description(width: int, height: int, tile: int, mpp: float | None) -> str:
+    """An ImageDescription that makes OpenSlide detect the Aperio format."""
+    desc = f"Aperio Image Library v12.0.15\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q=85"
+    if mpp is not None:
+        desc += f"|AppMag = {max(1, round(10.0 / mpp))}|MPP = {mpp:.6g}"
+    return desc
+
+
+def pyramid_levels(rgb: np.ndarray, levels: int | None, tile: int) -> list[np.ndarray]:
+    """Level 0 and successive 2x box-filtered reductions (until the level fits one tile)."""
+    out = [rgb]
+    img = Image.fromarray(rgb)
+    while (levels is None and max(img.size) > tile) or (levels is not None and len(out) < levels):
+        if min(img.size) < 2:
+            break
+        img = img.reduce(2)
+        out.append(np.asarray(img))
+    return out
+
+
+def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, tile: int = 256,
+                       compression: str = "jpeg", levels: int | None = None,
+                       vendor: str = "generic") -> Path:
+    """Write *rgb* (H, W, 3) uint8 as a tiled pyramidal TIFF OpenSlide reads; returns the path.
+
+    ``mpp=None`` writes no resolution (OpenSlide then reports no mpp). ``levels=None`` halves
+    until a level fits in one tile. ``vendor`` is ``"generic"`` (generic-tiff) or ``"aperio"``.
+    """
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"write_pyramid_tiff: expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    if vendor not in ("generic", "aperio"):
+        raise ValueError(f"write_pyramid_tiff: vendor must be 'generic' or 'aperio', got {vendor!r}")
+    if compression not in _COMPRESSIONS:
+        raise ValueError(f"write_pyramid_tiff: compression must be one of {sorted(_COMPRESSIONS)}")
+    if tile % 16:
+        raise ValueError(f"write_pyramid_tiff: tile must be a multiple of 16, got {tile}")
+    path = Path(path)
+    height, width = rgb.shape[:2]
+    pyramid = pyramid_levels(rgb, levels, tile)
+    codec = None if compression == "none" else compression
+    kw: dict = dict(photometric="rgb", tile=(tile, tile), compression=codec,
+                    compressionargs=_COMPRESSIONS[compression], metadata=None)
+    bigtiff = sum(a.nbytes for a in pyramid) > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for i, level in enumerate(pyramid):
+            page_kw = dict(kw)
+            if vendor == "aperio":
+                if i == 0:
+                    page_kw["description"] = _aperio_description(width, height, tile, mpp)
+                else:
+                    page_kw["description"] = f"Aperio Image Library v12.0.15\n{width}x{height} -> {level.shape[1]}x{level.shape[0]}"
+            else:
+                if mpp is not None:
+                    ds = width / level.shape[1]
+                    res = 1e4 / (mpp * ds)
+                    page_kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
+                if i > 0:
+                    page_kw["subfiletype"] = 1
+            tw.write(level, **page_kw)
+    log.debug("wrote %s: %dx%d, %d levels, mpp=%s, vendor=%s", path, width, height, len(pyramid), mpp, vendor)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# H&E-like texture
+
+
+def smooth_noise(shape: tuple[int, int], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Low-frequency noise in [0, 1] of *shape*, with features about *scale* px across."""
+    h, w = shape
+    gh, gw = max(2, int(np.ceil(h / scale)) + 2), max(2, int(np.ceil(w / scale)) + 2)
+    grid = rng.random((gh, gw), dtype=np.float32)
+    img = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC,
+                                                 box=(0.5, 0.5, gw - 1.5, gh - 1.5))
+    arr = np.asarray(img, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) / (hi - lo + 1e-6)
+
+
+def nuclei_field(shape: tuple[int, int], density: float, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Soft round blobs (float32 in [0, 1]) at random positions, *density* blobs per pixel."""
+    h, w = shape
+    n = rng.poisson(density * h * w)
+    canvas = np.zeros((h, w), np.float32)
+    ys = rng.integers(0, h, n)
+    xs = rng.integers(0, w, n)
+    canvas[ys, xs] = rng.uniform(0.7, 1.3, n).astype(np.float32)
+    blobs = ndimage.gaussian_filter(canvas, sigma=radius, truncate=2.5)
+    peak = 1.0 / (2 * np.pi * radius**2)  # height of one isolated unit blob
+    return np.clip(blobs / (0.45 * peak), 0.0, 1.0)
+
+
+def render_he(tissue: np.ndarray, rng: np.random.Generator, *, lesion: np.ndarray | None = None,
+              nucleus_radius: float = 1.2) -> np.ndarray:
+    """Colour a tissue map (H, W) in [0, 1] as H&E-like RGB uint8 at the map's resolution.
+
+    Stroma is pink with fibrous streaks, nuclei are purple blobs; where *lesion* is set the
+    stroma turns violet and nuclei become denser, larger and darker. Background is near-white.
+    """
+    h, w = tissue.shape
+    fibres = smooth_noise((h, w), 6.0, rng) * 0.6 + smooth_noise((h, w), 40.0, rng) * 0.4
+    nuc = nuclei_field((h, w), 0.012, nucleus_radius, rng)
+    stroma = np.asarray(STROMA, np.float32) * (0.9 + 0.16 * fibres[..., None])
+    nucleus = np.asarray(NUCLEUS, np.float32)
+    img = stroma * (1 - nuc[..., None]) + nucleus * nuc[..., None]
+    if lesion is not None and lesion.any():
+        dense = nuclei_field((h, w), 0.05, nucleus_radius * 1.4, rng)
+        lstroma = np.asarray(LESION_STROMA, np.float32) * (0.85 + 0.2 * fibres[..., None])
+        limg = lstroma * (1 - dense[..., None]) + np.asarray(LESION_NUCLEUS, np.float32) * dense[..., None]
+        lw = lesion.astype(np.float32)[..., None]
+        img = img * (1 - lw) + limg * lw
+    t = np.clip(tissue, 0.0, 1.0).astype(np.float32)[..., None]
+    img = img * t + np.asarray(BACKGROUND, np.float32) * (1 - t)
+    return np.clip(img, 8, 247).astype(np.uint8)  # head-room for add_grain
+
+
+def upsample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an RGB uint8 image to *size* (width, height); a writable array."""
+    return np.array(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def add_grain(rgb: np.ndarray, rng: np.random.Generator, amplitude: int = 8, tile: int = 509) -> np.ndarray:
+    """Add fine pixel noise in place, cheaply (one random tile repeated; odd period hides it).
+
+    Input values must lie in [amplitude, 255 - amplitude] (``render_he`` guarantees
+    [8, 247]) so that the uint8 arithmetic cannot wrap.
+    """
+    h, w = rgb.shape[:2]
+    noise = rng.integers(0, 2 * amplitude + 1, (tile, tile, 1), dtype=np.uint8)
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            block = rgb[y:y + tile, x:x + tile]
+            block += noise[: block.shape[0], : block.shape[1]]
+    rgb -= np.uint8(amplitude)
+    return rgb
+
+
+def he_image(tissue: np.ndarray, size: tuple[int, int], rng: np.random.Generator, *,
+             lesion: np.ndarray | None = None, grain: bool = True) -> np.ndarray:
+    """H&E-like RGB (H, W, 3) uint8 of *size* (width, height) from low-res tissue/lesion maps.
+
+    The maps may be coarser than *size* (e.g. 1/4): texture is drawn at map resolution and
+    upsampled bilinearly, which keeps a 20-Mpx slide to a fraction of a second.
+    """
+    small = render_he(tissue, rng, lesion=lesion)
+    big = upsample(small, size) if (small.shape[1], small.shape[0]) != tuple(size) else small.copy()
+    return add_grain(big, rng) if grain else big
+
+
+def rectangles_slide(size: tuple[int, int], rects: list[tuple[int, int, int, int]], seed: int = 0,
+                     texture: Callable[..., np.ndarray] | None = None) -> np.ndarray:
+    """White (H, W, 3) uint8 image of *size* (width, height) with H&E-like tissue in *rects*.
+
+    Rectangles are (x0, y0, x1, y1) in pixels, end exclusive. Edges are sharp, so tissue
+    geometry is known exactly (used by the tiling tests).
+    """
+    w, h = size
+    rng = np.random.default_rng(seed)
+    tex = (texture or he_image)(np.ones((max(1, h // 4), max(1, w // 4)), np.float32), (w, h), rng)
+    out = np.empty((h, w, 3), np.uint8)
+    out[:] = np.asarray(BACKGROUND, np.uint8)
+    for x0, y0, x1, y1 in rects:
+        out[y0:y1, x0:x1] = tex[y0:y1, x0:x1]
+    return out
