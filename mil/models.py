@@ -57,9 +57,26 @@ def create_mil_model(name: str, in_dim: int, n_classes: int = 2, **widths) -> nn
         raise MilError(f"model {name!r}: bad option ({exc}); valid: hidden, attn_dim, dropout") from None
 
 
+class Standardize(nn.Module):
+    """Per-feature (x - mean) / std with statistics fitted on the training instances.
+
+    Embeddings differ in scale by orders of magnitude between encoders, weights and truncation
+    levels (random-weight ResNet features have std ~1e-2); standardising makes one learning
+    rate work for all of them. The statistics are buffers, so they travel in the state_dict.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 def _mlp(in_dim: int, hidden: Sequence[int], dropout: float) -> tuple[nn.Sequential, int]:
-    """Instance encoder: Linear -> ReLU -> Dropout per hidden width; returns (module, out dim)."""
-    layers: list[nn.Module] = []
+    """Instance encoder: Standardize, then Linear -> ReLU -> Dropout per hidden width."""
+    layers: list[nn.Module] = [Standardize(in_dim)]
     d = in_dim
     for h in hidden:
         layers += [nn.Linear(d, int(h)), nn.ReLU(), nn.Dropout(dropout)]
@@ -98,6 +115,13 @@ class _Head(nn.Module):
         self.config = {"name": self.name, "in_dim": self.in_dim, "n_classes": self.n_classes,
                        "hidden": [int(h) for h in hidden], "dropout": float(dropout), **extra}
         self.features, self.out_dim = _mlp(in_dim, hidden, dropout)
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise inputs with these per-feature statistics (tiny std clamped)."""
+        norm = self.features[0]
+        norm.mean.copy_(torch.as_tensor(mean, dtype=norm.mean.dtype))
+        norm.std.copy_(torch.as_tensor(std, dtype=norm.std.dtype).clamp(min=1e-6))
 
 
 class ABMIL(_Head):

@@ -64,7 +64,8 @@ def run_key(run: Run) -> FeatureKey:
     """The store key a run was trained on."""
     c = run.config
     try:
-        return FeatureKey(c["encoder"], c["weights"], int(c["minus"]))
+        # a fine-tune run's head reads the fine-tuned encoder's features (extracted with encoder.pt)
+        return FeatureKey(c["encoder"], c.get("features_weights") or c["weights"], int(c["minus"]))
     except KeyError as exc:
         raise MilError(f"{run.path / 'config.json'} lacks {exc.args[0]!r}; rerun `mil train`") from None
 
@@ -77,7 +78,10 @@ def check_store(run: Run, store: Store, key: FeatureKey, slide_ids: Sequence[str
             if k in tiling_run and k in tiling_store and tiling_run[k] != tiling_store[k]]
     if slide_ids:
         prov = store.provenance(slide_ids[0], key.encoder, key.minus, key.weights)
+        finetuned = run.config.get("kind") == "finetune"
         for k in _MUST_MATCH:
+            if finetuned and k.startswith("weights"):
+                continue  # checked through the features_weights tag, which carries the file's sha
             a, b = run.provenance.get(k), prov.get(k)
             if a is not None and b is not None and a != b:
                 diff.append(f"{k}: run {a!r} vs store {b!r}")

@@ -210,7 +210,11 @@ class Run:
         if fold not in self.states:
             raise RunError(f"{self.path}: no fold {fold!r} (folds: {', '.join(self.states)})")
         m = model_from_config(self.model_config)
-        m.load_state_dict(self.states[fold])
+        try:
+            m.load_state_dict(self.states[fold])
+        except RuntimeError as exc:
+            raise RunError(f"{self.path / 'model.pt'}: weights of fold {fold!r} do not fit this version's "
+                           f"{self.model_config.get('name')} head ({str(exc).splitlines()[0]}); retrain the run") from None
         return m.eval()
 
     def models(self) -> dict[str, nn.Module]:

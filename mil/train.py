@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     val_fraction: float = 0.2     # share of training patients carved out for early stopping
-    threads: int = 0              # torch CPU threads during the fit; 0 keeps torch's setting
+    threads: int = 1              # torch CPU threads during the fit (a small head is fastest on 1); 0 keeps torch's
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -151,10 +151,11 @@ def _threads(n: int) -> Iterator[None]:
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam/AdamW; the fused kernel (one op for all parameters) when this torch has it."""
     cls = _OPTIMIZERS[cfg.optimizer]
-    try:
+    # measured on this 2-core CPU: the plain single-tensor loop beats fused/foreach for heads of
+    # ~10^5 parameters (1.7 vs 3.0 ms per step); fused pays on CUDA.
+    if next(model.parameters()).is_cuda:
         return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,6 +198,19 @@ def _eval_loss(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(p).mean())
 
 
+def instance_stats(bags: Bags, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over every instance of the given bags (float64 sums)."""
+    n, s1, s2 = 0, None, None
+    for _, bag in bags.iterate(list(ids)):
+        b = bag.double()
+        s1 = b.sum(0) if s1 is None else s1 + b.sum(0)
+        s2 = (b * b).sum(0) if s2 is None else s2 + (b * b).sum(0)
+        n += b.shape[0]
+    mean = s1 / max(n, 1)
+    var = (s2 / max(n, 1) - mean * mean).clamp(min=0)
+    return mean.float(), var.sqrt().float()
+
+
 def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequence[str],
         val_y: np.ndarray, n_classes: int, cfg: TrainConfig,
         callback: Callable[[EpochLog], None] | None = None) -> TrainResult:
@@ -214,7 +228,9 @@ def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequ
     if not has_val:
         log.warning("no validation slides: training %d epochs without early stopping", cfg.epochs)
     with deterministic(cfg.seed, device), _threads(cfg.threads):
-        model = create_mil_model(cfg.model, bags.dim, n_classes, **cfg.widths()).to(device)
+        model = create_mil_model(cfg.model, bags.dim, n_classes, **cfg.widths())
+        model.set_input_stats(*instance_stats(bags, train_ids))
+        model = model.to(device)
         opt = _make_optimizer(cfg, model)
         loss_fn = nn.CrossEntropyLoss()
         rng = np.random.default_rng([cfg.seed, 3])

@@ -60,7 +60,7 @@ def train(
                                                        "for data-size studies.")] = 1.0,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
     threads: Annotated[int, typer.Option(help="CPU threads while training (0 = torch default); small heads "
-                                              "often train fastest on 1.")] = 0,
+                                              "often train fastest on 1.")] = 1,
     allow_missing: Annotated[bool, typer.Option(help="Skip labelled slides the store lacks (with a warning).")] = False,
     cache: Annotated[str, typer.Option(help="Bags in memory: auto | float32 | float16 | none (stream).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
