@@ -22,6 +22,11 @@ from featstore.tiling import TilingConfig
 
 pytest.importorskip("distributed")
 
+try:  # the local S3 server fixture (moto's server mode), shared with test_s3.py
+    from tests.featstore.test_s3 import BUCKET, s3  # noqa: F401
+except pytest.skip.Exception:
+    s3 = None
+
 TILING = TilingConfig(patch_size=32, mpp=1.0)  # 64 level-0 px per patch on these 0.5 um/px slides
 CFG = ExtractConfig(encoder="resnet18", levels=(0, 2), weights="random", tiling=TILING, input_size=32,
                     precision="fp32", batch_size=16, workers=1)
@@ -111,6 +116,23 @@ def test_cluster_command_against_a_running_scheduler(cohort, client, reference, 
     assert report.ok and sorted(report.done) == ["a", "c"]
     got = _arrays(store)
     _assert_same(got, {k: v for k, v in reference.items() if k.split("/")[0] in ("a", "c")})
+
+
+@pytest.mark.skipif(s3 is None, reason="needs s3fs and moto[server]")
+def test_two_workers_write_an_s3_store(cohort, client, reference, s3):
+    url = f"s3://{BUCKET}/distributed.zarr"
+    refs = discover_slides([cohort / "b.tif", cohort / "d.tif"])
+    # the workers get endpoint and keys as storage_options (their environment predates the server)
+    report = extract_distributed(refs, url, CFG, client, storage_options=s3)
+    assert report.ok and sorted(report.done) == ["b", "d"]
+    st = featstore.open_store(url, storage_options=s3)
+    assert st.slide_ids() == ["b", "d"]
+    got = {}
+    for sid in st.slide_ids():
+        got[f"{sid}/coords"], got[f"{sid}/tissue"] = st.coords(sid), st.tissue(sid)
+        for k in st.encoders():
+            got[f"{sid}/{k}"] = st.features(sid, k.encoder, k.minus, k.weights)
+    _assert_same(got, {k: v for k, v in reference.items() if k.split("/")[0] in ("b", "d")})
 
 
 def test_unreachable_scheduler_is_one_clear_error():
