@@ -167,6 +167,16 @@ def _gpu_workers(client) -> bool:
     return any("GPU" in (w.get("resources") or {}) for w in workers.values())
 
 
+def _create_shared_groups(st) -> None:
+    """Create the store's ``slides/`` and ``failures/`` groups before workers race to create them.
+
+    Two workers doing ``require_group("slides")`` on a fresh store both see nothing and the
+    second create fails (zarr ContainsGroupError; seen on S3). Every task then only opens them.
+    """
+    for name in ("slides", "failures"):
+        st._root.require_group(name)  # noqa: SLF001 -- layout of docs/store-format.md; see report
+
+
 def task_key(slide_id: str) -> str:
     """The dask key of a slide's task (also how tests find which worker runs a slide)."""
     return f"featstore-extract-{slide_id}"
@@ -191,6 +201,7 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
     options = remote_options(location, storage_options)
     st = open_store(location, mode="a", storage_options=options)
     st.set_tiling(cfg.tiling.to_dict())  # once, before any task: workers only check it
+    _create_shared_groups(st)
     refs = [SlideRef(r.slide_id, Path(r.path).expanduser().resolve()) for r in refs]
     if len({r.slide_id for r in refs}) != len(refs):
         raise FeatstoreError("two slides share one slide id; give them distinct ids (CSV slide_id,path)")

@@ -135,6 +135,14 @@ def test_two_workers_write_an_s3_store(cohort, client, reference, s3):
     _assert_same(got, {k: v for k, v in reference.items() if k.split("/")[0] in ("b", "d")})
 
 
+def test_a_task_error_that_is_not_the_slides_stops_the_run_in_one_line(cohort, client, tmp_path):
+    bad = ExtractConfig(**{**CFG.__dict__, "encoder": "no_such_encoder"})
+    with pytest.raises(ClusterError, match=r"task failed on the cluster \(.*no_such_encoder") as info:
+        extract_distributed(discover_slides([cohort]), tmp_path / "e.zarr", bad, client)
+    assert "\n" not in str(info.value)
+    assert featstore.open_store(tmp_path / "e.zarr").slide_ids() == []
+
+
 def test_unreachable_scheduler_is_one_clear_error():
     with pytest.raises(ClusterError, match="cannot reach the dask scheduler"):
         with connect("tcp://127.0.0.1:9", timeout=2):
