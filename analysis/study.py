@@ -332,6 +332,7 @@ class Study:
                 out.append((sid, png))
             except Exception as exc:  # noqa: BLE001
                 self._fail("heatmap", sid, exc)
+        self.progress(StudyEvent("heatmaps", min(n, len(preds)), min(n, len(preds))))
         return out
 
     # ------------------------------------------------------------------ everything

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 SLIDE_SIZE = (4096, 3072)   # level-0 px (width, height) at 0.5 µm/px
 MPP = 0.5
 _MAP_SCALE = 4              # texture maps are drawn at 1/4 resolution, then upsampled
+LESION_STRENGTH = 0.35      # blend of lesion texture into normal tissue: subtle, so encoders and levels differ
+LESION_RADIUS = (0.025, 0.045)  # lesion radius range, fraction of the slide's shorter side
 
 
 def _tissue_map(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -38,7 +40,8 @@ def _tissue_map(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     return ndimage.gaussian_filter(tissue.astype(np.float32), 1.0)
 
 
-def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int) -> tuple[np.ndarray, list[list[int]]]:
+def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int,
+             radius: tuple[float, float] = (0.045, 0.075)) -> tuple[np.ndarray, list[list[int]]]:
     """*n* round lesions centred inside tissue; returns the map and their level-0 boxes."""
     h, w = tissue.shape
     lesion = np.zeros((h, w), np.float32)
@@ -48,7 +51,7 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int) -> tuple[np.n
     for _ in range(n):
         i = rng.integers(len(ys))
         cy, cx = ys[i], xs[i]
-        rad = rng.uniform(0.045, 0.075) * min(h, w)
+        rad = rng.uniform(*radius) * min(h, w)
         blob = (((yy - cy) ** 2 + (xx - cx) ** 2) <= rad**2) & (tissue > 0.5)
         lesion = np.maximum(lesion, blob.astype(np.float32))
         s = _MAP_SCALE
@@ -57,14 +60,16 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int) -> tuple[np.n
 
 
 def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
-                    size: tuple[int, int] = SLIDE_SIZE) -> list[list[int]]:
+                    size: tuple[int, int] = SLIDE_SIZE, strength: float = LESION_STRENGTH,
+                    radius: tuple[float, float] = LESION_RADIUS) -> list[list[int]]:
     """Write one demo slide; returns its lesion boxes (level-0 x0, y0, x1, y1)."""
     w, h = size
     shape = (h // _MAP_SCALE, w // _MAP_SCALE)
     tissue = _tissue_map(rng, shape)
     lesion, boxes = (None, [])
     if positive:
-        lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)))
+        lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)), radius)
+        lesion = lesion * strength
     rgb = he_image(tissue, (w, h), rng, lesion=lesion)
     write_pyramid_tiff(path, rgb, mpp=MPP)
     return boxes

@@ -27,7 +27,6 @@ import math
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -42,7 +41,7 @@ from mil import run as run_files
 from mil.errors import LabelsError, MilError, RunError
 from mil.run import Run, load_run, write_json
 from mil.topk import head_attention, select_topk
-from mil.train import deterministic, resolve_device
+from mil.train import cpu_threads, deterministic, mean_nll, resolve_device, safe_auc
 
 log = logging.getLogger(__name__)
 
@@ -476,32 +475,7 @@ def score_embeddings(head: nn.Module, emb: Mapping[str, Tensor], ids: Sequence[s
     return (np.stack(probs) if probs else np.zeros((0, n_cls))), attn
 
 
-def _nll(probs: np.ndarray, y: np.ndarray) -> float:
-    if len(y) == 0:
-        return math.nan
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    from analysis.stats import auc
-
-    if len(y) == 0 or len(np.unique(y)) < 2:
-        return math.nan
-    return float(auc(y, probs[:, 1] if probs.shape[1] == 2 else probs))
-
-
 # ----------------------------------------------------------------------------------- the run
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    prev = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _prepare_out(out: Path, run_dir: Path, overwrite: bool) -> None:
     if out.resolve() == run_dir.resolve():
         raise MilError(f"--out {out} is the parent run itself; choose a new directory, e.g. {run_dir}-ft")
@@ -550,7 +524,7 @@ def finetune_run(spec: FinetuneSpec, cfg: FinetuneConfig,
     selection = {s: select_topk(head_attention(frozen, bags[s]), cfg.k) for s in ids}
     y = {s: parent.y[s] for s in ids}
 
-    with deterministic(cfg.seed, device), _threads(cfg.threads):
+    with deterministic(cfg.seed, device), cpu_threads(cfg.threads):
         model = build_model(parent, cfg, device, precision)
         pre = run.provenance.get("preprocessing") or {}
         input_size = int(pre.get("input_size") or model.encoder.input_size)
@@ -664,7 +638,7 @@ def _train(model: BagModel, reader: TileReader, parent: Parent, selection: dict[
                                cfg.eval_batch)
             probs, _ = score_embeddings(model.head, emb, val_ids)
             yv = np.array([y[s] for s in val_ids], dtype=np.int64)
-            val_loss, val_auc = _nll(probs, yv), _auc(yv, probs)
+            val_loss, val_auc = mean_nll(probs, yv), safe_auc(yv, probs)
             report(Event("val", epoch, cfg.epochs, len(val_ids), len(val_ids), val_loss))
         score = val_loss if val_ids else -epoch
         if best_state is None or score < best_loss:

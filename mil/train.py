@@ -137,7 +137,7 @@ def deterministic(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def _threads(n: int) -> Iterator[None]:
+def cpu_threads(n: int) -> Iterator[None]:
     """Temporarily set torch's CPU thread count (tiny heads train faster on one thread)."""
     prev = torch.get_num_threads()
     if n > 0:
@@ -168,7 +168,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
+def safe_auc(y: np.ndarray, probs: np.ndarray) -> float:
     from analysis.stats import auc
 
     if len(y) == 0 or len(np.unique(y)) < 2:
@@ -191,7 +191,7 @@ def score_bags(model: nn.Module, bags: Bags, slide_ids: Sequence[str],
     return (np.stack(probs) if probs else np.zeros((0, n_cls))), attn
 
 
-def _eval_loss(probs: np.ndarray, y: np.ndarray) -> float:
+def mean_nll(probs: np.ndarray, y: np.ndarray) -> float:
     if len(y) == 0:
         return float("nan")
     p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
@@ -227,7 +227,7 @@ def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequ
     has_val = len(val_ids) > 0
     if not has_val:
         log.warning("no validation slides: training %d epochs without early stopping", cfg.epochs)
-    with deterministic(cfg.seed, device), _threads(cfg.threads):
+    with deterministic(cfg.seed, device), cpu_threads(cfg.threads):
         model = create_mil_model(cfg.model, bags.dim, n_classes, **cfg.widths())
         model.set_input_stats(*instance_stats(bags, train_ids))
         model = model.to(device)
@@ -256,7 +256,7 @@ def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequ
             val_loss = val_auc = math.nan
             if has_val:
                 probs, _ = score_bags(model, bags, val_ids, device)
-                val_loss, val_auc = _eval_loss(probs, val_y), _auc(val_y, probs)
+                val_loss, val_auc = mean_nll(probs, val_y), safe_auc(val_y, probs)
             if not math.isfinite(train_loss):
                 raise MilError(f"training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
             key = _monitor_key(cfg.monitor, val_loss, val_auc) if has_val else (-float(epoch), 0.0)

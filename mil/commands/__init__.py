@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from featstore.commands import command_modules
 
 _MODULES = ("train", "finetune")
 
 
 def register(app: typer.Typer) -> None:
     """Add every mil command module present to *app*."""
-    for name in _MODULES:
-        try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
+    for mod in command_modules(__name__, _MODULES):
         mod.register(app)
