@@ -532,7 +532,9 @@ def open_store(path: str | os.PathLike, mode: str = "r", storage_options: dict |
     is_local = "://" not in spath or spath.startswith("file://")
     if mode == "r" and is_local and not Path(spath.removeprefix("file://")).exists():
         raise StoreError(f"{spath}: no such store (run `featstore extract ... --store {spath}` first)")
-    kwargs = {"storage_options": storage_options} if storage_options and not is_local else {}
+    kwargs = {}
+    if not is_local:  # listing caches would hide slides other processes wrote
+        kwargs = {"storage_options": {"use_listings_cache": False, **(storage_options or {})}}
     try:
         root = zarr.open_group(store=spath, mode=mode, zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
@@ -546,4 +548,7 @@ def open_store(path: str | os.PathLike, mode: str = "r", storage_options: dict |
         root.attrs["featstore"] = {"format": FORMAT_VERSION, "version": __version__, "created": _now(), "tiling": None}
     elif int(meta.get("format", 0)) > FORMAT_VERSION:
         raise StoreError(f"{spath}: store format {meta.get('format')} is newer than this featstore; upgrade it")
+    if mode == "a":  # created up front so concurrent writers never race to create them
+        for name in ("slides", "failures"):
+            root.require_group(name)
     return Store(root, spath, mode)

@@ -60,6 +60,7 @@ def run_extract(
     min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32, workers: int = 2,
     precision: str = "auto", device: str = "auto", slide_mpp: float | None = None, seed: int = 0,
     allow_download: bool = False, strict_weights: bool = True, show_progress: bool = True,
+    storage_options: dict | None = None,
 ):
     """Shared by the command and the study: build the config, run, return the report."""
     from dataclasses import replace
@@ -70,7 +71,7 @@ def run_extract(
     from featstore.tiling import TilingConfig
 
     refs = discover_slides(slides)
-    st = open_store(store, mode="a")
+    st = open_store(store, mode="a", storage_options=storage_options)
     tiling = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
     overrides = {k: v for k, v in dict(mpp=mpp, patch_size=patch_size, overlap=overlap,
                                        min_tissue=min_tissue).items() if v is not None}
@@ -149,16 +150,19 @@ def register(app: typer.Typer) -> None:
         allow_download: Annotated[bool, typer.Option(help="Allow fetching weights from the internet (off: offline caches only).")] = False,
         strict_weights: Annotated[bool, typer.Option(help="Refuse weights files with missing/unexpected keys.")] = True,
         cluster: Annotated[Optional[str], typer.Option(help="Run slides on a dask.distributed scheduler ADDRESS or local:N.")] = None,
+        storage_options: Annotated[Optional[str], typer.Option(help='JSON fsspec options for a remote store, e.g. \'{"endpoint_url": "http://host:9000"}\'.')] = None,
     ) -> None:
         """Extract patch embeddings of every slide into a chunked Zarr store (resumable, crash-safe)."""
+        opts = {k: v for k, v in locals().items() if k not in ("cluster", "storage_options")}
+        from featstore.remote import parse_storage_options
+
+        so = parse_storage_options(storage_options)
         if cluster:
             from featstore.distributed import run_distributed_cli
 
-            report = run_distributed_cli(**{k: v for k, v in locals().items() if k != "cluster"}, cluster=cluster)
+            report = run_distributed_cli(**opts, cluster=cluster, storage_options=so)
         else:
-            report, _ = run_extract(slides, store, encoder, minus, weights, mpp, patch_size, overlap, min_tissue,
-                                    resize, batch_size, workers, precision, device, slide_mpp, seed,
-                                    allow_download, strict_weights)
+            report, _ = run_extract(**opts, storage_options=so)
         print_report(report, store)
         if not report.ok:
             raise typer.Exit(1)

@@ -107,13 +107,17 @@ def test_store_with_other_tiling_is_refused_before_any_task(cohort, client, tmp_
 
 
 def test_cluster_command_against_a_running_scheduler(cohort, client, reference, tmp_path):
-    from featstore.distributed import run_distributed_cli
+    from typer.testing import CliRunner
+
+    from cli import featstore_app
 
     store = tmp_path / "cli.zarr"
-    report = run_distributed_cli(
-        slides=[str(cohort / "a.tif"), str(cohort / "c.tif")], store=str(store), encoder="resnet18", minus="0,2",
-        patch_size=32, mpp=1.0, resize=32, precision="fp32", workers=1, cluster=client.scheduler.address)
-    assert report.ok and sorted(report.done) == ["a", "c"]
+    res = CliRunner().invoke(featstore_app, [
+        "extract", str(cohort / "a.tif"), str(cohort / "c.tif"), "--store", str(store), "--encoder", "resnet18",
+        "--minus", "0,2", "--patch-size", "32", "--mpp", "1.0", "--resize", "32", "--precision", "fp32",
+        "--workers", "1", "--cluster", client.scheduler.address])
+    assert res.exit_code == 0, res.output
+    assert "done 2," in res.output
     got = _arrays(store)
     _assert_same(got, {k: v for k, v in reference.items() if k.split("/")[0] in ("a", "c")})
 
