@@ -21,6 +21,11 @@ def _f(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _clip(x):
+    """AUC confidence bounds live in [0, 1] (a t-interval of a mean can overshoot)."""
+    return None if x is None else min(1.0, max(0.0, x))
+
+
 def _table(rows: Sequence, title: str) -> list[str]:
     out = [f"| {title} | runs x folds | AUC mean ± sd | 95% CI | bal. acc. | F1 | Δ AUC vs baseline | p (Welch) |",
            "|---|---|---|---|---|---|---|---|"]
@@ -28,7 +33,7 @@ def _table(rows: Sequence, title: str) -> list[str]:
         name = f"**{r.key.label()}** (baseline)" if r.is_baseline else r.key.label()
         out.append(
             f"| {name} | {r.n_runs} x {r.n // max(r.n_runs, 1)} | {_f(r.mean.get('auc'))} ± {_f(r.sd.get('auc'))} "
-            f"| {_f(r.ci[0])}–{_f(r.ci[1])} | {_f(r.mean.get('balanced_accuracy'))} | {_f(r.mean.get('f1'))} "
+            f"| {_f(_clip(r.ci[0]))}–{_f(_clip(r.ci[1]))} | {_f(r.mean.get('balanced_accuracy'))} | {_f(r.mean.get('f1'))} "
             f"| {'' if r.delta is None else format(r.delta, '+.3f')} | {format_p(r.p) if r.p is not None else ''} |"
         )
     return out
@@ -134,7 +139,11 @@ def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft
              f"{'%d-fold CV' % cfg.folds if cfg.folds else 'hold-out split'}; train fractions {cfg.train_fractions}. "
              f"This run took {seconds:.0f} s and did: {study.new_work}.", "",
              "## Answers", "", *_answers(study, rows, best, ft_run), ""]
+    base = next((r for r in rows if r.is_baseline), None)
     lines += ["## Table I: every frozen configuration (attention MIL on stored features)", "",
+              f"Δ and Welch p are against **{base.key.label()}**"
+              + (" (the study's baseline)." if cfg.baseline else " (the best frozen configuration).") if base else "",
+              "",
               *_table(rows, "encoder:weights:level kind"), "",
               "![AUC by configuration](frozen/compare.png)", "",
               "## Table II: AUC by truncation level", "", *_best_per_level(rows), ""]

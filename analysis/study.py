@@ -229,8 +229,14 @@ class Study:
         run_dirs = [p for p in run_dirs if (p / "metrics.json").exists()]
         if not run_dirs:
             return [], {}
+        baseline = self.cfg.baseline
+        if baseline is None:  # default: every configuration against the best frozen one
+            best = self.best_frozen(compare_runs(run_dirs))
+            if best is not None:
+                baseline = {"encoder": best.key.encoder, "weights": best.key.weights, "minus": best.key.minus,
+                            "kind": best.key.kind}
         try:
-            rows = compare_runs(run_dirs, baseline=self.cfg.baseline)
+            rows = compare_runs(run_dirs, baseline=baseline)
         except AnalysisError as exc:
             self._fail("compare", name, exc)
             rows = compare_runs(run_dirs)
