@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featstore.cohort import discover_slides  # noqa: E402
 from featstore.demo import make_demo_cohort  # noqa: E402
 from featstore.encoders import autocast, create_encoder, prepare_encoder, resolve_precision  # noqa: E402
-from featstore.extract import ExtractConfig, Extractor, _Readers, tune_malloc  # noqa: E402
+from featstore.extract import ExtractConfig, Extractor, _Job, _Readers, tune_malloc  # noqa: E402
 from featstore.h5io import export_h5  # noqa: E402
 from featstore.slide import Slide  # noqa: E402
 from featstore.store import open_store  # noqa: E402
@@ -67,13 +67,13 @@ def feeder(refs, size: int, n: int = 400) -> tuple[float, float]:
     coords = np.resize(tiles.coords, (n, 2))
     t0 = time.perf_counter()
     for x, y in coords:
-        slide._osr.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0)) if hasattr(slide, "_osr") else \
-            slide.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0))
+        slide.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0))
     raw = n / (time.perf_counter() - t0)
     r = _Readers(1, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pin=False, slide_mpp=None)
+    job = _Job(refs[0], coords, tiles.size0, {}, None, tiles.slide_mpp)
     t0 = time.perf_counter()
     for i in range(0, n, 32):
-        r.submit(refs[0].path, coords[i:i + 32], tiles.size0).result()
+        r.submit([(job, i, min(n, i + 32))]).result()
     fed = n / (time.perf_counter() - t0)
     r.close()
     return fed, raw

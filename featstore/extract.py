@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from featstore.cohort import SlideRef
-from featstore.errors import FeatstoreError, SlideReadError
+from featstore.errors import FeatstoreError
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import TilingConfig, tile_slide
 from featstore.slide import Slide
@@ -141,7 +141,7 @@ class _Job:
     slide_mpp: float
     writers: dict[int, FeatureWriter] = field(default_factory=dict)
     failed: str | None = None
-    batches: int = 0
+    rows_done: int = 0  # rows computed and handed to the writer
 
 
 class _Readers:
@@ -167,17 +167,31 @@ class _Readers:
             cache[path] = Slide(path, mpp=self.slide_mpp)
         return cache[path]
 
-    def _read(self, path, coords: np.ndarray, size0: int) -> torch.Tensor:
-        slide = self._slide(path)
-        batch = np.empty((len(coords), self.out_size, self.out_size, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(coords):
-            batch[i] = slide.read_patch((int(x), int(y)), size0, self.out_size)
+    def _read(self, segments: list[tuple[_Job, int, int]]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Read one batch made of (job, start, stop) segments, possibly of several slides.
+
+        A segment whose slide fails is zero-filled and reported in the returned
+        {segment index: reason}, so one corrupt slide never costs its batch-mates.
+        """
+        n = sum(e - b for _, b, e in segments)
+        batch = np.zeros((n, self.out_size, self.out_size, 3), dtype=np.uint8)
+        errors: dict[int, str] = {}
+        i = 0
+        for si, (job, b, e) in enumerate(segments):
+            try:
+                if not job.failed:
+                    slide = self._slide(job.ref.path)
+                    for k, (x, y) in enumerate(job.coords[b:e]):
+                        batch[i + k] = slide.read_patch((int(x), int(y)), job.size0, self.out_size)
+            except (FeatstoreError, OSError) as exc:
+                errors[si] = str(exc)
+            i += e - b
         t = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
         t = t.sub_(self.mean).div_(self.std).contiguous()
-        return t.pin_memory() if self.pin else t
+        return (t.pin_memory() if self.pin else t), errors
 
-    def submit(self, path, coords: np.ndarray, size0: int) -> Future:
-        return self.pool.submit(self._read, path, coords, size0)
+    def submit(self, segments: list[tuple[_Job, int, int]]) -> Future:
+        return self.pool.submit(self._read, segments)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -331,14 +345,25 @@ class Extractor:
 
     # -------------------------------------------------------------- running
     def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: _Readers,
-                 progress: Progress) -> Iterator[tuple[_Job, Future | None]]:
-        """Yield (job, future batch) in order, keeping a bounded window of reads in flight.
+                 progress: Progress) -> Iterator[tuple[list[tuple[_Job, int, int]], Future]]:
+        """Yield (segments, future batch) in order with a bounded window of reads in flight.
 
-        A job's last item is (job, None): the signal that all its batches were yielded.
+        Batches are packed to exactly ``batch_size`` tiles across slide boundaries: every
+        forward pass has the same shape (oneDNN/cuDNN reuse their kernels; a small slide's
+        partial batch would otherwise cost a new kernel plan), and the next slide's tiles are
+        read while the current slide's last tiles run.
         """
-        window: deque[tuple[_Job, Future | None]] = deque()
+        window: deque[tuple[list, Future]] = deque()
         max_in_flight = max(2, 2 * readers.pool._max_workers)
         bs = self.cfg.batch_size
+        pending: list[tuple[_Job, int, int]] = []
+        fill = 0
+
+        def flush():
+            nonlocal pending, fill
+            window.append((pending, readers.submit(pending)))
+            pending, fill = [], 0
+
         for ref in refs:
             try:
                 job = self._prepare(store, ref, report)
@@ -348,11 +373,18 @@ class Extractor:
             if job is None:
                 continue
             progress.slide_started(ref.slide_id, len(job.coords))
-            for start in range(0, len(job.coords), bs):
-                window.append((job, readers.submit(ref.path, job.coords[start:start + bs], job.size0)))
+            pos, n = 0, len(job.coords)
+            while pos < n:
+                take = min(bs - fill, n - pos)
+                pending.append((job, pos, pos + take))
+                fill += take
+                pos += take
+                if fill == bs:
+                    flush()
                 while len(window) > max_in_flight:
                     yield window.popleft()
-            window.append((job, None))
+        if pending:
+            flush()
         while window:
             yield window.popleft()
 
@@ -395,25 +427,26 @@ class Extractor:
 
         writer = _Writer(on_done)
         try:
-            for job, fut in self._batches(store, refs, report, readers, progress):
-                if fut is None:
-                    if not job.failed:
-                        writer.put("finish", job)
-                    continue
-                if job.failed:
+            for segments, fut in self._batches(store, refs, report, readers, progress):
+                if all(job.failed for job, _, _ in segments):
                     fut.cancel()
                     continue
-                try:
-                    x = fut.result()
-                except (SlideReadError, FeatstoreError, OSError) as exc:
+                x, errors = fut.result()
+                for si, reason in errors.items():
                     with done_lock:
-                        self._abort(store, job, str(exc), report, progress)
-                    continue
+                        self._abort(store, segments[si][0], reason, report, progress)
                 x = x.to(self.device, non_blocking=cuda)
                 with autocast(self.precision, self.device):
                     out = self.encoder(x)
-                rows = {lv: out[lv].float().cpu().numpy().astype(np.float16) for lv in job.keys}
-                writer.put("rows", job, rows)
+                out = {lv: t.float().cpu().numpy().astype(np.float16) for lv, t in out.items()}
+                row = 0
+                for job, b, e in segments:
+                    if not job.failed:
+                        writer.put("rows", job, {lv: out[lv][row:row + e - b] for lv in job.keys})
+                        job.rows_done += e - b
+                        if job.rows_done == len(job.coords):
+                            writer.put("finish", job)
+                    row += e - b
                 report.tiles += len(x)
                 progress.tiles_done(len(x))
         finally:

@@ -327,12 +327,14 @@ class Store:
         )
 
     def _features_array(self, slide_id: str, key: FeatureKey):
-        g = self._slide(slide_id)
+        # one metadata read: a complete features array implies a complete tiling (it is only
+        # ever created after the slide's tiling flag), so the slide group need not be opened
         try:
-            arr = g["features"][key.path]
+            arr = self._root[f"slides/{slide_id}/features/{key.path}"]
         except KeyError:
             arr = None
         if arr is None or not arr.attrs.get("complete", False):
+            self._slide(slide_id)  # an unknown slide gets its own message
             raise StoreKeyError(f"{self.path}: slide {slide_id!r} has no complete features for {key}")
         return arr
 
