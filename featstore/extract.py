@@ -42,7 +42,7 @@ class ExtractConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     input_size: int | None = None  # None: the encoder's own input size
     batch_size: int = 32
-    workers: int = 2
+    workers: int = 0  # reader threads; 0 = auto (see Extractor.workers)
     precision: str = "auto"
     device: str = "auto"
     slide_mpp: float | None = None  # override for slides without mpp metadata
@@ -54,8 +54,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if not self.levels:
             raise FeatstoreError("no truncation level requested (use --minus 0 or e.g. --minus 0,1,2,3)")
-        if self.batch_size < 1 or self.workers < 1:
-            raise FeatstoreError("--batch-size and --workers must be >= 1")
+        if self.batch_size < 1 or self.workers < 0:
+            raise FeatstoreError("--batch-size must be >= 1 and --workers >= 0 (0 = auto)")
 
 
 @dataclass
@@ -234,6 +234,46 @@ class _Writer:
         self.thread.join()
 
 
+def _in_thread(gen: Iterator, maxsize: int = 2) -> Iterator:
+    """Run a generator in a producer thread; yields its items (re-raises its exception).
+
+    The extractor's planner (claiming, tiling, creating arrays for the next slide) then
+    overlaps the encoder instead of stalling it between slides.
+    """
+    q: queue.Queue = queue.Queue(maxsize=maxsize)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer
+            q.put(exc)
+
+    t = threading.Thread(target=produce, name="planner", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def _provenance(encoder, level: int, cfg: ExtractConfig, tiling: dict, slide_info: dict, precision: str,
                 input_size: int) -> dict:
     from featstore import __version__
@@ -283,7 +323,22 @@ class Extractor:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.encoder = prepare_encoder(encoder, self.precision, self.device)
         self.input_size = int(cfg.input_size or encoder.input_size)
+        self.workers = cfg.workers or self.auto_workers(self.device)
         self.levels = tuple(sorted(set(int(k) for k in cfg.levels)))
+
+    @staticmethod
+    def auto_workers(device: torch.device) -> int:
+        """Reader threads when --workers is 0.
+
+        On CPU the readers share the cores with the encoder; measured on 2 cores
+        (densenet121 bf16, demo slides): 1 reader 34.7 tiles/s, 2 readers 27.6 tiles/s (the
+        encoder's OpenMP threads get preempted). On CUDA the CPU only feeds the GPU.
+        """
+        import os
+
+        if device.type == "cuda":
+            return max(2, min(8, (os.cpu_count() or 2) - 1))
+        return 1
 
     # -------------------------------------------------------------- planning
     def _keys(self) -> dict[int, FeatureKey]:
@@ -411,7 +466,7 @@ class Extractor:
         store.set_tiling(self.cfg.tiling.to_dict())
         report = ExtractReport()
         cuda = self.device.type == "cuda"
-        readers = _Readers(self.cfg.workers, self.input_size, self.encoder.mean, self.encoder.std,
+        readers = _Readers(self.workers, self.input_size, self.encoder.mean, self.encoder.std,
                            pin=cuda, slide_mpp=self.cfg.slide_mpp)
         done_lock = threading.Lock()
 
@@ -427,7 +482,7 @@ class Extractor:
 
         writer = _Writer(on_done)
         try:
-            for segments, fut in self._batches(store, refs, report, readers, progress):
+            for segments, fut in _in_thread(self._batches(store, refs, report, readers, progress)):
                 if all(job.failed for job, _, _ in segments):
                     fut.cancel()
                     continue

@@ -26,7 +26,7 @@ DEMO_STUDY = {
     ],
     "seeds": [0, 1, 2],
     "folds": 4,
-    "extract": {"batch_size": 32, "workers": 2},
+    "extract": {"batch_size": 32},
     "mil": {"epochs": 40, "patience": 10, "lr": 5e-4},
     "finetune": {"enabled": True, "k": 8, "epochs": 2, "eval_tiles": "topk"},
     "cka": True,

@@ -57,7 +57,7 @@ class RichProgress:
 def run_extract(
     slides: list[str], store: str, encoder: str, minus: str = "0", weights: str = "random",
     mpp: float | None = None, patch_size: int | None = None, overlap: int | None = None,
-    min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32, workers: int = 2,
+    min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32, workers: int = 0,
     precision: str = "auto", device: str = "auto", slide_mpp: float | None = None, seed: int = 0,
     allow_download: bool = False, strict_weights: bool = True, show_progress: bool = True,
     storage_options: dict | None = None,
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         min_tissue: Annotated[Optional[float], typer.Option(help="Keep patches with at least this tissue fraction (default 0.5).")] = None,
         resize: Annotated[Optional[int], typer.Option(help="Encoder input side in px (default: the encoder's, e.g. 224).")] = None,
         batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 32,
-        workers: Annotated[int, typer.Option(help="Reader threads (one OpenSlide handle each).")] = 2,
+        workers: Annotated[int, typer.Option(help="Reader threads, one OpenSlide handle each (0 = auto: 1 on CPU, where readers compete with the encoder for cores; up to 8 with CUDA).")] = 0,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32).")] = "auto",
         device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of slides whose files do not record it.")] = None,

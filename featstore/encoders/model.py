@@ -70,7 +70,7 @@ class Encoder(nn.Module):
         for i in range(self._depth):
             x = self._steps[i][1](x)
             for k in self._tap_at.get(i, ()):
-                out[k] = x.float().mean(dim=(2, 3))
+                out[k] = x.mean(dim=(2, 3), dtype=torch.float32)  # no fp32 copy of the map
         return {k: out[k] for k in self.levels}
 
     # ------------------------------------------------------------ fine-tuning support
