@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 console = Console(stderr=True)
 
@@ -44,7 +45,8 @@ def _run_study(cfg) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[item]}"), TimeElapsedColumn(), console=console) as p:
+                  TextColumn("{task.fields[item]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                  console=console) as p:
         tasks: dict[str, int] = {}
 
         def on_event(e: StudyEvent) -> None:
