@@ -25,6 +25,7 @@ import torch
 
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError
+from featstore.prefetch import in_thread
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import TilingConfig, tile_slide
 from featstore.slide import Slide
@@ -232,46 +233,6 @@ class _Writer:
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
-
-
-def _in_thread(gen: Iterator, maxsize: int = 2) -> Iterator:
-    """Run a generator in a producer thread; yields its items (re-raises its exception).
-
-    The extractor's planner (claiming, tiling, creating arrays for the next slide) then
-    overlaps the encoder instead of stalling it between slides.
-    """
-    q: queue.Queue = queue.Queue(maxsize=maxsize)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=produce, name="planner", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
 
 
 def _provenance(encoder, level: int, cfg: ExtractConfig, tiling: dict, slide_info: dict, precision: str,
@@ -482,7 +443,7 @@ class Extractor:
 
         writer = _Writer(on_done)
         try:
-            for segments, fut in _in_thread(self._batches(store, refs, report, readers, progress)):
+            for segments, fut in in_thread(self._batches(store, refs, report, readers, progress), name="planner"):
                 if all(job.failed for job, _, _ in segments):
                     fut.cancel()
                     continue

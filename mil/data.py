@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import queue
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -331,36 +329,10 @@ class Bags:
             for s in order:
                 yield s, self[s]
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+        from featstore.prefetch import in_thread
 
-        def work() -> None:
-            try:
-                for s in order:
-                    if stop.is_set():
-                        return
-                    q.put((s, self._to_tensor(self._read(s))))
-                q.put(None)
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
-                q.put(exc)
-
-        t = threading.Thread(target=work, daemon=True, name="mil-bag-prefetch")
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():  # unblock a worker waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.05)
+        yield from in_thread(((s, self._to_tensor(self._read(s))) for s in order), maxsize=self.prefetch,
+                             name="mil-bag-prefetch")
 
 
 def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = "auto",
