@@ -153,15 +153,19 @@ class ABMIL(_Head):
         return (logits[0], raw[0]) if single else (logits, raw)
 
 
-class MeanMIL(_Head):
-    """Baseline: instance MLP, mean over instances, linear classifier. No attention."""
-
-    name = "mean"
+class _PoolHead(_Head):
+    """Instance MLP + linear classifier, pooled without attention (the baselines)."""
 
     def __init__(self, in_dim: int, hidden: Sequence[int] = (256, 64), dropout: float = 0.25,
                  n_classes: int = 2):
         super().__init__(in_dim, n_classes, hidden, dropout)
         self.classifier = nn.Linear(self.out_dim, n_classes)
+
+
+class MeanMIL(_PoolHead):
+    """Baseline: instance MLP, mean over instances, linear classifier. No attention."""
+
+    name = "mean"
 
     def forward(self, bag: Tensor, mask: Tensor | None = None) -> ModelOutput:
         x, m, single = _unbatched(bag, mask)
@@ -171,7 +175,7 @@ class MeanMIL(_Head):
         return (logits[0], None) if single else (logits, None)
 
 
-class MaxMIL(_Head):
+class MaxMIL(_PoolHead):
     """Baseline (mi-Net style): per-instance class logits; the bag takes the logits of its most
     suspicious instance.
 
@@ -181,11 +185,6 @@ class MaxMIL(_Head):
     """
 
     name = "max"
-
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (256, 64), dropout: float = 0.25,
-                 n_classes: int = 2):
-        super().__init__(in_dim, n_classes, hidden, dropout)
-        self.classifier = nn.Linear(self.out_dim, n_classes)
 
     def forward(self, bag: Tensor, mask: Tensor | None = None) -> ModelOutput:
         x, m, single = _unbatched(bag, mask)
