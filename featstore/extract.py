@@ -25,6 +25,7 @@ import torch
 
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError
+from featstore.patches import PatchReader
 from featstore.prefetch import in_thread
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import TilingConfig, tile_slide
@@ -146,27 +147,13 @@ class _Job:
 
 
 class _Readers:
-    """Reader threads, each with its own OpenSlide handle per slide, producing normalised batches."""
+    """Reader threads producing normalised batches from segments of one or more slides."""
 
     def __init__(self, workers: int, out_size: int, mean, std, pin: bool, slide_mpp: float | None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
-        self.local = threading.local()
+        self.patches = PatchReader(out_size, mean, std, pin=pin)
         self.out_size = out_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.pin = pin
         self.slide_mpp = slide_mpp
-
-    def _slide(self, path) -> Slide:
-        cache = getattr(self.local, "slides", None)
-        if cache is None:
-            cache = self.local.slides = {}
-        if path not in cache:
-            while len(cache) >= 2:  # the current and the next slide
-                _, old = cache.popitem()
-                old.close()
-            cache[path] = Slide(path, mpp=self.slide_mpp)
-        return cache[path]
 
     def _read(self, segments: list[tuple[_Job, int, int]]) -> tuple[torch.Tensor, dict[int, str]]:
         """Read one batch made of (job, start, stop) segments, possibly of several slides.
@@ -181,21 +168,19 @@ class _Readers:
         for si, (job, b, e) in enumerate(segments):
             try:
                 if not job.failed:
-                    slide = self._slide(job.ref.path)
-                    for k, (x, y) in enumerate(job.coords[b:e]):
-                        batch[i + k] = slide.read_patch((int(x), int(y)), job.size0, self.out_size)
+                    self.patches.read_into(batch[i:i + e - b], job.ref.path, job.coords[b:e], job.size0,
+                                           self.slide_mpp)
             except (FeatstoreError, OSError) as exc:
                 errors[si] = str(exc)
             i += e - b
-        t = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
-        t = t.sub_(self.mean).div_(self.std).contiguous()
-        return (t.pin_memory() if self.pin else t), errors
+        return self.patches.normalise(batch), errors
 
     def submit(self, segments: list[tuple[_Job, int, int]]) -> Future:
         return self.pool.submit(self._read, segments)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.patches.close()
 
 
 class _Writer:

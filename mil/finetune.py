@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import shutil
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,42 +286,17 @@ class TileReader:
 
     def __init__(self, paths: Mapping[str, Path], info: Mapping[str, dict], input_size: int, mean, std,
                  workers: int = 2, pin: bool = False):
+        from featstore.patches import PatchReader
+
         self.paths, self.info = dict(paths), dict(info)
         self.input_size = int(input_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.workers = int(workers)
-        self.pin = pin
+        self.patches = PatchReader(input_size, mean, std, pin=pin)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ft-reader")
-        self._local = threading.local()
-        self._opened: list = []
-        self._lock = threading.Lock()
-
-    def _slide(self, slide_id: str):
-        from featstore.slide import Slide
-
-        cache = getattr(self._local, "slides", None)
-        if cache is None:
-            cache = self._local.slides = {}
-        if slide_id not in cache:
-            while len(cache) >= 2:
-                _, old = cache.popitem()
-                with self._lock:
-                    self._opened.remove(old)
-                old.close()
-            slide = Slide(self.paths[slide_id], mpp=self.info[slide_id].get("slide_mpp"))
-            cache[slide_id] = slide
-            with self._lock:
-                self._opened.append(slide)
-        return cache[slide_id]
 
     def _read(self, slide_id: str, coords: np.ndarray) -> np.ndarray:
-        slide = self._slide(slide_id)
-        size0 = int(self.info[slide_id]["size0"])
-        out = np.empty((len(coords), self.input_size, self.input_size, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(coords):
-            out[i] = slide.read_patch((int(x), int(y)), size0, self.input_size)
-        return out
+        return self.patches.read(self.paths[slide_id], coords, int(self.info[slide_id]["size0"]),
+                                 self.info[slide_id].get("slide_mpp"))
 
     def submit(self, slide_id: str, coords: np.ndarray) -> Callable[[], Tensor]:
         """Start reading; returns a function that waits and gives the normalised batch."""
@@ -333,9 +307,7 @@ class TileReader:
         def result() -> Tensor:
             rgb = np.concatenate([f.result() for f in futures]) if futures else \
                 np.zeros((0, self.input_size, self.input_size, 3), np.uint8)
-            t = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
-            t = t.sub_(self.mean).div_(self.std).contiguous()
-            return t.pin_memory() if self.pin else t
+            return self.patches.normalise(rgb)
 
         return result
 
@@ -354,10 +326,7 @@ class TileReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            for s in self._opened:
-                s.close()
-            self._opened.clear()
+        self.patches.close()
 
 
 # ------------------------------------------------------------------------------------ the model
