@@ -22,6 +22,7 @@ from featstore.errors import MissingMppError, SlideFormatError, SlideNotFoundErr
 log = logging.getLogger(__name__)
 
 _FINGERPRINT_BYTES = 1 << 20
+_THUMB_BLOCK = 4096  # a level larger than this squared is read for a thumbnail block by block
 _RESOLUTION_UNITS_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 
 
@@ -171,10 +172,34 @@ class Slide:
             tw, th = max(1, int(round(w / scale))), max(1, int(round(h / scale)))
         level = self.best_level(min(w / tw, h / th))
         lw, lh = self.level_dimensions[level]
-        rgb = self.read_region((0, 0), level, (lw, lh))
-        if (lw, lh) != (tw, th):
-            rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.BILINEAR))
-        return rgb, w / tw
+        if lw * lh <= _THUMB_BLOCK**2:
+            rgb = self.read_region((0, 0), level, (lw, lh))
+            if (lw, lh) != (tw, th):
+                rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.BILINEAR))
+            return rgb, w / tw
+        return self._thumbnail_blocks(level, (tw, th)), w / tw
+
+    def _thumbnail_blocks(self, level: int, size: tuple[int, int]) -> np.ndarray:
+        """Thumbnail of a level too big to read at once (e.g. a single-level 50k² scan).
+
+        The level is read in blocks of ``_THUMB_BLOCK``² pixels, each shrunk and pasted, so
+        memory stays at one block whatever the slide's size.
+        """
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        tw, th = size
+        sx, sy = tw / lw, th / lh
+        out = Image.new("RGB", (tw, th), (255, 255, 255))
+        for by in range(0, lh, _THUMB_BLOCK):
+            for bx in range(0, lw, _THUMB_BLOCK):
+                bw, bh = min(_THUMB_BLOCK, lw - bx), min(_THUMB_BLOCK, lh - by)
+                x0, y0 = int(round(bx * sx)), int(round(by * sy))
+                x1, y1 = int(round((bx + bw) * sx)), int(round((by + bh) * sy))
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                block = self.read_region((int(bx * ds), int(by * ds)), level, (bw, bh))
+                out.paste(Image.fromarray(block).resize((x1 - x0, y1 - y0), Image.BILINEAR), (x0, y0))
+        return np.asarray(out)
 
     def fingerprint(self) -> dict:
         """File size and sha256 of its first and last MiB: detects a changed or swapped file cheaply."""

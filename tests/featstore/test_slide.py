@@ -214,3 +214,19 @@ def test_corrupt_tile_raises_then_the_same_handle_still_reads(tmp_path, textured
         with pytest.raises(SlideReadError):   # and the broken tile still fails, cleanly
             s.read_region((256, 256), 0, (16, 16))
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (32, 32)), rgb[:32, :32])
+
+
+def test_thumbnail_of_a_level_too_big_to_read_at_once_is_built_in_blocks(tmp_path, monkeypatch):
+    """A single-level scan is shrunk block by block (bounded memory) to the same picture."""
+    import featstore.slide as slide_mod
+    from featstore.synth import rectangles_slide, write_pyramid_tiff
+
+    rgb = rectangles_slide((1200, 900), [(100, 100, 700, 500), (800, 300, 1100, 800)], seed=4)
+    path = write_pyramid_tiff(tmp_path / "flat.tif", rgb, mpp=0.5, levels=1, compression="deflate")
+    with slide_mod.Slide(path) as s:
+        assert s.level_count == 1
+        whole, ds = s.thumbnail(300)
+        monkeypatch.setattr(slide_mod, "_THUMB_BLOCK", 256)  # force 5 x 4 blocks
+        blocks, ds2 = s.thumbnail(300)
+    assert ds == ds2 and whole.shape == blocks.shape == (225, 300, 3)
+    assert np.abs(whole.astype(int) - blocks.astype(int)).mean() < 3
