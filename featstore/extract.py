@@ -371,7 +371,8 @@ class Extractor:
             except (FeatstoreError, OSError) as exc:
                 self._fail(store, ref, str(exc), report, progress)
                 continue
-            if job is None:
+            if job is None:  # already complete, or claimed by another process
+                progress.slide_finished(ref.slide_id, "skipped")
                 continue
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)

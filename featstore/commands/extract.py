@@ -40,7 +40,6 @@ class RichProgress:
         self.p = progress
         self.slides = progress.add_task("slides", total=n_slides)
         self.tiles = progress.add_task("tiles", total=0)
-        self.seen = 0
 
     def slide_started(self, slide_id: str, n_tiles: int) -> None:
         total = self.p.tasks[self.tiles].total or 0
@@ -50,7 +49,6 @@ class RichProgress:
         self.p.advance(self.tiles, n)
 
     def slide_finished(self, slide_id: str, status: str) -> None:
-        self.seen += 1
         self.p.advance(self.slides)
 
 

@@ -94,8 +94,21 @@ def test_rerun_skips_and_new_level_reuses_tiling(cohort, tmp_path):
     store = tmp_path / "c.zarr"
     Extractor(_cfg(levels=(0,))).run(refs, store)
     before = zarr.open_group(store, mode="r")["slides/s1/coords"].metadata
-    again = Extractor(_cfg(levels=(0,))).run(refs, store)
+    seen = []
+
+    class Recorder:
+        def slide_started(self, slide_id, n_tiles):
+            seen.append(("start", slide_id))
+
+        def tiles_done(self, n):
+            seen.append(("tiles", n))
+
+        def slide_finished(self, slide_id, status):
+            seen.append((status, slide_id))
+
+    again = Extractor(_cfg(levels=(0,))).run(refs, store, Recorder())
     assert again.skipped == ["s1", "s2", "s3"] and again.tiles == 0
+    assert seen == [("skipped", "s1"), ("skipped", "s2"), ("skipped", "s3")]  # the slides bar completes
     more = Extractor(_cfg(levels=(0, 1))).run(refs, store)
     assert sorted(more.done) == ["s1", "s2", "s3"]
     st = featstore.open_store(store)
