@@ -247,40 +247,20 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
     return report
 
 
-def build_config(store: str, storage_options: dict | None, encoder: str, minus: str, weights: str,
-                 mpp: float | None, patch_size: int | None, overlap: int | None, min_tissue: float | None,
-                 resize: int | None, batch_size: int, workers: int, precision: str, device: str,
-                 slide_mpp: float | None, seed: int, allow_download: bool, strict_weights: bool) -> ExtractConfig:
-    """The command's options as an ExtractConfig, tiling defaulting to the store's (as run_extract does)."""
-    from featstore.commands.extract import parse_levels
-    from featstore.tiling import TilingConfig
+def run_distributed_cli(slides: list[str], store: str, *, cluster: str = "local:1",
+                        storage_options: dict | None = None, show_progress: bool = True,
+                        **options) -> ExtractReport:
+    """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report.
 
-    location = store_location(store)
-    st = open_store(location, mode="a", storage_options=remote_options(location, storage_options))
-    tiling = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
-    overrides = {k: v for k, v in dict(mpp=mpp, patch_size=patch_size, overlap=overlap,
-                                       min_tissue=min_tissue).items() if v is not None}
-    return ExtractConfig(encoder=encoder, levels=parse_levels(minus, encoder), weights=weights,
-                         tiling=replace(tiling, **overrides), input_size=resize, batch_size=batch_size,
-                         workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, seed=seed,
-                         allow_download=allow_download, strict_weights=strict_weights)
-
-
-def run_distributed_cli(slides: list[str], store: str, encoder: str, minus: str = "0", weights: str = "random",
-                        mpp: float | None = None, patch_size: int | None = None, overlap: int | None = None,
-                        min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32,
-                        workers: int = 2, precision: str = "auto", device: str = "auto",
-                        slide_mpp: float | None = None, seed: int = 0, allow_download: bool = False,
-                        strict_weights: bool = True, cluster: str = "local:1",
-                        storage_options: dict | None = None, show_progress: bool = True) -> ExtractReport:
-    """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report."""
+    *options* are the command's extraction options (see featstore.commands.extract.build_config).
+    """
     from featstore.cohort import discover_slides
-    from featstore.commands.extract import RichProgress, _progress, console
+    from featstore.commands.extract import RichProgress, _progress, build_config, console
 
     refs = discover_slides(slides)
-    cfg = build_config(store, storage_options, encoder, minus, weights, mpp, patch_size, overlap, min_tissue,
-                       resize, batch_size, workers, precision, device, slide_mpp, seed, allow_download,
-                       strict_weights)
+    location = store_location(store)
+    st = open_store(location, mode="a", storage_options=remote_options(location, storage_options))
+    cfg = build_config(st, **options)
     spec = ClusterSpec.parse(cluster)
     # our own LocalCluster: split this machine's cores between the worker processes
     threads = max(1, (os.cpu_count() or 1) // spec.n_workers) if spec.local else None

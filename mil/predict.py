@@ -106,7 +106,8 @@ def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] 
         raise MilError(f"{st.path} has no features {key} that run {run.path} needs (stored: {stored}); "
                        f"run `featstore extract --encoder {key.encoder} --minus {key.minus} --weights {key.weights}`")
     if slide_ids:
-        missing = [s for s in slide_ids if s not in set(have)]
+        have_set = set(have)
+        missing = [s for s in slide_ids if s not in have_set]
         if missing:
             raise MilError(f"{st.path}: no features {key} for slide(s) {', '.join(missing[:10])}"
                            f"{' ...' if len(missing) > 10 else ''}; check --slides or extract them")

@@ -52,33 +52,36 @@ class RichProgress:
         self.p.advance(self.slides)
 
 
-def run_extract(
-    slides: list[str], store: str, encoder: str, minus: str = "0", weights: str = "random",
-    mpp: float | None = None, patch_size: int | None = None, overlap: int | None = None,
-    min_tissue: float | None = None, resize: int | None = None, batch_size: int = 32, workers: int = 0,
-    precision: str = "auto", device: str = "auto", slide_mpp: float | None = None, seed: int = 0,
-    allow_download: bool = False, strict_weights: bool = True, show_progress: bool = True,
-    storage_options: dict | None = None,
-):
-    """Shared by the command and the study: build the config, run, return the report."""
+def build_config(st, encoder: str, minus: str = "0", weights: str = "random", mpp: float | None = None,
+                 patch_size: int | None = None, overlap: int | None = None, min_tissue: float | None = None,
+                 resize: int | None = None, batch_size: int = 32, workers: int = 0, precision: str = "auto",
+                 device: str = "auto", slide_mpp: float | None = None, seed: int = 0,
+                 allow_download: bool = False, strict_weights: bool = True):
+    """The command's options as an ExtractConfig; unset tiling options default to the store's."""
     from dataclasses import replace
 
-    from featstore.cohort import discover_slides
-    from featstore.extract import ExtractConfig, Extractor
-    from featstore.store import open_store
+    from featstore.extract import ExtractConfig
     from featstore.tiling import TilingConfig
 
-    refs = discover_slides(slides)
-    st = open_store(store, mode="a", storage_options=storage_options)
     tiling = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
     overrides = {k: v for k, v in dict(mpp=mpp, patch_size=patch_size, overlap=overlap,
                                        min_tissue=min_tissue).items() if v is not None}
-    tiling = replace(tiling, **overrides)
-    cfg = ExtractConfig(encoder=encoder, levels=parse_levels(minus, encoder), weights=weights, tiling=tiling,
-                        input_size=resize, batch_size=batch_size, workers=workers, precision=precision,
-                        device=device, slide_mpp=slide_mpp, seed=seed, allow_download=allow_download,
-                        strict_weights=strict_weights)
-    ex = Extractor(cfg)
+    return ExtractConfig(encoder=encoder, levels=parse_levels(minus, encoder), weights=weights,
+                         tiling=replace(tiling, **overrides), input_size=resize, batch_size=batch_size,
+                         workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, seed=seed,
+                         allow_download=allow_download, strict_weights=strict_weights)
+
+
+def run_extract(slides: list[str], store: str, *, show_progress: bool = True,
+                storage_options: dict | None = None, **options):
+    """The single-process command: build the config (options as build_config), run, return the report."""
+    from featstore.cohort import discover_slides
+    from featstore.extract import Extractor
+    from featstore.store import open_store
+
+    refs = discover_slides(slides)
+    st = open_store(store, mode="a", storage_options=storage_options)
+    ex = Extractor(build_config(st, **options))
     console.print(
         f"[bold]{ex.encoder.name}[/] weights={ex.encoder.weights_tag} levels={list(ex.levels)} "
         f"dims={[ex.encoder.dims[lv] for lv in ex.levels]} precision={ex.precision} device={ex.device} "
