@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -75,7 +76,8 @@ def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
     return boxes
 
 
-def make_demo_cohort(out_dir: str | Path, n_slides: int = 24, seed: int = 0) -> Path:
+def make_demo_cohort(out_dir: str | Path, n_slides: int = 24, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> Path:
     """Write ``slides/demo_XX.tif``, ``labels.csv`` (slide_id,label,patient_id), ``lesions.json``."""
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,8 @@ def make_demo_cohort(out_dir: str | Path, n_slides: int = 24, seed: int = 0) -> 
             patient += 1
         boxes = make_demo_slide(out / "slides" / f"{sid}.tif", np.random.default_rng([seed, i]), bool(labels[i]))
         lesions[sid] = boxes
+        if progress is not None:
+            progress(1)
         rows.append({"slide_id": sid, "label": "tumor" if labels[i] else "normal", "patient_id": pid})
     with (out / "labels.csv").open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=["slide_id", "label", "patient_id"])

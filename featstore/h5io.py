@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -69,7 +70,8 @@ def _size0(attrs: dict, default: int | None) -> int | None:
 
 
 def import_h5(files: list[Path], store: Store, encoder: str, minus: int, weights: str = "imported",
-              size0: int | None = None, slide_mpp: float | None = None) -> ImportReport:
+              size0: int | None = None, slide_mpp: float | None = None,
+              progress: Callable[[int], None] | None = None) -> ImportReport:
     """Import .h5 feature files as (encoder, weights, minus) features of a store.
 
     A slide already tiled in the store must have identical coords (the rows must mean the same
@@ -105,11 +107,14 @@ def import_h5(files: list[Path], store: Store, encoder: str, minus: int, weights
         except FeatstoreError as exc:
             report.failed[sid] = str(exc)
             store.record_failure(sid, str(exc), str(path))
+        finally:
+            if progress is not None:
+                progress(1)
     return report
 
 
 def export_h5(store: Store, out_dir: Path, encoder: str, minus: int, weights: str | None = None,
-              slide_ids: list[str] | None = None) -> list[Path]:
+              slide_ids: list[str] | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
     """Write ``<out_dir>/<slide_id>.h5`` (CLAM/TRIDENT layout) for every slide with the features."""
     out_dir.mkdir(parents=True, exist_ok=True)
     key = store.resolve_key(encoder, minus, weights)
@@ -132,4 +137,6 @@ def export_h5(store: Store, out_dir: Path, encoder: str, minus: int, weights: st
             f.attrs["featstore_provenance"] = json.dumps(store.provenance(sid, key.encoder, key.minus, key.weights))
         tmp.replace(path)
         written.append(path)
+        if progress is not None:
+            progress(1)
     return written

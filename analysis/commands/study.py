@@ -85,8 +85,10 @@ def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
 
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "data" / "labels.csv").exists():
-            console.print(f"writing the demo cohort ({n_slides} slides) to {out / 'data'}")
-            make_demo_cohort(out / "data", n_slides=n_slides, seed=seed)
+            from featstore.commands.extract import counting_bar
+
+            with counting_bar(f"demo cohort -> {out / 'data'}", n_slides) as advance:
+                make_demo_cohort(out / "data", n_slides=n_slides, seed=seed, progress=advance)
         study_file = out / "study.yaml"
         if not study_file.exists():
             study_file.write_text(yaml.safe_dump(DEMO_STUDY, sort_keys=False))

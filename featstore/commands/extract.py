@@ -94,6 +94,19 @@ def run_extract(slides: list[str], store: str, *, show_progress: bool = True,
     return report, ex
 
 
+def counting_bar(label: str, total: int):
+    """A context manager yielding an ``advance(n)`` callback drawn as a rich bar with ETA."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        with _progress() as p:
+            task = p.add_task(label, total=total)
+            yield lambda n=1: p.advance(task, n)
+
+    return bar()
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),

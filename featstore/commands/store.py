@@ -79,7 +79,10 @@ def register(app: typer.Typer) -> None:
                 raise FeatstoreError(f"{p}: no such file or directory")
         if not files:
             raise FeatstoreError(f"no .h5 files in {', '.join(map(str, inputs))}")
-        rep = import_h5(files, open_store(store, mode="a"), encoder, minus, weights, size0, slide_mpp)
+        from featstore.commands.extract import counting_bar
+
+        with counting_bar("h5 files", len(files)) as advance:
+            rep = import_h5(files, open_store(store, mode="a"), encoder, minus, weights, size0, slide_mpp, advance)
         Console().print(f"imported {len(rep.imported)}, already present {len(rep.skipped)}, failed {len(rep.failed)}")
         for sid, why in rep.failed.items():
             Console(stderr=True).print(f"[red]{sid}[/]: {why}", highlight=False)
@@ -98,5 +101,9 @@ def register(app: typer.Typer) -> None:
         from featstore.h5io import export_h5
         from featstore.store import open_store
 
-        paths = export_h5(open_store(store), out, encoder, minus, weights)
+        from featstore.commands.extract import counting_bar
+
+        st = open_store(store)
+        with counting_bar("slides", len(st.slide_ids())) as advance:
+            paths = export_h5(st, out, encoder, minus, weights, progress=advance)
         Console().print(f"wrote {len(paths)} files to {out}")

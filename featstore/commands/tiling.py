@@ -45,7 +45,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed (same seed, same pixels).")] = 0,
     ) -> None:
         """Write the built-in demo cohort: labelled pyramidal TIFFs with H&E-like texture and small lesions."""
+        from featstore.commands.extract import counting_bar
         from featstore.demo import make_demo_cohort
 
-        labels = make_demo_cohort(out, n_slides=n_slides, seed=seed)
+        with counting_bar("demo slides", n_slides) as advance:
+            labels = make_demo_cohort(out, n_slides=n_slides, seed=seed, progress=advance)
         Console().print(f"wrote {n_slides} slides to {out / 'slides'} and labels to {labels}")
