@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ def feeder(refs, size: int, n: int = 400) -> tuple[float, float]:
         slide.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0))
     raw = n / (time.perf_counter() - t0)
     r = _Readers(1, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pin=False, slide_mpp=None)
-    job = _Job(refs[0], coords, tiles.size0, {}, None, tiles.slide_mpp)
+    job = _Job(refs[0], coords, tiles.size0, {}, None)
     t0 = time.perf_counter()
     for i in range(0, n, 32):
         r.submit([(job, i, min(n, i + 32))]).result()

@@ -17,7 +17,7 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -140,7 +140,6 @@ class _Job:
     size0: int
     keys: dict[int, FeatureKey]
     lock: object
-    slide_mpp: float
     writers: dict[int, FeatureWriter] = field(default_factory=dict)
     failed: str | None = None
     rows_done: int = 0  # rows computed and handed to the writer
@@ -220,8 +219,7 @@ class _Writer:
         self.thread.join()
 
 
-def _provenance(encoder, level: int, cfg: ExtractConfig, tiling: dict, slide_info: dict, precision: str,
-                input_size: int) -> dict:
+def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: str, input_size: int) -> dict:
     from featstore import __version__
     import timm
 
@@ -313,7 +311,7 @@ class Extractor:
                             "(size/hash changed); use a new store or a different slide id"
                         )
                     coords = store.coords(ref.slide_id)
-                    size0, slide_mpp = int(info["size0"]), float(info["slide_mpp"])
+                    size0 = int(info["size0"])
                 else:
                     tiles = tile_slide(slide, self.cfg.tiling)
                     if len(tiles.coords) == 0:
@@ -327,17 +325,17 @@ class Extractor:
                         "dimensions": list(slide.dimensions), "vendor": slide.vendor,
                     }
                     store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
-                    coords, size0, slide_mpp = tiles.coords, int(tiles.size0), float(tiles.slide_mpp)
+                    coords, size0 = tiles.coords, int(tiles.size0)
             todo = {lv: k for lv, k in keys.items() if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
             if not todo:
                 lock.release()
                 report.skipped.append(ref.slide_id)
                 return None
-            job = _Job(ref, coords, size0, todo, lock, slide_mpp)
+            job = _Job(ref, coords, size0, todo, lock)
             tiling = self.cfg.tiling.to_dict()
             info = store.slide_info(ref.slide_id)
             for lv, key in todo.items():
-                prov = _provenance(self.encoder, lv, self.cfg, tiling, info, self.precision, self.input_size)
+                prov = _provenance(self.encoder, lv, tiling, info, self.precision, self.input_size)
                 job.writers[lv] = store.begin_features(ref.slide_id, key, self.encoder.dims[lv], prov)
             return job
         except Exception:
@@ -475,9 +473,3 @@ def extract(refs: list[SlideRef], store: Store | str, cfg: ExtractConfig,
             progress: Progress | None = None) -> ExtractReport:
     """Convenience wrapper: build an :class:`Extractor` for *cfg* and run it."""
     return Extractor(cfg).run(refs, store, progress)
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    d = asdict(cfg)
-    d["tiling"] = cfg.tiling.to_dict()
-    return d

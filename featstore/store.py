@@ -411,13 +411,6 @@ class Store:
             return {}
         return {name: g.attrs.get("reason", "") for name, g in grp.groups()}
 
-    def failure_info(self) -> dict[str, dict]:
-        try:
-            grp = self._root["failures"]
-        except KeyError:
-            return {}
-        return {name: dict(g.attrs) for name, g in grp.groups()}
-
     # ------------------------------------------------------------------ write API (extractor, importers)
     def set_tiling(self, tiling: dict) -> None:
         """Record the store's tiling config; a different tiling for an existing store is an error."""

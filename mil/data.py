@@ -384,10 +384,5 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
     return bags
 
 
-def estimate_bytes(n_tiles: int, dim: int, dtype_bytes: int = 4) -> int:
-    """Memory of a cached cohort."""
-    return int(n_tiles) * int(dim) * dtype_bytes
-
-
 __all__ = ["Labels", "read_labels", "match_store", "Split", "make_splits", "carve_val",
-           "subsample_train", "FeatureKey", "Bags", "load_bags", "estimate_bytes"]
+           "subsample_train", "FeatureKey", "Bags", "load_bags"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featstore.store import FeatureKey, open_store
+from featstore.store import open_store
 from mil.data import load_bags, make_splits, match_store, read_labels
 from mil.errors import LabelsError
 
