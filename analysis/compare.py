@@ -105,11 +105,11 @@ def _fold_obs(key: GroupKey, run: Path, block: dict, seed, unit: str) -> list[Ob
             log.warning("%s: fold %r has no AUC (single-class test fold?); left out", run, name)
             continue
         ci = tuple(m["auc_ci"]) if m.get("auc_ci") else None
-        obs.append(Observation(key, run.name, str(name), seed,
+        obs.append(Observation(key, str(run), str(name), seed,
                                {k: float(m[k]) if m.get(k) is not None else math.nan for k in METRICS}, ci))
     if unit == "run" and len(obs) > 1:
         vals = {k: float(np.nanmean([o.values[k] for o in obs])) for k in METRICS}
-        return [Observation(key, run.name, "mean", seed, vals)]
+        return [Observation(key, str(run), "mean", seed, vals)]
     return obs
 
 

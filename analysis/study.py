@@ -249,7 +249,7 @@ class Study:
 
     def run_of(self, row) -> Path:
         """The run of a comparison group trained with the study's first seed (else its first run)."""
-        paths = [Path(r) if Path(r).is_absolute() else self.out / "runs" / r for r in row.runs]
+        paths = [Path(r) for r in row.runs]
         for p in paths:
             cfg = p / "config.json"
             if cfg.exists() and json.loads(cfg.read_text()).get("seed") == self.cfg.seeds[0]:

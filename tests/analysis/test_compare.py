@@ -125,3 +125,11 @@ def test_broken_metrics_json_is_named(tmp_path):
     (d / "metrics.json").write_text("{oops")
     with pytest.raises(AnalysisError, match="metrics.json: invalid JSON"):
         compare_runs([d])
+
+
+def test_runs_with_the_same_folder_name_in_different_places_are_two_runs(tmp_path):
+    a = _run(tmp_path / "cohortA", "r18_m0", "resnet18", 0, 0, {"test": 0.8})
+    b = _run(tmp_path / "cohortB", "r18_m0", "resnet18", 0, 1, {"test": 0.9})
+    (row,) = compare_runs([a, b])
+    assert row.n == 2 and row.n_runs == 2
+    assert row.runs == sorted([str(a), str(b)])  # full paths, so a study can open them
