@@ -15,11 +15,9 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from analysis.errors import AnalysisError
-from featstore.errors import FeatstoreError
-from mil.errors import MilError
+from core.errors import CoreError
 
-_USER_ERRORS = (FeatstoreError, MilError, AnalysisError)
+_USER_ERRORS = (CoreError,)  # every package's base error derives from it
 _err = Console(stderr=True)
 
 
@@ -67,12 +65,14 @@ def _build() -> tuple[typer.Typer, typer.Typer]:
     import analysis.commands
     import featstore.commands
     import mil.commands
+    import study.commands
 
     fs = _make_app("Slides -> tissue tiles -> encoder embeddings in a chunked Zarr store.")
     ml = _make_app("Attention-MIL over a featstore: train, predict, heatmaps, top-k fine-tuning.")
     featstore.commands.register(fs)
     mil.commands.register(ml)
     analysis.commands.register(fs, ml)
+    study.commands.register(fs, ml)
     return _guard(fs), _guard(ml)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as _st
 
 from analysis.errors import AnalysisError
-from analysis.stats import welch_ttest
+from core.stats import welch_ttest
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from core.errors import CoreError
 
-class AnalysisError(Exception):
+
+class AnalysisError(CoreError):
     """Base class of every analysis error."""

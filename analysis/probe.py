@@ -28,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from analysis.errors import AnalysisError
-from analysis.stats import auc, bootstrap_ci
+from core.stats import auc, bootstrap_ci
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,10 @@ either (``except FileNotFoundError`` still works), as zarr-python does.
 
 from __future__ import annotations
 
+from core.errors import CoreError
 
-class FeatstoreError(Exception):
+
+class FeatstoreError(CoreError):
     """Base class of every featstore error."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from core.errors import CoreError
 
-class MilError(Exception):
+
+class MilError(CoreError):
     """Base class of every mil error (bad labels, bad run directory, bad config)."""
 
 

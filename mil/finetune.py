@@ -26,7 +26,7 @@ import logging
 import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from featstore.errors import FeatstoreError
 from mil import run as run_files
+from mil.config import FinetuneConfig, FinetuneSpec
 from mil.errors import LabelsError, MilError, RunError
 from mil.run import Run, load_run, write_json
 from mil.topk import head_attention, select_topk
@@ -44,56 +45,10 @@ from mil.train import cpu_threads, deterministic, mean_nll, resolve_device, safe
 
 log = logging.getLogger(__name__)
 
-EVAL_TILES = ("all", "topk")
 
 
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of one top-k fine-tune."""
-
-    k: int = 64                    # tiles per slide (highest raw attention)
-    epochs: int = 3
-    lr: float = 1e-5               # encoder learning rate
-    head_lr: float = 1e-4          # head learning rate
-    weight_decay: float = 1e-5
-    micro_batch: int = 16          # tiles per encoder forward (activation memory)
-    accumulate: int = 1            # bags per optimiser step
-    reselect: bool = False         # recompute top-k from the current model every epoch
-    eval_tiles: str = "all"        # score test slides on "all" tiles or the frozen "topk"
-    eval_batch: int = 64           # tiles per forward when scoring (no gradient)
-    fold: str | None = None        # fold of the parent run; None = its first
-    precision: str = "auto"        # auto | fp32 | bf16 | fp16
-    device: str = "cpu"
-    workers: int = 2               # tile reader threads
-    seed: int = 0
-    n_boot: int = 1000
-    threads: int = 0               # torch CPU threads; 0 keeps torch's setting
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.epochs < 1 or self.micro_batch < 1 or self.accumulate < 1 or self.eval_batch < 1:
-            raise MilError(f"need --k, --epochs, --micro-batch, --accumulate, --eval-batch >= 1 (got {self.k}, "
-                           f"{self.epochs}, {self.micro_batch}, {self.accumulate}, {self.eval_batch})")
-        if self.lr < 0 or self.head_lr < 0 or self.weight_decay < 0:
-            raise MilError(f"need --lr, --head-lr, --weight-decay >= 0 (got {self.lr}, {self.head_lr}, "
-                           f"{self.weight_decay})")
-        if self.eval_tiles not in EVAL_TILES:
-            raise MilError(f"--eval-tiles {self.eval_tiles!r}: choose {' or '.join(EVAL_TILES)}")
-        if self.workers < 1:
-            raise MilError(f"--workers {self.workers} must be >= 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
-@dataclass
-class FinetuneSpec:
-    """Where the fine-tune reads from and writes to."""
-
-    run: str                                   # the frozen `mil train` run directory
-    out: str
-    slides: Sequence[str] | None = None        # files / dirs / globs / slide_id,path CSV; None: store sources
-    store: str | None = None                   # default: the run's store
-    overwrite: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mil import run as run_files
+from mil.config import _OPTIMIZERS, RunSpec, TrainConfig
 from mil.data import Bags
 from mil.errors import MilError
 from mil.models import create_mil_model
@@ -28,55 +29,8 @@ from mil.run import write_json
 
 log = logging.getLogger(__name__)
 
-_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
-_MONITORS = ("val_loss", "val_auc")
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one MIL fit (one bag per optimiser step)."""
-
-    model: str = "abmil"
-    hidden: tuple[int, ...] = (256, 64)
-    attn_dim: int = 32
-    dropout: float = 0.25
-    epochs: int = 50
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    optimizer: str = "adam"
-    patience: int = 10            # epochs without val improvement before stopping; 0 = never stop
-    monitor: str = "val_loss"     # or "val_auc" (falls back to loss when AUC is undefined)
-    seed: int = 0
-    device: str = "cpu"
-    val_fraction: float = 0.2     # share of training patients carved out for early stopping
-    threads: int = 1              # torch CPU threads during the fit (a small head is fastest on 1); 0 keeps torch's
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if self.optimizer not in _OPTIMIZERS:
-            raise MilError(f"optimizer {self.optimizer!r}: choose {', '.join(_OPTIMIZERS)}")
-        if self.monitor not in _MONITORS:
-            raise MilError(f"monitor {self.monitor!r}: choose {', '.join(_MONITORS)}")
-        if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
-            raise MilError(f"need epochs >= 1, lr > 0, weight_decay >= 0, patience >= 0 "
-                           f"(got {self.epochs}, {self.lr}, {self.weight_decay}, {self.patience})")
-
-    def widths(self) -> dict:
-        """Keyword widths for create_mil_model."""
-        return {"hidden": self.hidden, "attn_dim": self.attn_dim, "dropout": self.dropout}
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -169,7 +123,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def safe_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    from analysis.stats import auc
+    from core.stats import auc
 
     if len(y) == 0 or len(np.unique(y)) < 2:
         return float("nan")
@@ -290,22 +244,6 @@ def _monitor_key(monitor: str, val_loss: float, val_auc: float) -> tuple[float, 
 
 
 # ------------------------------------------------------------------------------ a whole run
-@dataclass
-class RunSpec:
-    """Where a run's data comes from and where it goes (the non-hyper-parameter options)."""
-
-    store: str
-    labels: str
-    out: str
-    encoder: str
-    minus: int
-    weights: str | None = None
-    folds: int | None = None          # K-fold CV; None: the labels' split/fold column or one hold-out
-    train_fraction: float = 1.0
-    allow_missing: bool = False
-    cache: str = "auto"               # auto | float32 | float16 | none
-    n_boot: int = 1000                # bootstrap resamples for auc_ci
-    overwrite: bool = False
 
 
 @dataclass

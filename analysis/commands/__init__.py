@@ -6,7 +6,7 @@ import typer
 
 from featstore.commands import command_modules
 
-_MODULES = ("cka", "compare", "probe", "umap", "study")
+_MODULES = ("cka", "compare", "probe", "umap")
 
 
 def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
-from analysis.errors import AnalysisError
+from study.errors import StudyError
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ class StudyConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise AnalysisError(f"study: unknown keys {unknown}; allowed: {sorted(known)}")
+            raise StudyError(f"study: unknown keys {unknown}; allowed: {sorted(known)}")
         missing = [k for k in ("slides", "labels", "encoders") if k not in d]
         if missing:
-            raise AnalysisError(f"study: missing keys {missing}")
+            raise StudyError(f"study: missing keys {missing}")
         d = dict(d)
         slides = d["slides"] if isinstance(d["slides"], list) else [d["slides"]]
         d["slides"] = [_resolve(root, s) for s in slides]
@@ -85,7 +85,7 @@ class StudyConfig:
                 e = {"name": e}
             bad = sorted(set(e) - {"name", "weights", "levels"})
             if bad:
-                raise AnalysisError(f"study: encoder entry {e} has unknown keys {bad}")
+                raise StudyError(f"study: encoder entry {e} has unknown keys {bad}")
             w = e.get("weights", ["random"])
             encs.append(EncoderPlan(e["name"], [w] if isinstance(w, str) else list(w),
                                     [int(x) for x in e.get("levels", [0, 1, 2, 3])]))
@@ -96,13 +96,13 @@ class StudyConfig:
     def from_yaml(cls, path: str | Path) -> "StudyConfig":
         path = Path(path)
         if not path.is_file():
-            raise AnalysisError(f"{path}: no such study file")
+            raise StudyError(f"{path}: no such study file")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise AnalysisError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
-            raise AnalysisError(f"{path}: a study file is a mapping of keys (slides, labels, encoders, ...)")
+            raise StudyError(f"{path}: a study file is a mapping of keys (slides, labels, encoders, ...)")
         return cls.from_dict(data, path.parent.resolve())
 
     def to_dict(self) -> dict:
@@ -237,7 +237,7 @@ class Study:
                             "kind": best.key.kind}
         try:
             rows = compare_runs(run_dirs, baseline=baseline)
-        except AnalysisError as exc:
+        except StudyError as exc:
             self._fail("compare", name, exc)
             rows = compare_runs(run_dirs)
         return rows, write_outputs(rows, self.out / "report" / name)
@@ -343,7 +343,7 @@ class Study:
 
     # ------------------------------------------------------------------ everything
     def run(self) -> StudyResult:
-        from analysis.report import write_report
+        from study.report import write_report
 
         t0 = time.perf_counter()
         (self.out / "report").mkdir(parents=True, exist_ok=True)

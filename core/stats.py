@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from scipy import stats as _st
 
-from analysis.errors import AnalysisError
+from core.errors import StatsError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def _as_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
     if y_true.ndim != 1 or y_score.ndim not in (1, 2) or len(y_true) != len(y_score):
-        raise AnalysisError(
+        raise StatsError(
             f"y_true has shape {y_true.shape} and y_score {y_score.shape}: pass (N,) labels with "
             "(N,) scores or (N, C) class probabilities"
         )
@@ -47,18 +47,18 @@ def auc(y_true, y_score) -> float:
     y_true, y_score = _as_arrays(y_true, y_score)
     classes = np.unique(y_true)
     if len(classes) < 2:
-        raise AnalysisError(f"AUC needs both classes but y_true has only {classes.tolist()}; "
+        raise StatsError(f"AUC needs both classes but y_true has only {classes.tolist()}; "
                             "check the labels of the evaluated slides")
     if y_score.ndim == 1:
         if len(classes) > 2:
-            raise AnalysisError(f"y_true has {len(classes)} classes but y_score is 1-D; "
+            raise StatsError(f"y_true has {len(classes)} classes but y_score is 1-D; "
                                 "pass (N, C) class probabilities for multiclass AUC")
         return _binary_auc(y_true == classes[1], y_score)
     n_cls = y_score.shape[1]
     if n_cls == 2 and set(classes.tolist()) <= {0, 1}:
         return _binary_auc(y_true == 1, y_score[:, 1])
     if not np.issubdtype(y_true.dtype, np.integer) or classes.min() < 0 or classes.max() >= n_cls:
-        raise AnalysisError(f"multiclass y_true must hold class indices 0..{n_cls - 1} "
+        raise StatsError(f"multiclass y_true must hold class indices 0..{n_cls - 1} "
                             f"matching the {n_cls} score columns; got {classes[:10].tolist()}")
     # Macro OvR over the classes present (a class absent from y_true has no AUC).
     aucs = [_binary_auc(y_true == c, y_score[:, c]) for c in classes]
@@ -75,7 +75,7 @@ def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: 
     """
     y_true, y_score = _as_arrays(y_true, y_score)
     if not 0 < alpha < 1:
-        raise AnalysisError(f"alpha={alpha} must lie in (0, 1), e.g. 0.05 for a 95% CI")
+        raise StatsError(f"alpha={alpha} must lie in (0, 1), e.g. 0.05 for a 95% CI")
     rng = np.random.default_rng(seed)
     n = len(y_true)
     groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
@@ -89,7 +89,7 @@ def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: 
                 continue
         try:
             values.append(float(metric(y_true[idx], y_score[idx])))
-        except (ValueError, AnalysisError):  # metric undefined on this resample
+        except (ValueError, StatsError):  # metric undefined on this resample
             continue
     if not values:
         log.warning("bootstrap_ci: no usable resample out of %d; returning nan", n_boot)
@@ -107,7 +107,7 @@ def welch_ttest(a, b) -> tuple[float, float]:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if len(a) < 2 or len(b) < 2:
-        raise AnalysisError(f"Welch's t-test needs at least 2 values per group (got {len(a)} and "
+        raise StatsError(f"Welch's t-test needs at least 2 values per group (got {len(a)} and "
                             f"{len(b)}); run more seeds or folds")
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se2 = va + vb
@@ -146,7 +146,7 @@ def delong_components(y_true, scores: np.ndarray) -> tuple[np.ndarray, np.ndarra
     y = np.asarray(y_true)
     classes = np.unique(y)
     if len(classes) != 2:
-        raise AnalysisError(f"DeLong's test needs binary labels; got classes {classes[:10].tolist()}")
+        raise StatsError(f"DeLong's test needs binary labels; got classes {classes[:10].tolist()}")
     pos = y == classes[1]
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     x, z = scores[:, pos], scores[:, ~pos]
@@ -170,7 +170,7 @@ def delong_test(y_true, score_a, score_b) -> tuple[float, float, float, float]:
     a = np.asarray(score_a, dtype=np.float64).ravel()
     b = np.asarray(score_b, dtype=np.float64).ravel()
     if not (len(y) == len(a) == len(b)):
-        raise AnalysisError(f"DeLong: y_true ({len(y)}), score_a ({len(a)}) and score_b ({len(b)}) "
+        raise StatsError(f"DeLong: y_true ({len(y)}), score_a ({len(a)}) and score_b ({len(b)}) "
                             "must be scores of the same cases")
     aucs, v10, v01 = delong_components(y, np.stack([a, b]))
     m, n = v10.shape[1], v01.shape[1]

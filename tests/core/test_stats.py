@@ -1,4 +1,4 @@
-"""analysis.stats against independent computations (scipy, an O(N^2) DeLong, hand values)."""
+"""core.stats against independent computations (scipy, an O(N^2) DeLong, hand values)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from analysis.errors import AnalysisError
-from analysis.stats import auc, bootstrap_ci, delong_test, welch_ttest
+from core.errors import StatsError
+from core.stats import auc, bootstrap_ci, delong_test, welch_ttest
 
 
 def _slow_delong(y, a, b):
@@ -45,7 +45,7 @@ def test_auc_multiclass_is_macro_ovr():
 
 
 def test_auc_one_class_is_a_clear_error():
-    with pytest.raises(AnalysisError, match="both classes"):
+    with pytest.raises(StatsError, match="both classes"):
         auc([1, 1, 1], [0.2, 0.3, 0.4])
 
 
@@ -77,7 +77,7 @@ def test_welch_matches_scipy():
 
 
 def test_welch_needs_two_values():
-    with pytest.raises(AnalysisError, match="at least 2"):
+    with pytest.raises(StatsError, match="at least 2"):
         welch_ttest([0.8], [0.7, 0.75])
 
 

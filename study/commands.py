@@ -38,7 +38,7 @@ DEMO_STUDY = {
 def _run_study(cfg) -> None:
     import logging
 
-    from analysis.study import Study, StudyEvent
+    from study.study import Study, StudyEvent
 
     if logging.getLogger().level > logging.DEBUG:  # the progress display replaces per-run logs
         for name in ("featstore", "mil", "analysis"):
@@ -68,7 +68,7 @@ def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
         study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...).")],
     ) -> None:
         """Run a whole transfer-learning study and write report/report.md (reruns do only what is missing)."""
-        from analysis.study import StudyConfig
+        from study.study import StudyConfig
 
         _run_study(StudyConfig.from_yaml(study_file))
 
@@ -80,7 +80,7 @@ def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
     ) -> None:
         """Generate the demo cohort and run the demo study on it (two encoders x levels 0-3 x 3 seeds,
         top-k fine-tuning of the best, CKA), printing where the report is."""
-        from analysis.study import StudyConfig
+        from study.study import StudyConfig
         from featstore.demo import make_demo_cohort
 
         out.mkdir(parents=True, exist_ok=True)

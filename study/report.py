@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 from analysis.compare import format_p
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.study import Study
+    from study.study import Study
 
 
 def _rel(path: Path, base: Path) -> str:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analysis.errors import AnalysisError
-from analysis.study import Study, StudyConfig
+from study.errors import StudyError
+from study.study import Study, StudyConfig
 from cli import featstore_app
 from featstore.demo import make_demo_slide
 
@@ -83,16 +83,16 @@ def test_tiny_study_end_to_end_then_rerun_does_nothing_new(study_dir):
 def test_study_file_errors(tmp_path):
     bad = tmp_path / "s.yaml"
     bad.write_text("slides: [x]\nlabels: l.csv\nencoders: [resnet18]\nfoo: 1\n")
-    with pytest.raises(AnalysisError, match=r"unknown keys \['foo'\]"):
+    with pytest.raises(StudyError, match=r"unknown keys \['foo'\]"):
         StudyConfig.from_yaml(bad)
     bad.write_text("slides: [x]\n")
-    with pytest.raises(AnalysisError, match="missing keys"):
+    with pytest.raises(StudyError, match="missing keys"):
         StudyConfig.from_yaml(bad)
-    with pytest.raises(AnalysisError, match="no such study file"):
+    with pytest.raises(StudyError, match="no such study file"):
         StudyConfig.from_yaml(tmp_path / "nope.yaml")
     cfg_text = "slides: [x]\nlabels: l.csv\nencoders: [{name: resnet18, weights: random, depth: 2}]\n"
     bad.write_text(cfg_text)
-    with pytest.raises(AnalysisError, match="unknown keys"):
+    with pytest.raises(StudyError, match="unknown keys"):
         StudyConfig.from_yaml(bad)
     good = tmp_path / "g.yaml"
     good.write_text("slides: data/slides\nlabels: data/labels.csv\nencoders: [resnet18]\n")
