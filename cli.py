@@ -1,6 +1,6 @@
 """Command-line entry points: the `featstore` and `mil` typer apps.
 
-Commands live beside the code they drive (``<package>/commands.py``, each with a
+Commands live beside the code they drive (``<package>/commands/<topic>.py``, each with a
 ``register(app)``); this module only assembles the two apps and turns the packages' own
 errors into one red line on stderr and exit code 1.
 """
@@ -12,13 +12,12 @@ import logging
 import sys
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 
 from core.errors import CoreError
+from core.ui import err_console as _err
 
 _USER_ERRORS = (CoreError,)  # every package's base error derives from it
-_err = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:

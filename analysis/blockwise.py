@@ -32,19 +32,6 @@ def parse_set(text: str) -> tuple[str, str | None]:
     return enc, (weights or None)
 
 
-def parse_levels(text: str | None) -> tuple[int, ...] | None:
-    """``"0,1,2"`` -> (0, 1, 2); None or "" -> None (every level stored for both sets)."""
-    if not text:
-        return None
-    try:
-        levels = tuple(int(t) for t in str(text).split(",") if t.strip())
-    except ValueError:
-        raise AnalysisError(f"--levels {text!r}: expected comma-separated integers, e.g. 0,1,2,3") from None
-    if any(lv < 0 for lv in levels):
-        raise AnalysisError(f"--levels {text!r}: levels are 'minus K' with K >= 0")
-    return levels
-
-
 @dataclass
 class BlockwiseResult:
     """CKA matrix: rows = levels of set A, columns = levels of set B."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score
@@ -29,6 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from analysis.errors import AnalysisError
 from core.stats import auc, bootstrap_ci
+from mil.labels import NA, Row, read_labels, read_table, rows_text, sort_classes
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,7 @@ def make_probe(name: str, seed: int = 0, **kw) -> BaseEstimator:
 
 
 # --------------------------------------------------------------------------- labels
-def _sort_classes(values) -> list[str]:
-    vals = sorted(set(values))
-    try:
-        return sorted(vals, key=float)
-    except ValueError:
-        return vals
+TILE_COLUMNS = ("slide_id", "x", "y", "label")
 
 
 @dataclass
@@ -129,42 +126,29 @@ class SlideLabels:
     groups: list[str]  # patient_id, or the slide id
 
 
-def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise AnalysisError(f"{path}: no such labels file")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise AnalysisError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    rows = [r for r in rows if r.get("label", "")]
-    if not rows:
-        raise AnalysisError(f"{path}: no labelled rows")
-    return rows
-
-
 def is_tile_labels(path: str | Path) -> bool:
     """True when the CSV has x and y columns (tile-level labels)."""
-    with Path(path).open(newline="") as fh:
+    with Path(path).open(newline="", encoding="utf-8-sig") as fh:
         head = [c.strip() for c in (next(csv.reader(fh), []) or [])]
     return "x" in head and "y" in head
 
 
 def read_slide_labels(path: str | Path) -> SlideLabels:
-    """``slide_id,label[,patient_id]`` (extra columns ignored)."""
-    rows = _read_csv(path, ("slide_id", "label"))
-    seen: dict[str, str] = {}
-    for r in rows:
-        sid = r["slide_id"]
-        if sid in seen and seen[sid] != r["label"]:
-            raise AnalysisError(f"{path}: slide {sid!r} has two labels ({seen[sid]}, {r['label']}); fix the CSV")
-        seen[sid] = r["label"]
-    sids = list(seen)
-    patient = {r["slide_id"]: (r.get("patient_id") or r["slide_id"]) for r in rows}
-    return SlideLabels(sids, [seen[s] for s in sids], [patient[s] for s in sids])
+    """``slide_id,label[,patient_id][,split|fold]`` by mil's labels reader (the same rules as `mil train`)."""
+    lab = read_labels(path)
+    return SlideLabels(list(lab.slide_ids), [lab.classes[i] for i in lab.y], list(lab.patients))
+
+
+def read_tile_labels(path: str | Path) -> list[Row]:
+    """Rows of a ``slide_id,x,y,label`` CSV (BOM-safe, extra columns ignored); an empty label is an error."""
+    rows = read_table(path, TILE_COLUMNS, extra="ignore", what="tile labels file")
+    unlabelled = [r.line for r in rows if r["label"].lower() in NA]
+    if unlabelled:
+        raise AnalysisError(f"{path}: empty/NaN label on line(s) {rows_text(unlabelled)}; "
+                            "fill them or drop those rows")
+    if not rows:
+        raise AnalysisError(f"{path}: no labelled rows; add one line per tile (slide_id,x,y,label)")
+    return rows
 
 
 def load_tile_labels(store, path: str | Path, encoder: str, minus: int,
@@ -174,8 +158,8 @@ def load_tile_labels(store, path: str | Path, encoder: str, minus: int,
     Rows of the CSV are matched to the store's coords (level-0 top-left x, y) of their slide;
     unmatched rows are counted and logged, none matched is an error.
     """
-    rows = _read_csv(path, ("slide_id", "x", "y", "label"))
-    by_slide: dict[str, list[dict]] = {}
+    rows = read_tile_labels(path)
+    by_slide: dict[str, list[Row]] = {}
     for r in rows:
         by_slide.setdefault(r["slide_id"], []).append(r)
     X, y, g, ids = [], [], [], []
@@ -192,8 +176,8 @@ def load_tile_labels(store, path: str | Path, encoder: str, minus: int,
             try:
                 i = index.get((int(float(r["x"])), int(float(r["y"]))))
             except ValueError:
-                raise AnalysisError(f"{path}: x/y of slide {sid!r} must be integers (level-0 px), "
-                                    f"got {r['x']!r}, {r['y']!r}") from None
+                raise AnalysisError(f"{path}: line {r.line}: x/y of slide {sid!r} must be integers "
+                                    f"(level-0 px), got {r['x']!r}, {r['y']!r}") from None
             if i is None:
                 unmatched += 1
                 continue
@@ -224,12 +208,6 @@ def load_attention(run_dir: str | Path) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def _softmax(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    e = np.exp(a - a.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
 def mean_pool(feats: np.ndarray, attention: list[np.ndarray] | None = None) -> np.ndarray:
     return feats.astype(np.float64).mean(axis=0)
 
@@ -244,7 +222,7 @@ def attention_pool(feats: np.ndarray, attention: list[np.ndarray] | None = None)
         if len(a) != len(feats):
             raise AnalysisError(f"attention has {len(a)} rows but the slide has {len(feats)} tiles; "
                                 "was the run trained on this store?")
-        ws.append(_softmax(a).mean(axis=1))
+        ws.append(softmax(np.asarray(a, np.float64), axis=0).mean(axis=1))
     w = np.mean(ws, axis=0)
     return w @ feats.astype(np.float64)
 
@@ -333,7 +311,7 @@ def evaluate_probe(X, labels, *, probe: str | BaseEstimator = "logreg", folds: i
     """
     X = np.asarray(X, np.float64)
     labels = np.asarray([str(v) for v in labels])
-    classes = list(classes) if classes is not None else _sort_classes(labels.tolist())
+    classes = list(classes) if classes is not None else sort_classes(labels.tolist())
     if len(classes) < 2:
         raise AnalysisError(f"probe needs at least two classes; the labels have only {classes}")
     cls_index = {c: i for i, c in enumerate(classes)}

@@ -27,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featstore.cohort import discover_slides  # noqa: E402
 from featstore.demo import make_demo_cohort  # noqa: E402
 from featstore.encoders import autocast  # noqa: E402
-from featstore.extract import ExtractConfig, Extractor, _Job, _Readers, tune_malloc  # noqa: E402
+from core.runtime import tuned_malloc  # noqa: E402
+from featstore.extract import ExtractConfig, Extractor  # noqa: E402
 from featstore.h5io import export_h5  # noqa: E402
 from featstore.slide import Slide  # noqa: E402
 from featstore.store import open_store  # noqa: E402
 from featstore.tiling import TilingConfig, tile_slide  # noqa: E402
+from featstore.tilesource import TileSource  # noqa: E402
 
 
 def model_only(enc, prec: str, batch: int, n_tiles: int, size: int) -> float:
@@ -61,11 +63,11 @@ def feeder(refs, size: int, n: int = 400) -> tuple[float, float]:
     for x, y in coords:
         slide.read_region((int(x), int(y)), 0, (tiles.size0, tiles.size0))
     raw = n / (time.perf_counter() - t0)
-    r = _Readers(1, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pin=False, slide_mpp=None)
-    job = _Job(refs[0], coords, tiles.size0, {}, None)
+    r = TileSource({"input_size": size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}, workers=1)
+    r.add(refs[0].slide_id, refs[0].path, tiles.size0)
     t0 = time.perf_counter()
     for i in range(0, n, 32):
-        r.submit([(job, i, min(n, i + 32))]).result()
+        r.submit_batch([(refs[0].slide_id, coords[i:min(n, i + 32)])]).result()
     fed = n / (time.perf_counter() - t0)
     r.close()
     return fed, raw
@@ -116,8 +118,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats (medians are reported)")
     ap.add_argument("--skip-rss", action="store_true")
     args = ap.parse_args()
-    tune_malloc()
-    with tempfile.TemporaryDirectory() as d:
+    with tuned_malloc(), tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         make_demo_cohort(tmp / "demo", n_slides=max(args.slides, 2), seed=0)
         refs = discover_slides([tmp / "demo" / "slides"])[: args.slides]

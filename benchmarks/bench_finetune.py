@@ -1,7 +1,7 @@
 """Throughput of the top-k fine-tune step: tile reader vs encoder compute (tiles/s).
 
 Writes one synthetic pyramidal slide, then times
-  * reader: k tiles read from the WSI and normalised by ``--workers`` threads (mil.finetune.TileReader);
+  * reader: k tiles read from the WSI and normalised by ``--workers`` threads (featstore.tilesource.TileSource);
   * embed:  a no-gradient forward of the k tiles (what scoring and --reselect cost);
   * train:  one bag step (checkpointed micro-batches: forward, recomputed forward, backward, Adam).
 
@@ -33,7 +33,8 @@ def main() -> None:
 
     from featstore.encoders import create_encoder, prepare_encoder, resolve_precision
     from featstore.synth import rectangles_slide, write_pyramid_tiff
-    from mil.finetune import BagModel, TileReader
+    from featstore.tilesource import TileSource
+    from mil.bagmodel import BagModel
     from mil.models import create_mil_model
 
     dev = torch.device("cpu")
@@ -47,8 +48,8 @@ def main() -> None:
         enc = prepare_encoder(create_encoder(args.encoder, "random", levels=(args.minus,)), precision, dev)
         head = create_mil_model("abmil", enc.dims[args.minus])
         model = BagModel(enc, head, args.minus, precision, args.micro_batch)
-        reader = TileReader({"s": path}, {"s": {"size0": size0, "slide_mpp": 0.5}}, args.size, enc.mean,
-                            enc.std, args.workers)
+        reader = TileSource({**enc.preprocessing(), "input_size": args.size}, workers=args.workers)
+        reader.add("s", path, size0, 0.5)
         opt = torch.optim.Adam([{"params": list(enc.trainable_parameters()), "lr": 1e-5},
                                 {"params": list(head.parameters()), "lr": 1e-4}])
 

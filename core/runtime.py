@@ -148,13 +148,31 @@ def env(**values: str | None) -> Iterator[None]:
                     os.environ[k] = v
 
 
-def hub_offline(offline: bool = True):
+@contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
     """Hugging Face hub offline mode inside the block, unless a download was asked for.
 
     With no cached file ``timm.create_model(pretrained=True)`` otherwise hangs ~46 s retrying
-    the hub (FACTS.md); offline it fails in 0.2 s. The caller's setting is restored after.
+    the hub (FACTS.md); offline it fails in 0.2 s. huggingface_hub reads ``HF_HUB_OFFLINE`` once,
+    at import, into ``huggingface_hub.constants.HF_HUB_OFFLINE`` and consults only that copy
+    afterwards, so both the variable and the constant are set; both are restored on exit.
     """
-    return env(HF_HUB_OFFLINE="1") if offline else env()
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub library: the variable alone is all there is
+        constants = None
+    prev = getattr(constants, "HF_HUB_OFFLINE", None)
+    with env(HF_HUB_OFFLINE="1"):
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            if constants is not None:
+                constants.HF_HUB_OFFLINE = prev
 
 
 __all__ = ["resolve_device", "cpu_threads", "deterministic", "tuned_malloc", "env", "hub_offline"]

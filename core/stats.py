@@ -1,16 +1,20 @@
 """Statistics for comparing classifiers: AUC, bootstrap CIs, Welch's t-test, DeLong's test.
 
 Used by ``mil`` for the CIs in metrics.json and by ``analysis.compare`` for significance.
-Everything is plain numpy/scipy on small vectors (slides, seeds), deterministic for a seed.
+AUC is scikit-learn's, Welch's test scipy's; the stratified bootstrap (vectorised over resamples
+for AUC) and the fast DeLong test are here because no maintained library has them. Everything is
+deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable
 
 import numpy as np
 from scipy import stats as _st
+from sklearn.metrics import roc_auc_score
 
 from core.errors import StatsError
 
@@ -31,38 +35,91 @@ def _as_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC from midranks (ties count 1/2): fast enough for bootstrap loops."""
-    m = int(pos.sum())
-    n = len(pos) - m
-    ranks = _st.rankdata(score)
-    return float((ranks[pos].sum() - m * (m + 1) / 2) / (m * n))
+    """ROC AUC of one binary problem (scikit-learn; ties count 1/2).
+
+    scikit-learn refuses NaN and inf scores; those keep the rank formula's answer (NaN
+    propagates, so a diverged model's metrics say "undefined" instead of failing the run).
+    """
+    if not np.isfinite(score).all():
+        return _rank_auc(pos.astype(np.int8), score)
+    return float(roc_auc_score(pos, score))
 
 
 def auc(y_true, y_score) -> float:
     """ROC AUC: binary when ``y_score`` is (N,), macro one-vs-rest when it is (N, C).
 
     Binary labels may be any two values (the larger one is positive, as in scikit-learn);
-    multiclass labels must be integer class indices 0..C-1 matching the score columns.
+    multiclass labels must be integer class indices 0..C-1 matching the score columns, and the
+    macro average runs over the classes present in ``y_true`` (an absent class has no AUC).
     """
     y_true, y_score = _as_arrays(y_true, y_score)
+    return float(np.mean([_binary_auc(pos, score) for pos, score in _problems(y_true, y_score)]))
+
+
+def _problems(y_true: np.ndarray, y_score: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The binary problems (positives, scores) whose AUCs :func:`auc` averages; checks the input."""
     classes = np.unique(y_true)
     if len(classes) < 2:
         raise StatsError(f"AUC needs both classes but y_true has only {classes.tolist()}; "
-                            "check the labels of the evaluated slides")
+                         "check the labels of the evaluated slides")
     if y_score.ndim == 1:
         if len(classes) > 2:
             raise StatsError(f"y_true has {len(classes)} classes but y_score is 1-D; "
-                                "pass (N, C) class probabilities for multiclass AUC")
-        return _binary_auc(y_true == classes[1], y_score)
+                             "pass (N, C) class probabilities for multiclass AUC")
+        return [(y_true == classes[1], y_score)]
     n_cls = y_score.shape[1]
     if n_cls == 2 and set(classes.tolist()) <= {0, 1}:
-        return _binary_auc(y_true == 1, y_score[:, 1])
+        return [(y_true == 1, y_score[:, 1])]
     if not np.issubdtype(y_true.dtype, np.integer) or classes.min() < 0 or classes.max() >= n_cls:
         raise StatsError(f"multiclass y_true must hold class indices 0..{n_cls - 1} "
-                            f"matching the {n_cls} score columns; got {classes[:10].tolist()}")
-    # Macro OvR over the classes present (a class absent from y_true has no AUC).
-    aucs = [_binary_auc(y_true == c, y_score[:, c]) for c in classes]
-    return float(np.mean(aucs))
+                         f"matching the {n_cls} score columns; got {classes[:10].tolist()}")
+    return [(y_true == c, y_score[:, c]) for c in classes]
+
+
+def _resampled_aucs(y_true: np.ndarray, y_score: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """AUC of every resample (rows of *idx*) at once: Mann-Whitney U from midranks along axis 1.
+
+    Every row must pose the same binary problems as the full data (true for stratified
+    resamples, and for binary labels once single-class resamples are dropped). Midranks are
+    multiples of 1/2, so their sums are exact and each AUC equals the rank formula on its own
+    resample bit for bit.
+    """
+    total = np.zeros(len(idx))
+    problems = _problems(y_true, y_score)
+    for pos, score in problems:
+        p = pos[idx]
+        m = p.sum(axis=1).astype(np.float64)
+        n = p.shape[1] - m
+        ranks = _st.rankdata(score[idx], axis=1)
+        total = total + (np.where(p, ranks, 0.0).sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    return total / len(problems) if len(problems) > 1 else total
+
+
+def _rank_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """:func:`auc` by the midrank formula of :func:`_resampled_aucs` (one resample)."""
+    return float(_resampled_aucs(y_true, y_score, np.arange(len(y_true))[None])[0])
+
+
+def _is_binary(y_true: np.ndarray, y_score: np.ndarray) -> bool:
+    try:
+        return len(_problems(y_true, y_score)) == 1
+    except StatsError:
+        return False
+
+
+def _draw(rng: np.random.Generator, y_true: np.ndarray, n_boot: int, stratified: bool) -> list[np.ndarray]:
+    """The resample indices, drawn in the one fixed order (a seed always gives the same CI)."""
+    groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    n = len(y_true)
+    out = []
+    for _ in range(n_boot):
+        if stratified:
+            out.append(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]))
+        else:
+            idx = rng.integers(0, n, n)
+            if len(np.unique(y_true[idx])) >= 2:
+                out.append(idx)
+    return out
 
 
 def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: float = 0.05,
@@ -71,27 +128,27 @@ def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: 
 
     Stratified resampling draws with replacement within each class, so every resample keeps
     the class counts (and AUC is always defined). Unstratified resamples that contain a single
-    class are skipped. Returns (nan, nan) if no resample was usable.
+    class are skipped. Returns (nan, nan) if no resample was usable. With ``metric=auc`` and
+    stratified resampling all resamples are scored at once (vectorised ranks).
     """
     y_true, y_score = _as_arrays(y_true, y_score)
     if not 0 < alpha < 1:
         raise StatsError(f"alpha={alpha} must lie in (0, 1), e.g. 0.05 for a 95% CI")
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
-    values = []
-    for _ in range(n_boot):
-        if stratified:
-            idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        else:
-            idx = rng.integers(0, n, n)
-            if len(np.unique(y_true[idx])) < 2:
-                continue
+    draws = _draw(np.random.default_rng(seed), y_true, n_boot, stratified)
+    values: list[float] | np.ndarray = []
+    if metric is auc and draws and (stratified or _is_binary(y_true, y_score)):
         try:
-            values.append(float(metric(y_true[idx], y_score[idx])))
-        except (ValueError, StatsError):  # metric undefined on this resample
-            continue
-    if not values:
+            values = _resampled_aucs(y_true, y_score, np.stack(draws))
+        except StatsError:  # AUC undefined on these labels: no usable resample
+            values = []
+    else:
+        score = _rank_auc if metric is auc else metric  # the same rank formula as the fast path
+        for idx in draws:
+            try:
+                values.append(float(score(y_true[idx], y_score[idx])))
+            except (ValueError, StatsError):  # metric undefined on this resample
+                continue
+    if not len(values):
         log.warning("bootstrap_ci: no usable resample out of %d; returning nan", n_boot)
         return float("nan"), float("nan")
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
@@ -101,40 +158,19 @@ def bootstrap_ci(metric: Metric, y_true, y_score, *, n_boot: int = 1000, alpha: 
 def welch_ttest(a, b) -> tuple[float, float]:
     """Welch's two-sided t-test (unequal variances), e.g. AUCs of two configs over seeds.
 
-    Same result as ``scipy.stats.ttest_ind(a, b, equal_var=False)``; computed explicitly
-    (Welch-Satterthwaite degrees of freedom). nan when both groups have zero variance.
+    ``scipy.stats.ttest_ind(a, b, equal_var=False)``; nan when both groups have zero variance.
     """
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if len(a) < 2 or len(b) < 2:
         raise StatsError(f"Welch's t-test needs at least 2 values per group (got {len(a)} and "
-                            f"{len(b)}); run more seeds or folds")
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se2 = va + vb
-    if se2 == 0:
+                         f"{len(b)}); run more seeds or folds")
+    if a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b) == 0:
         return float("nan"), float("nan")
-    t = (a.mean() - b.mean()) / np.sqrt(se2)
-    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    p = 2 * _st.t.sf(abs(t), df)
-    return float(t), float(p)
-
-
-def _midrank(x: np.ndarray) -> np.ndarray:
-    """Midranks (1-based, ties get the average rank), as in Sun & Xu (2014)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    n = len(x)
-    ranks_sorted = np.empty(n, dtype=np.float64)
-    i = 0
-    while i < n:
-        j = i
-        while j < n and xs[j] == xs[i]:
-            j += 1
-        ranks_sorted[i:j] = 0.5 * (i + j - 1) + 1
-        i = j
-    out = np.empty(n, dtype=np.float64)
-    out[order] = ranks_sorted
-    return out
+    with warnings.catch_warnings():  # near-identical AUCs (e.g. all ~1): scipy warns, the result stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = _st.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)
 
 
 def delong_components(y_true, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,9 +187,9 @@ def delong_components(y_true, scores: np.ndarray) -> tuple[np.ndarray, np.ndarra
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     x, z = scores[:, pos], scores[:, ~pos]
     m, n = x.shape[1], z.shape[1]
-    tx = np.stack([_midrank(r) for r in x])
-    tz = np.stack([_midrank(r) for r in z])
-    tall = np.stack([_midrank(r) for r in np.concatenate([x, z], axis=1)])
+    tx = _st.rankdata(x, axis=1)  # midranks (ties get the average rank), as in Sun & Xu (2014)
+    tz = _st.rankdata(z, axis=1)
+    tall = _st.rankdata(np.concatenate([x, z], axis=1), axis=1)
     aucs = tall[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
     v10 = (tall[:, :m] - tx) / n
     v01 = 1.0 - (tall[:, m:] - tz) / m

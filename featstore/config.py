@@ -1,34 +1,45 @@
-"""The config of an extraction: encoder, levels, weights, tiling and the pipeline's knobs."""
+"""The config of an extraction: encoder, levels, weights, tiling and the pipeline's knobs.
+
+Each field declares its help text (:func:`core.config.option`), from which `featstore extract`
+builds its options and the study validates its ``extract:`` section.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from core.config import Config, option
 from featstore.errors import FeatstoreError
 from featstore.tiling import TilingConfig
 
+
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """What to extract and how fast: encoder, levels, weights, tiling and the pipeline's knobs."""
 
-    encoder: str
-    levels: tuple[int, ...] = (0,)
-    weights: str = "random"
-    tiling: TilingConfig = field(default_factory=TilingConfig)
-    input_size: int | None = None  # None: the encoder's own input size
-    batch_size: int = 32
-    workers: int = 0  # reader threads; 0 = auto (see Extractor.workers)
-    precision: str = "auto"
-    device: str = "auto"
-    slide_mpp: float | None = None  # override for slides without mpp metadata
-    seed: int = 0
-    allow_download: bool = False
-    strict_weights: bool = True
-    tune_malloc: bool = True
+    encoder: str = option(help="Encoder name (see `featstore encoders`).", flags=("--encoder", "-e"))
+    levels: tuple[int, ...] = option((0,), "Truncation level(s): 1, or 0,1,2,3, or all. One forward pass for all.",
+                                     flags=("--minus", "-m"))
+    weights: str = option("random", "random | imagenet | a paper tag | path to .pth/.pt/.bin/.safetensors or a "
+                                    "fine-tuned encoder.pt.")
+    tiling: TilingConfig = option(default_factory=TilingConfig, help="How slides are cut into patches.", cli=False)
+    input_size: int | None = option(None, "Encoder input side in px (default: the encoder's, e.g. 224).",
+                                    flags=("--resize",))
+    batch_size: int = option(32, "Tiles per forward pass.")
+    workers: int = option(0, "Reader threads, one OpenSlide handle each (0 = auto: 1 on CPU, where readers compete "
+                             "with the encoder for cores; up to 8 with CUDA).")
+    precision: str = option("auto", "auto | bf16 | fp16 | fp32 (auto: fp16 on CUDA, bf16 on CPUs with native bf16, "
+                                    "else fp32).")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    slide_mpp: float | None = option(None, "Microns per pixel of slides whose files do not record it.")
+    seed: int = option(0, "Seed for random weights.")
+    allow_download: bool = option(False, "Allow fetching weights from the internet (off: offline caches only).")
+    strict_weights: bool = option(True, "Refuse weights files with missing/unexpected keys.")
+    tune_malloc: bool = option(True, "Keep glibc from returning activation buffers to the OS after every batch "
+                                     "(faster on CPU, higher peak memory).", cli=False)
 
     def __post_init__(self) -> None:
         if not self.levels:
             raise FeatstoreError("no truncation level requested (use --minus 0 or e.g. --minus 0,1,2,3)")
         if self.batch_size < 1 or self.workers < 0:
             raise FeatstoreError("--batch-size must be >= 1 and --workers >= 0 (0 = auto)")
-

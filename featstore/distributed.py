@@ -6,9 +6,12 @@ gives each task to exactly one worker (claim-once); a worker keeps one
 and runs it on its slide, with the same completion flags as the single-process path: a slide's
 arrays become visible only when complete. When a worker dies mid-slide, dask reruns the task
 elsewhere (up to the scheduler's ``distributed.scheduler.allowed-failures``); the rerun recreates
-the partial arrays (``Store.begin_features``) and, on local stores, takes over the dead process's
+the partial arrays (``StoreWriter.begin_features``) and, on local stores, takes over the dead process's
 slide lock. Results come back with :func:`distributed.as_completed` for progress and the failure
 summary. Recipes for SLURM / Kubernetes and the throughput model: docs/scale-out.md.
+
+This is library code: progress goes through the :class:`featstore.extract.Progress` protocol;
+the command (`featstore extract --cluster`, console and bars) is ``featstore.commands.extract``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any, Iterator
 
 import torch
 
+from core.runtime import cpu_threads
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError
 from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress
 from featstore.remote import remote_options, store_location
-from featstore.store import open_store
+from featstore.store import open_store_writer
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,6 @@ def _extractor(cfg: ExtractConfig, torch_threads: int | None, gpu_by_name: bool)
         ex = _CACHE.get(key)
         if ex is None:
             _CACHE.clear()  # one config at a time: do not keep old encoders in memory
-            if torch_threads:
-                torch.set_num_threads(torch_threads)
             ex = _CACHE[key] = Extractor(cfg)
         return ex
 
@@ -145,11 +147,12 @@ def extract_slide_task(ref: SlideRef, store: str, cfg: ExtractConfig, storage_op
     """
     ex = _extractor(cfg, torch_threads, gpu_by_name)
     deadline = time.monotonic() + busy_wait
-    while True:
-        rep = ex.run([ref], open_store(store, mode="a", storage_options=storage_options))
-        if not rep.busy or time.monotonic() >= deadline:
-            break
-        time.sleep(min(5.0, max(0.1, busy_wait / 30)))
+    with cpu_threads(torch_threads or 0):  # the worker's own setting is put back after the task
+        while True:
+            rep = ex.run([ref], open_store_writer(store, storage_options=storage_options))
+            if not rep.busy or time.monotonic() >= deadline:
+                break
+            time.sleep(min(5.0, max(0.1, busy_wait / 30)))
     status = ("failed" if rep.failed else "done" if rep.done else "skipped" if rep.skipped else "busy")
     try:
         from distributed import get_worker
@@ -165,15 +168,6 @@ def extract_slide_task(ref: SlideRef, store: str, cfg: ExtractConfig, storage_op
 def _gpu_workers(client) -> bool:
     workers = client.scheduler_info().get("workers", {})
     return any("GPU" in (w.get("resources") or {}) for w in workers.values())
-
-
-def _create_shared_groups(st) -> None:
-    """Create the store's ``slides/`` and ``failures/`` groups before workers race to create them.
-
-    Two workers doing ``require_group("slides")`` on a fresh store both see nothing and the
-    second create fails (zarr ContainsGroupError; seen on S3). Every task then only opens them.
-    """
-    st.refresh()  # open_store(mode='a') creates both groups; nothing else to do
 
 
 def task_key(slide_id: str) -> str:
@@ -198,9 +192,10 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
     progress = progress or _NoProgress()
     location = store_location(store)
     options = remote_options(location, storage_options)
-    st = open_store(location, mode="a", storage_options=options)
+    # the writer creates slides/ and failures/ as it opens, before tasks could race to create
+    # them (two require_group calls on a fresh S3 store: zarr ContainsGroupError)
+    st = open_store_writer(location, storage_options=options)
     st.set_tiling(cfg.tiling.to_dict())  # once, before any task: workers only check it
-    _create_shared_groups(st)
     refs = [SlideRef(r.slide_id, Path(r.path).expanduser().resolve()) for r in refs]
     if len({r.slide_id for r in refs}) != len(refs):
         raise FeatstoreError("two slides share one slide id; give them distinct ids (CSV slide_id,path)")
@@ -245,32 +240,3 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
         client.cancel([f for f in futures if not f.done()])
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def run_distributed_cli(slides: list[str], store: str, *, cluster: str = "local:1",
-                        storage_options: dict | None = None, show_progress: bool = True,
-                        **options) -> ExtractReport:
-    """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report.
-
-    *options* are the command's extraction options (see featstore.commands.extract.build_config).
-    """
-    from featstore.cohort import discover_slides
-    from featstore.commands.extract import RichProgress, _progress, build_config, console
-
-    refs = discover_slides(slides)
-    location = store_location(store)
-    st = open_store(location, mode="a", storage_options=remote_options(location, storage_options))
-    cfg = build_config(st, **options)
-    spec = ClusterSpec.parse(cluster)
-    # our own LocalCluster: split this machine's cores between the worker processes
-    threads = max(1, (os.cpu_count() or 1) // spec.n_workers) if spec.local else None
-    with connect(spec) as client:
-        n = len(client.scheduler_info().get("workers", {}))
-        console.print(f"[bold]{cfg.encoder}[/] weights={cfg.weights} levels={list(cfg.levels)} "
-                      f"precision={cfg.precision} slides={len(refs)} cluster={cluster} ({n} workers) -> {store}",
-                      highlight=False)
-        kw = dict(storage_options=storage_options, torch_threads=threads, gpu_by_name=spec.local)
-        if not show_progress:
-            return extract_distributed(refs, store, cfg, client, **kw)
-        with _progress() as p:
-            return extract_distributed(refs, store, cfg, client, progress=RichProgress(p, len(refs)), **kw)

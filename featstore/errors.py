@@ -30,8 +30,8 @@ class MissingMppError(FeatstoreError, ValueError):
     """The slide records no microns-per-pixel and none was given with --mpp."""
 
 
-class NoTissueError(FeatstoreError, ValueError):
-    """Tiling found no patch with enough tissue."""
+class SlideChangedError(FeatstoreError, ValueError):
+    """A slide file is not the one tiled into the store (its size or hash changed)."""
 
 
 class EncoderError(FeatstoreError, ValueError):

@@ -9,32 +9,38 @@ number in flight so memory stays flat however many slides there are.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import logging
-import platform
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
+from core.runtime import resolve_device, tuned_malloc
 from featstore.cohort import SlideRef
-from featstore.errors import FeatstoreError
-from featstore.patches import PatchReader
-from featstore.prefetch import in_thread
-from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.config import ExtractConfig
-from featstore.tiling import tile_slide
+from featstore.errors import FeatstoreError
+from featstore.prefetch import in_thread
 from featstore.slide import Slide
+from featstore.store import FeatureKey, FeatureWriter, Store, open_store
+from featstore.tiling import tile_slide
+from featstore.tilesource import TileSource, check_fingerprint
 
 log = logging.getLogger(__name__)
 
+# The resize note recorded with bilinear features, unchanged since the first stores were
+# written so that their provenance still compares equal (mil predict checks it).
+_RESIZE = "Slide.read_patch: best pyramid level, then PIL antialiased resize"
 
+
+def resize_note(interpolation: str) -> str:
+    """The provenance ``resize`` string: how a patch was brought to the encoder's input size."""
+    return _RESIZE if interpolation == "bilinear" else f"{_RESIZE}, {interpolation} filter"
 
 
 @dataclass
@@ -72,42 +78,6 @@ class _NoProgress:
         pass
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise FeatstoreError(f"--device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatstoreError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> bool:
-    """Keep glibc from returning big activation buffers to the OS after every batch.
-
-    Measured (FACTS.md): the default malloc re-faults the buffers each batch, costing up to
-    half the run in the kernel on CPU; M_MMAP_MAX=0 + a huge M_TRIM_THRESHOLD removes that at
-    the price of higher peak memory. No-op off glibc.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or platform.system() != "Linux":
-        return _MALLOC_TUNED
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 36) == 1
-    except (OSError, AttributeError):
-        return False
-    _MALLOC_TUNED = ok
-    return ok
-
-
 @dataclass
 class _Job:
     """One slide's work: its tiles and the levels still missing in the store."""
@@ -120,43 +90,6 @@ class _Job:
     writers: dict[int, FeatureWriter] = field(default_factory=dict)
     failed: str | None = None
     rows_done: int = 0  # rows computed and handed to the writer
-
-
-class _Readers:
-    """Reader threads producing normalised batches from segments of one or more slides."""
-
-    def __init__(self, workers: int, out_size: int, mean, std, pin: bool, slide_mpp: float | None):
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
-        self.patches = PatchReader(out_size, mean, std, pin=pin)
-        self.out_size = out_size
-        self.slide_mpp = slide_mpp
-
-    def _read(self, segments: list[tuple[_Job, int, int]]) -> tuple[torch.Tensor, dict[int, str]]:
-        """Read one batch made of (job, start, stop) segments, possibly of several slides.
-
-        A segment whose slide fails is zero-filled and reported in the returned
-        {segment index: reason}, so one corrupt slide never costs its batch-mates.
-        """
-        n = sum(e - b for _, b, e in segments)
-        batch = np.zeros((n, self.out_size, self.out_size, 3), dtype=np.uint8)
-        errors: dict[int, str] = {}
-        i = 0
-        for si, (job, b, e) in enumerate(segments):
-            try:
-                if not job.failed:
-                    self.patches.read_into(batch[i:i + e - b], job.ref.path, job.coords[b:e], job.size0,
-                                           self.slide_mpp)
-            except (FeatstoreError, OSError) as exc:
-                errors[si] = str(exc)
-            i += e - b
-        return self.patches.normalise(batch), errors
-
-    def submit(self, segments: list[tuple[_Job, int, int]]) -> Future:
-        return self.pool.submit(self._read, segments)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.patches.close()
 
 
 class _Writer:
@@ -201,6 +134,7 @@ def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: 
     import timm
 
     base = encoder.provenance() if hasattr(encoder, "provenance") else {}
+    pre = encoder.preprocessing()
     return {
         **base,
         "encoder": encoder.name,
@@ -209,9 +143,9 @@ def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: 
         "minus": int(level),
         "dim": int(encoder.dims[level]),
         "preprocessing": {
-            **encoder.preprocessing(),
+            **pre,
             "input_size": int(input_size),
-            "resize": "Slide.read_patch: best pyramid level, then PIL antialiased resize",
+            "resize": resize_note(str(pre.get("interpolation", "bilinear"))),
         },
         "precision": precision,
         "tiling": tiling,
@@ -236,8 +170,6 @@ class Extractor:
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        if cfg.tune_malloc and self.device.type == "cpu":
-            tune_malloc()
         if encoder is None:
             encoder = create_encoder(cfg.encoder, weights=cfg.weights, levels=cfg.levels, seed=cfg.seed,
                                      allow_download=cfg.allow_download, strict=cfg.strict_weights)
@@ -279,14 +211,10 @@ class Extractor:
             return None
         try:
             with Slide(ref.path, mpp=self.cfg.slide_mpp) as slide:
-                fp = slide.fingerprint()
                 if store.has_tiling(ref.slide_id):
                     info = store.slide_info(ref.slide_id)
-                    if info.get("fingerprint") and info["fingerprint"] != fp:
-                        raise FeatstoreError(
-                            f"{ref.path}: file differs from the one tiled into the store as {ref.slide_id!r} "
-                            "(size/hash changed); use a new store or a different slide id"
-                        )
+                    check_fingerprint(slide, info.get("fingerprint"), f"the store as {ref.slide_id!r}",
+                                      "use a new store or a different slide id")
                     coords = store.coords(ref.slide_id)
                     size0 = int(info["size0"])
                 else:
@@ -297,7 +225,7 @@ class Extractor:
                             "check with `featstore tiles`"
                         )
                     info = {
-                        "source": str(ref.path), "fingerprint": fp, "slide_mpp": float(tiles.slide_mpp),
+                        "source": str(ref.path), "fingerprint": slide.fingerprint(), "slide_mpp": float(tiles.slide_mpp),
                         "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
                         "dimensions": list(slide.dimensions), "vendor": slide.vendor,
                     }
@@ -320,7 +248,7 @@ class Extractor:
             raise
 
     # -------------------------------------------------------------- running
-    def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: _Readers,
+    def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: TileSource,
                  progress: Progress) -> Iterator[tuple[list[tuple[_Job, int, int]], Future]]:
         """Yield (segments, future batch) in order with a bounded window of reads in flight.
 
@@ -330,14 +258,17 @@ class Extractor:
         read while the current slide's last tiles run.
         """
         window: deque[tuple[list, Future]] = deque()
-        max_in_flight = max(2, 2 * readers.pool._max_workers)
+        max_in_flight = max(2, 2 * readers.workers)
         bs = self.cfg.batch_size
         pending: list[tuple[_Job, int, int]] = []
         fill = 0
 
         def flush():
             nonlocal pending, fill
-            window.append((pending, readers.submit(pending)))
+            segs = pending
+            fut = readers.submit_batch([(job.ref.slide_id, job.coords[b:e]) for job, b, e in segs],
+                                       skip=lambda i: bool(segs[i][0].failed))
+            window.append((segs, fut))
             pending, fill = [], 0
 
         for ref in refs:
@@ -349,6 +280,7 @@ class Extractor:
             if job is None:  # already complete, or claimed by another process
                 progress.slide_finished(ref.slide_id, "skipped")
                 continue
+            readers.add(ref.slide_id, ref.path, job.size0)
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)
             while pos < n:
@@ -375,21 +307,33 @@ class Extractor:
             log.error("could not record failure of %s: %s", ref.slide_id, exc)
         progress.slide_finished(ref.slide_id, "failed")
 
-    @torch.inference_mode()
     def run(self, refs: list[SlideRef], store: Store | str, progress: Progress | None = None) -> ExtractReport:
         """Extract every slide in *refs* into *store*; failed slides are logged and skipped."""
         import time
-
-        from featstore.encoders import autocast
 
         t0 = time.perf_counter()
         progress = progress or _NoProgress()
         store = store if isinstance(store, Store) else open_store(store, mode="a")
         store.set_tiling(self.cfg.tiling.to_dict())
         report = ExtractReport()
+        preprocessing = {**self.encoder.preprocessing(), "input_size": self.input_size}
+        readers = TileSource(preprocessing, workers=self.workers, pin=self.device.type == "cuda",
+                             slide_mpp=self.cfg.slide_mpp)
+        try:
+            with tuned_malloc(self.cfg.tune_malloc and self.device.type == "cpu"):
+                self._run(refs, store, readers, report, progress)
+        finally:
+            readers.close()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    @torch.inference_mode()
+    def _run(self, refs: list[SlideRef], store: Store, readers: TileSource, report: ExtractReport,
+             progress: Progress) -> None:
+        """The hot loop: planned batches -> encoder -> rows handed to the writer thread."""
+        from featstore.encoders import autocast
+
         cuda = self.device.type == "cuda"
-        readers = _Readers(self.workers, self.input_size, self.encoder.mean, self.encoder.std,
-                           pin=cuda, slide_mpp=self.cfg.slide_mpp)
         done_lock = threading.Lock()
 
         def on_done(job: _Job, error: str | None) -> None:
@@ -428,9 +372,6 @@ class Extractor:
                 progress.tiles_done(len(x))
         finally:
             writer.close()
-            readers.close()
-        report.seconds = time.perf_counter() - t0
-        return report
 
     def _abort(self, store: Store, job: _Job, reason: str, report: ExtractReport, progress: Progress) -> None:
         """Fail one slide mid-run: drop its partial arrays, release its claim, log the reason."""

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from featstore.errors import FeatstoreError
-from featstore.store import FeatureKey, Store, safe_slide_id
+from featstore.store import FeatureKey, StoreReader, StoreWriter, safe_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _size0(attrs: dict, default: int | None) -> int | None:
     return default
 
 
-def import_h5(files: list[Path], store: Store, encoder: str, minus: int, weights: str = "imported",
+def import_h5(files: list[Path], store: StoreWriter, encoder: str, minus: int, weights: str = "imported",
               size0: int | None = None, slide_mpp: float | None = None,
               progress: Callable[[int], None] | None = None) -> ImportReport:
     """Import .h5 feature files as (encoder, weights, minus) features of a store.
@@ -113,7 +113,7 @@ def import_h5(files: list[Path], store: Store, encoder: str, minus: int, weights
     return report
 
 
-def export_h5(store: Store, out_dir: Path, encoder: str, minus: int, weights: str | None = None,
+def export_h5(store: StoreReader, out_dir: Path, encoder: str, minus: int, weights: str | None = None,
               slide_ids: list[str] | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
     """Write ``<out_dir>/<slide_id>.h5`` (CLAM/TRIDENT layout) for every slide with the features."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from core.errors import ConfigError
 from featstore.errors import MissingMppError, SlideFormatError, SlideNotFoundError, SlideReadError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,25 @@ def composite_white(rgba: np.ndarray) -> np.ndarray:
     # OpenSlide returns premultiplied-free RGB with alpha; blend on white
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
+
+
+_RESIZE_FILTERS = {
+    "nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR,
+    "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+}
+
+
+def resize_filter(interpolation: str) -> int:
+    """The PIL resampling filter of an encoder's ``interpolation`` (timm / torchvision names).
+
+    PIL scales each filter's support by the shrink factor (antialiasing), as
+    ``torchvision.transforms.v2.functional.resize(..., antialias=True)`` does.
+    """
+    try:
+        return _RESIZE_FILTERS[str(interpolation).lower()]
+    except KeyError:
+        raise ConfigError(
+            f"interpolation {interpolation!r}: use one of {', '.join(_RESIZE_FILTERS)}") from None
 
 
 class Slide:
@@ -152,15 +172,21 @@ class Slide:
                 best = i
         return best
 
-    def read_patch(self, xy0: tuple[int, int], size0: int, out_size: int) -> np.ndarray:
-        """A square of side *size0* level-0 px at *xy0*, read from the best level, as out_size² RGB."""
+    def read_patch(self, xy0: tuple[int, int], size0: int, out_size: int,
+                   interpolation: str = "bilinear") -> np.ndarray:
+        """A square of side *size0* level-0 px at *xy0*, read from the best level, as out_size² RGB.
+
+        The resize is PIL's antialiased one with the filter the encoder's weights were trained
+        with (*interpolation*: bilinear, bicubic, ...; see :func:`resize_filter`).
+        """
+        resample = resize_filter(interpolation)
         level = self.best_level(size0 / out_size)
         ds = self.level_downsamples[level]
         side = max(1, int(round(size0 / ds)))
         rgb = self.read_region(xy0, level, (side, side))
         if side == out_size:
             return rgb
-        return np.asarray(Image.fromarray(rgb).resize((out_size, out_size), Image.BILINEAR))
+        return np.asarray(Image.fromarray(rgb).resize((out_size, out_size), resample))
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most *max_size*, and its downsample vs level 0."""

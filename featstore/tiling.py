@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
 
+from core.config import Config, option
 from featstore.errors import FeatstoreError
 from featstore.slide import Slide
 
@@ -30,15 +32,17 @@ class TilingError(FeatstoreError, ValueError):
 
 
 @dataclass(frozen=True)
-class TilingConfig:
-    """How a slide is cut into patches (frozen; round-trips through ``to_dict``)."""
+class TilingConfig(Config):
+    """How a slide is cut into patches (frozen; round-trips through ``to_dict`` / ``from_dict``)."""
 
-    patch_size: int = 512          # px at the target mpp
-    mpp: float = 0.5               # target microns per pixel
-    overlap: int = 0               # px at the target mpp
-    min_tissue: float = 0.5        # keep patches with at least this tissue fraction
-    mask: str = "saturation"       # "saturation" (HSV S channel) or "gray" (inverted grayscale)
-    thumb_mpp: float = 8.0         # resolution of the tissue mask, µm/px (finer for tiny patches)
+    config_error: ClassVar[type[Exception]] = TilingError
+
+    patch_size: int = option(512, "Patch side in pixels at --mpp.")
+    mpp: float = option(0.5, "Target microns per pixel of a patch (0.5 ≈ 20x).")
+    overlap: int = option(0, "Overlap between patches in pixels at --mpp.")
+    min_tissue: float = option(0.5, "Keep patches with at least this tissue fraction.")
+    mask: str = option("saturation", "Tissue mask: saturation (H&E) or gray (inverted grayscale).")
+    thumb_mpp: float = option(8.0, "Resolution of the tissue mask in µm/px (finer for tiny patches).")
 
     def __post_init__(self) -> None:
         if int(self.patch_size) != self.patch_size or self.patch_size <= 0:
@@ -56,14 +60,6 @@ class TilingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TilingConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise TilingError(f"unknown tiling keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -6,40 +6,72 @@ help text, from which the commands build their options and the study validates i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, Sequence
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
-import torch
-
+from core.config import Config, option
 from mil.errors import MilError
 
-_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
+
+class _Optimizers(Mapping):
+    """Optimiser name -> torch.optim class, imported on first use (the CLI starts without torch)."""
+
+    _NAMES = {"adam": "Adam", "adamw": "AdamW"}
+
+    def __getitem__(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch.optim, self._NAMES[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+_OPTIMIZERS = _Optimizers()
 
 
 _MONITORS = ("val_loss", "val_auc")
 
 
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``--hidden 256,64`` -> (256, 64): the instance MLP widths as comma-separated integers."""
+    try:
+        out = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise MilError(f"--hidden {text!r}: give comma-separated integers, e.g. 256,64") from None
+    if not out:
+        raise MilError("--hidden is empty: give comma-separated integers, e.g. 256,64")
+    return out
+
+
+def _show_widths(widths: Sequence[int]) -> str:
+    return ",".join(str(w) for w in widths)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Hyper-parameters of one MIL fit (one bag per optimiser step)."""
 
-    model: str = "abmil"
-    hidden: tuple[int, ...] = (256, 64)
-    attn_dim: int = 32
-    dropout: float = 0.25
-    epochs: int = 50
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    optimizer: str = "adam"
-    patience: int = 10            # epochs without val improvement before stopping; 0 = never stop
-    monitor: str = "val_loss"     # or "val_auc" (falls back to loss when AUC is undefined)
-    seed: int = 0
-    device: str = "cpu"
-    val_fraction: float = 0.2     # share of training patients carved out for early stopping
-    threads: int = 1              # torch CPU threads during the fit (a small head is fastest on 1); 0 keeps torch's
+    model: str = option("abmil", "abmil | abmil-gated | mean | max.")
+    hidden: tuple[int, ...] = option((256, 64), "Instance MLP widths, comma-separated (CLAM-like: 512).",
+                                     parse=parse_widths, show=_show_widths)
+    attn_dim: int = option(32, "Attention width (CLAM-like: 256).")
+    dropout: float = option(0.25, "Dropout after each MLP layer.")
+    epochs: int = option(50, "Maximum epochs per fold.")
+    lr: float = option(2e-4, "Learning rate.")
+    weight_decay: float = option(1e-5, "Weight decay.")
+    optimizer: str = option("adam", "adam | adamw.")
+    patience: int = option(10, "Early stopping: epochs without validation improvement (0 = off).")
+    monitor: str = option("val_loss", "Early-stopping criterion: val_loss | val_auc.")
+    seed: int = option(0, "Seed for splits, init, order; same seed -> same run on CPU.")
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
+    val_fraction: float = option(0.2, "Share of training patients held out for early stopping.")
+    threads: int = option(1, "CPU threads while training (0 = torch default); small heads often train "
+                             "fastest on 1.")
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -60,54 +92,53 @@ class TrainConfig:
         d["hidden"] = list(self.hidden)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
-class RunSpec:
+class RunSpec(Config):
     """Where a run's data comes from and where it goes (the non-hyper-parameter options)."""
 
-    store: str
-    labels: str
-    out: str
-    encoder: str
-    minus: int
-    weights: str | None = None
-    folds: int | None = None          # K-fold CV; None: the labels' split/fold column or one hold-out
-    train_fraction: float = 1.0
-    allow_missing: bool = False
-    cache: str = "auto"               # auto | float32 | float16 | none
-    n_boot: int = 1000                # bootstrap resamples for auc_ci
-    overwrite: bool = False
+    store: str = option(help="Feature store (path or fsspec URL) made by `featstore extract`.")
+    labels: str = option(help="CSV slide_id,label[,patient_id][,split|fold].")
+    out: str = option(help="Run directory to write, e.g. runs/densenet121-m1.")
+    encoder: str = option(help="Encoder whose features to use, e.g. densenet121.")
+    minus: int = option(0, "Truncation level K (features of stage last-K).")
+    weights: str | None = option(None, "Weights tag; needed only if the store holds several.")
+    folds: int | None = option(None, "K-fold CV (patient-grouped, stratified). Default: the labels' split/fold "
+                                     "column, else one 80/20 hold-out.")
+    train_fraction: float = option(1.0, "Use this share of the training patients (stratified), for data-size "
+                                        "studies.")
+    allow_missing: bool = option(False, "Skip labelled slides the store lacks (with a warning).")
+    cache: str = option("auto", "Bags in memory: auto | float32 | float16 | none (stream).")
+    n_boot: int = option(1000, "Bootstrap resamples for the AUC confidence interval.", cli=False)
+    overwrite: bool = option(False, "Replace an existing run in --out.")
 
 
 EVAL_TILES = ("all", "topk")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """Hyper-parameters of one top-k fine-tune."""
 
-    k: int = 64                    # tiles per slide (highest raw attention)
-    epochs: int = 3
-    lr: float = 1e-5               # encoder learning rate
-    head_lr: float = 1e-4          # head learning rate
-    weight_decay: float = 1e-5
-    micro_batch: int = 16          # tiles per encoder forward (activation memory)
-    accumulate: int = 1            # bags per optimiser step
-    reselect: bool = False         # recompute top-k from the current model every epoch
-    eval_tiles: str = "all"        # score test slides on "all" tiles or the frozen "topk"
-    eval_batch: int = 64           # tiles per forward when scoring (no gradient)
-    fold: str | None = None        # fold of the parent run; None = its first
-    precision: str = "auto"        # auto | fp32 | bf16 | fp16
-    device: str = "cpu"
-    workers: int = 2               # tile reader threads
-    seed: int = 0
-    n_boot: int = 1000
-    threads: int = 0               # torch CPU threads; 0 keeps torch's setting
+    k: int = option(64, "Tiles per slide: the k highest raw attention of the frozen run.", flags=("--k",))
+    epochs: int = option(3, "Fine-tuning epochs (the best validation epoch is kept).")
+    lr: float = option(1e-5, "Encoder learning rate.")
+    head_lr: float = option(1e-4, "Head learning rate.")
+    weight_decay: float = option(1e-5, "Adam weight decay.")
+    micro_batch: int = option(16, "Tiles per encoder forward while training (activation memory).")
+    accumulate: int = option(1, "Slides (bags) per optimiser step.")
+    reselect: bool = option(False, "Recompute each training slide's top-k from the current model every epoch "
+                                   "(embeds all its tiles).")
+    eval_tiles: str = option("all", "Score test slides on 'all' their tiles or the frozen 'topk'.")
+    eval_batch: int = option(64, "Tiles per forward when scoring.")
+    fold: str | None = option(None, "Fold of the run to fine-tune (default: its first; one fold per fine-tune "
+                                    "run).")
+    precision: str = option("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on capable CPUs, fp16 on CUDA).")
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
+    workers: int = option(2, "Tile reader threads.")
+    seed: int = option(0, "Seed for bag order and dropout; same seed -> same run on CPU.")
+    n_boot: int = option(1000, "Bootstrap resamples for the AUC confidence interval.", cli=False)
+    threads: int = option(0, "Torch CPU threads (0 = torch default).")
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.epochs < 1 or self.micro_batch < 1 or self.accumulate < 1 or self.eval_batch < 1:
@@ -126,12 +157,13 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneSpec:
+class FinetuneSpec(Config):
     """Where the fine-tune reads from and writes to."""
 
-    run: str                                   # the frozen `mil train` run directory
-    out: str
-    slides: Sequence[str] | None = None        # files / dirs / globs / slide_id,path CSV; None: store sources
-    store: str | None = None                   # default: the run's store
-    overwrite: bool = False
-
+    run: str = option(help="Frozen run directory written by `mil train`.")
+    out: str = option(help="Fine-tune run directory to write, e.g. runs/NAME-ft.")
+    slides: Sequence[str] | None = option(
+        None, "Slide files, directories, globs or a slide_id,path CSV (as given to `featstore extract`). "
+              "Default: the source paths recorded in the store.")
+    store: str | None = option(None, "Feature store (default: the run's).")
+    overwrite: bool = option(False, "Replace an existing run in --out.")

@@ -1,18 +1,16 @@
-"""Labels CSV, patient-grouped stratified splits, and bags of embeddings read from a store.
+"""Patient-grouped stratified splits of a labels table, and bags of embeddings read from a store.
 
-Labels: ``slide_id,label[,patient_id][,split|fold]``. Splits never put one patient's slides on
-both sides of a train/test (or train/val) boundary. Bags come from the store's public read API
-only (``Store.features``) and are cached in memory when the cohort fits.
+The labels table itself is :mod:`mil.labels`. Splits never put one patient's slides on both
+sides of a train/test (or train/val) boundary. Bags come from the store's public read API only
+(``Store.features``) and are cached in memory when the cohort fits.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,127 +18,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from featstore.store import FeatureKey
 from mil.errors import LabelsError, MilError
+from mil.labels import Labels, rows_text, sort_classes
 
 log = logging.getLogger(__name__)
-
-REQUIRED = ("slide_id", "label")
-OPTIONAL = ("patient_id", "split", "fold")
-SPLIT_VALUES = ("train", "val", "test")
-_NA = {"", "nan", "na", "n/a", "none", "null"}
-
-
-# --------------------------------------------------------------------------------------- labels
-@dataclass(frozen=True)
-class Labels:
-    """A parsed labels CSV: one row per slide, labels as class indices into ``classes``."""
-
-    path: str
-    slide_ids: tuple[str, ...]
-    y: np.ndarray                        # (n,) int64 index into classes
-    classes: tuple[str, ...]             # sorted (numerically when every label is an integer)
-    patients: tuple[str, ...]            # patient_id, or the slide_id when the column is absent
-    split: tuple[str, ...] | None = None  # train/val/test per slide
-    fold: tuple[str, ...] | None = None   # predefined fold per slide
-
-    def __len__(self) -> int:
-        return len(self.slide_ids)
-
-    def subset(self, keep: Sequence[int]) -> "Labels":
-        """Rows *keep* (in that order)."""
-        keep = list(keep)
-        pick = lambda t: None if t is None else tuple(t[i] for i in keep)  # noqa: E731
-        return replace(self, slide_ids=pick(self.slide_ids), y=self.y[keep],
-                       patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold))
-
-
-def _rows_text(rows: Sequence[int], limit: int = 10) -> str:
-    shown = ", ".join(str(r) for r in rows[:limit])
-    return shown + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
-
-
-def _sort_classes(values: Iterable[str]) -> list[str]:
-    uniq = set(values)
-    try:
-        return sorted(uniq, key=lambda v: (float(v), v))
-    except ValueError:
-        return sorted(uniq)
-
-
-def read_labels(path: str | Path) -> Labels:
-    """Parse and validate a labels CSV; every problem is one ``LabelsError`` line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"labels file {path} does not exist; pass a CSV with columns slide_id,label")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-        raise LabelsError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
-                          f"(need slide_id,label and optionally {', '.join(OPTIONAL)})")
-    unknown = [c for c in header if c not in REQUIRED + OPTIONAL]
-    if unknown:
-        raise LabelsError(f"{path}: unknown column(s) {', '.join(unknown)}; allowed: "
-                          f"{', '.join(REQUIRED + OPTIONAL)}")
-    if "split" in header and "fold" in header:
-        raise LabelsError(f"{path}: has both 'split' and 'fold' columns; keep one")
-    if not rows:
-        raise LabelsError(f"{path}: no rows; add one line per slide (slide_id,label)")
-    # CSV line numbers: header is line 1.
-    no_id = [i + 2 for i, r in enumerate(rows) if r["slide_id"].lower() in _NA]
-    if no_id:
-        raise LabelsError(f"{path}: empty slide_id on line(s) {_rows_text(no_id)}")
-    nan = [i + 2 for i, r in enumerate(rows) if r["label"].lower() in _NA]
-    if nan:
-        raise LabelsError(f"{path}: empty/NaN label on line(s) {_rows_text(nan)}; fill them or drop those rows")
-    ids = [r["slide_id"] for r in rows]
-    counts: dict[str, int] = {}
-    for s in ids:
-        counts[s] = counts.get(s, 0) + 1
-    dup = sorted(s for s, c in counts.items() if c > 1)
-    if dup:
-        raise LabelsError(f"{path}: duplicate slide_id(s) {_rows_text(dup)}; one row per slide")
-    labels = [r["label"] for r in rows]
-    classes = _sort_classes(labels)
-    if len(classes) < 2:
-        raise LabelsError(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
-                          "a classifier needs at least two")
-    index = {c: i for i, c in enumerate(classes)}
-    patients = [r.get("patient_id", "") or r["slide_id"] for r in rows]
-    split = fold = None
-    if "split" in header:
-        split = [r["split"].lower() for r in rows]
-        bad = [i + 2 for i, s in enumerate(split) if s not in SPLIT_VALUES]
-        if bad:
-            raise LabelsError(f"{path}: split must be train/val/test; bad value on line(s) {_rows_text(bad)}")
-    if "fold" in header:
-        fold = [r["fold"] for r in rows]
-        bad = [i + 2 for i, f in enumerate(fold) if f.lower() in _NA]
-        if bad:
-            raise LabelsError(f"{path}: empty fold on line(s) {_rows_text(bad)}")
-    return Labels(str(path), tuple(ids), np.array([index[v] for v in labels], dtype=np.int64),
-                  tuple(classes), tuple(patients), None if split is None else tuple(split),
-                  None if fold is None else tuple(fold))
-
-
-def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
-                store_name: str = "the store") -> Labels:
-    """Drop (with --allow-missing) or reject slides of *labels* whose features *available* lacks."""
-    avail = set(available)
-    missing = [s for s in labels.slide_ids if s not in avail]
-    if not missing:
-        return labels
-    if not allow_missing:
-        raise LabelsError(f"{len(missing)} slide(s) of {labels.path} have no features in {store_name}: "
-                          f"{_rows_text(missing)}; extract them or pass --allow-missing to skip them")
-    log.warning("skipping %d slide(s) without features in %s: %s", len(missing), store_name,
-                _rows_text(missing))
-    kept = labels.subset([i for i, s in enumerate(labels.slide_ids) if s in avail])
-    if len(kept) == 0 or len(set(kept.y.tolist())) < 2:
-        raise LabelsError(f"after skipping slides missing from {store_name}, {labels.path} has "
-                          f"{len(kept)} slide(s) and fewer than two classes; extract the missing slides")
-    return kept
 
 
 # --------------------------------------------------------------------------------------- splits
@@ -228,7 +108,7 @@ def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_
         raw.append(("test", tr, va if len(va) else None, te))
     elif labels.fold is not None:
         f = np.array(labels.fold)
-        values = _sort_classes(f.tolist())
+        values = sort_classes(f.tolist())
         if len(values) < 2:
             raise LabelsError(f"{labels.path}: the fold column has one value ({values[0]}); need >= 2 folds")
         for v in values:
@@ -269,7 +149,7 @@ def _check_no_leak(splits: Sequence[Split], labels: Labels) -> None:
         sides = [set(p[s.train]), set(p[s.val]), set(p[s.test])]
         both = (sides[0] & sides[2]) | (sides[0] & sides[1]) | (sides[1] & sides[2])
         if both:
-            raise LabelsError(f"{labels.path}: patient(s) {_rows_text(sorted(both))} have slides in more "
+            raise LabelsError(f"{labels.path}: patient(s) {rows_text(sorted(both))} have slides in more "
                               f"than one of train/val/test in fold {s.name}; fix the split/fold column")
 
 
@@ -377,12 +257,11 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
             progress(1)
     if bad:
         raise LabelsError(f"features of the wrong shape (expected (N, {dim}) matching coords) for "
-                          f"{len(bad)} slide(s): {_rows_text(bad)}; re-extract them")
+                          f"{len(bad)} slide(s): {rows_text(bad)}; re-extract them")
     if any(n == 0 for n in sizes.values()):
         empty = [s for s, n in sizes.items() if n == 0]
-        raise LabelsError(f"slide(s) with no tiles in the store: {_rows_text(empty)}; drop them from the labels")
+        raise LabelsError(f"slide(s) with no tiles in the store: {rows_text(empty)}; drop them from the labels")
     return bags
 
 
-__all__ = ["Labels", "read_labels", "match_store", "Split", "make_splits", "carve_val",
-           "subsample_train", "FeatureKey", "Bags", "load_bags"]
+__all__ = ["Split", "make_splits", "carve_val", "subsample_train", "Bags", "load_bags"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy.special import softmax
 from scipy.stats import rankdata
 
 from featstore.store import Store, open_store
@@ -29,8 +30,7 @@ def _rank(a: np.ndarray) -> np.ndarray:
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:
-    e = np.exp(a - a.max())
-    w = e / e.sum()
+    w = softmax(a)
     return w / w.max()
 
 
@@ -120,6 +120,7 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     from matplotlib.colors import Normalize
 
     from featstore.slide import Slide
+    from featstore.tilesource import TileSource
 
     run = run if isinstance(run, Run) else load_run(run)
     st = store if isinstance(store, Store) else open_store(store)
@@ -134,7 +135,10 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     top = np.argsort(-scores, kind="stable")[:max(top_k, 0)]
     with Slide(slide_path, mpp=mpp) as slide:
         thumb, ds = slide.thumbnail(max_size)
-        tiles = [slide.read_patch(tuple(int(v) for v in coords[i]), int(round(size0)), tile_px) for i in top]
+    # the top tiles as RGB (no encoder normalisation: they are drawn, not embedded)
+    with TileSource({"input_size": tile_px, "mean": (0.0,) * 3, "std": (1.0,) * 3}) as tiles_src:
+        tiles_src.add(sid, slide_path, int(round(size0)), mpp)
+        tiles = list(tiles_src.read_rgb(sid, coords[top]))
     heat, covered = paint(thumb.shape[:2], coords, size0, scores, ds)
     blended = overlay(thumb, heat, covered, cmap, alpha)
 

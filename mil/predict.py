@@ -16,12 +16,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from core.runtime import resolve_device
 from featstore.errors import StoreError
 from featstore.store import FeatureKey, Store, open_store
 from mil.data import load_bags
 from mil.errors import MilError
 from mil.run import Run, load_run
-from mil.train import resolve_device, score_bags
+from mil.scoring import score_bags
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def check_store(run: Run, store: Store, key: FeatureKey, slide_ids: Sequence[str
 def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] | None = None, *,
             device: str = "cpu", progress: Callable[[int], None] | None = None) -> Predictions:
     """Class probabilities of *slide_ids* (default: every store slide with the run's features)."""
+    dev = resolve_device(device)   # a bad --device fails before any work
     run = run if isinstance(run, Run) else load_run(run)
     st = store if isinstance(store, Store) else open_store(store)
     key = run_key(run)
@@ -116,7 +118,6 @@ def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] 
         ids = have
     check_store(run, st, key, ids)
     bags = load_bags(st, ids, key, expected_dim=int(run.model_config["in_dim"]))
-    dev = resolve_device(device)
     total = np.zeros((len(ids), len(run.classes)))
     for fold, model in run.models().items():
         probs, _ = score_bags(model.to(dev), bags, ids, dev)
@@ -126,9 +127,9 @@ def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] 
     return Predictions(ids, total / len(run.folds), list(run.classes), run.folds)
 
 
-@torch.no_grad()
 def slide_attention(run: Run, store: Store, slide_id: str, *, device: str = "cpu") -> dict[str, np.ndarray]:
     """Raw (pre-softmax) attention of every fold head on one slide, rows aligned with coords."""
+    dev = resolve_device(device)
     key = run_key(run)
     check_store(run, store, key, [slide_id])
     bag = torch.from_numpy(np.asarray(store.features(slide_id, key.encoder, key.minus, key.weights),
@@ -136,12 +137,11 @@ def slide_attention(run: Run, store: Store, slide_id: str, *, device: str = "cpu
     if bag.shape[1] != int(run.model_config["in_dim"]):
         raise MilError(f"{store.path}: features of {slide_id} are {bag.shape[1]}-d but run {run.path} "
                        f"expects {run.model_config['in_dim']}-d")
-    dev = resolve_device(device)
     out = {}
     for fold, model in run.models().items():
-        _, a = model.to(dev)(bag.to(dev))
-        if a is None:
+        _, attn = score_bags(model.to(dev), {slide_id: bag}, [slide_id], dev)
+        if attn[slide_id] is None:
             raise MilError(f"run {run.path} uses model {run.model_config.get('name')!r}, which has no "
                            "attention; heatmaps need abmil, abmil-gated or max")
-        out[fold] = a.float().cpu().numpy()
+        out[fold] = attn[slide_id]
     return out

@@ -1,6 +1,6 @@
-"""The MIL run directory: write its files, read it back (`load_run`).
+"""The MIL run directory: one writer for it (:class:`RunWriter`), and `load_run` to read it back.
 
-Layout (docs/architecture.md "mil run directory", details in docs/mil.md)::
+Layout (docs/architecture.md "mil run directory", details in docs/mil.md, docs/finetune.md)::
 
     runs/NAME/
       config.json       run settings, store/labels paths, classes, store provenance, splits
@@ -10,6 +10,9 @@ Layout (docs/architecture.md "mil run directory", details in docs/mil.md)::
       attention.npz     "<fold>/<slide_id>" -> (N,) float32 raw attention, rows = store coords
       history.json      per fold: epoch, train_loss, val_loss, val_auc, best_epoch
       roc.png, curves.png
+      encoder.pt, topk.json, predictions_frozen.csv    fine-tune runs only
+
+config.json is written last: its presence marks a finished run.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mil.errors import RunError
+from mil.errors import MilError, RunError
 from mil.models import model_from_config
 
 log = logging.getLogger(__name__)
 
-FILES = ("config.json", "model.pt", "metrics.json", "predictions.csv", "roc.png", "curves.png")
+#: every file a run directory may hold; --overwrite removes exactly these before a new run
+RUN_FILES = ("config.json", "model.pt", "metrics.json", "predictions.csv", "predictions_frozen.csv",
+             "attention.npz", "history.json", "topk.json", "encoder.pt", "roc.png", "curves.png")
 MODEL_FORMAT = 1
 
 
@@ -83,12 +88,12 @@ def save_models(run_dir: Path, states: Mapping[str, dict], model_config: dict, c
     return path
 
 
-def save_predictions(run_dir: Path, rows: list[dict], classes: list[str]) -> Path:
-    """predictions.csv; ``rows`` hold slide_id, label (class name), fold, probs (C,).
+def save_predictions(run_dir: Path, rows: list[dict], classes: list[str], name: str = "predictions.csv") -> Path:
+    """predictions.csv (or *name*); ``rows`` hold slide_id, label (class name), fold, probs (C,).
 
     probability: binary P(classes[1]); multiclass P(predicted class) and prob_<class> columns.
     """
-    path = Path(run_dir) / "predictions.csv"
+    path = Path(run_dir) / name
     multi = len(classes) > 2
     header = ["slide_id", "label", "probability", "fold"] + ([f"prob_{c}" for c in classes] if multi else [])
     with path.open("w", newline="") as fh:
@@ -188,6 +193,76 @@ def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     path = Path(run_dir) / "curves.png"
     fig.savefig(path)
     return path
+
+
+def prepare_out(out: Path, overwrite: bool, parent: Path | None = None) -> None:
+    """Create *out*, or clear the run files of a finished run in it with *overwrite*; refuse
+    a file, a finished run without *overwrite*, and the *parent* run a fine-tune reads."""
+    if parent is not None and out.resolve() == Path(parent).resolve():
+        raise MilError(f"--out {out} is the parent run itself; choose a new directory, e.g. {parent}-ft")
+    if out.exists() and not out.is_dir():
+        raise MilError(f"--out {out} is a file; choose a directory path")
+    if (out / "config.json").exists() and not overwrite:
+        raise MilError(f"--out {out} already holds a run; pass --overwrite or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+class RunWriter:
+    """Writes one run directory: prepares ``--out`` on creation, then its files, then
+    :meth:`finish` writes config.json last (its presence marks a finished run).
+
+    Only the names in :data:`RUN_FILES` can be written, so the list of what a run may hold (and
+    what ``--overwrite`` clears) stays in one place.
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False, parent: str | Path | None = None):
+        self.path = Path(out)
+        prepare_out(self.path, overwrite, None if parent is None else Path(parent))
+        self.finished = False
+
+    def file(self, name: str) -> Path:
+        """The path of run file *name* (for files written elsewhere, e.g. the encoder checkpoint)."""
+        if name not in RUN_FILES:
+            raise ValueError(f"{name!r} is not a run file; add it to mil.run.RUN_FILES")
+        if self.finished:
+            raise RunError(f"{self.path} is finished (config.json written); start a new RunWriter")
+        return self.path / name
+
+    def json(self, name: str, data: dict) -> Path:
+        """Strict JSON run file (metrics.json, history.json, topk.json)."""
+        path = self.file(name)
+        write_json(path, data)
+        return path
+
+    def models(self, states: Mapping[str, dict], model_config: dict, classes: list[str], provenance: dict) -> Path:
+        """model.pt: one head state_dict per fold."""
+        self.file("model.pt")
+        return save_models(self.path, states, model_config, classes, provenance)
+
+    def predictions(self, rows: list[dict], classes: list[str], name: str = "predictions.csv") -> Path:
+        """predictions.csv (or predictions_frozen.csv)."""
+        self.file(name)
+        return save_predictions(self.path, rows, classes, name)
+
+    def attention(self, attention: Mapping[tuple[str, str], np.ndarray]) -> Path | None:
+        """attention.npz (nothing for heads without attention)."""
+        self.file("attention.npz")
+        return save_attention(self.path, attention)
+
+    def plots(self, fold_results: Mapping[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+              metrics: dict, histories: Mapping[str, dict]) -> None:
+        """roc.png and curves.png."""
+        self.file("roc.png")
+        plot_roc(self.path, fold_results, classes, metrics)
+        plot_curves(self.path, histories)
+
+    def finish(self, config: dict) -> Path:
+        """config.json, written last; the writer accepts no file after it."""
+        path = self.json("config.json", config)
+        self.finished = True
+        return path
 
 
 @dataclass

@@ -1,36 +1,37 @@
-"""Training loop for MIL heads: one bag per step, early stopping on a validation split.
+"""Training MIL heads (one bag per step, early stopping on a validation split) and a whole `mil train` run.
 
-Deterministic on CPU for a fixed seed (and thread count): the global torch RNG is forked and
-seeded (model init, dropout), the epoch order comes from a seeded numpy generator; on CUDA,
-deterministic algorithms are switched on for the duration of the fit. Progress is reported through an optional callback so
-commands can draw a progress bar; the library itself only logs.
+The epochs, early stopping and best-state restore are :func:`core.fit.fit`; this module
+supplies the MIL epoch (bags in a seeded order, one optimiser step per bag) and the validation
+metrics. Deterministic on CPU for a fixed seed (and thread count): the global torch RNG is
+forked and seeded (model init, dropout), the epoch order comes from a seeded numpy generator;
+on CUDA, deterministic algorithms are switched on for the duration of the fit. Progress is
+reported through an optional callback so commands can draw a progress bar; the library itself
+only logs.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from mil import run as run_files
+from core import fit as core_fit
+from core.runtime import cpu_threads, deterministic, resolve_device
 from mil.config import _OPTIMIZERS, RunSpec, TrainConfig
-from mil.data import Bags
+from mil.data import Bags, Split
 from mil.errors import MilError
+from mil.labels import Labels
 from mil.models import create_mil_model
-from mil.run import write_json
+from mil.run import RunWriter
+from mil.scoring import score_bags, val_metrics
 
 log = logging.getLogger(__name__)
-
-
-
 
 
 @dataclass
@@ -46,6 +47,12 @@ class EpochLog:
     step: str = "epoch"   # "epoch" at the end of an epoch, "bag" after each training bag
     done: int = 0         # bags done in this epoch (step == "bag")
     total: int = 0
+
+    @classmethod
+    def of(cls, record: core_fit.EpochRecord) -> "EpochLog":
+        m = record.metrics
+        return cls(record.epoch, record.epochs, record.train_loss, m.get("val_loss", math.nan),
+                   m.get("val_auc", math.nan), record.improved)
 
 
 @dataclass
@@ -67,41 +74,6 @@ def _nan_none(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-@contextmanager
-def deterministic(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch inside a forked RNG (the caller's RNG state is left alone).
-
-    On CUDA, deterministic algorithms are switched on for the duration (restored after). The CPU
-    kernels a MIL head uses (linear, softmax, Adam) are deterministic already, and switching the
-    flag on imports torch's compiler stack (~4 s), so on CPU only the seeding is done.
-    """
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if device.type != "cuda":
-            yield
-            return
-        prev = torch.are_deterministic_algorithms_enabled()
-        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-
-
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Temporarily set torch's CPU thread count (tiny heads train faster on one thread)."""
-    prev = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam/AdamW; the fused kernel (one op for all parameters) when this torch has it."""
     cls = _OPTIMIZERS[cfg.optimizer]
@@ -110,46 +82,6 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if next(model.parameters()).is_cuda:
         return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:1`` or ``auto``; CUDA only when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MilError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def safe_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    from core.stats import auc
-
-    if len(y) == 0 or len(np.unique(y)) < 2:
-        return float("nan")
-    return auc(y, probs[:, 1] if probs.shape[1] == 2 else probs)
-
-
-@torch.no_grad()
-def score_bags(model: nn.Module, bags: Bags, slide_ids: Sequence[str],
-               device: torch.device | str = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
-    """Class probabilities (n, C) float64 and raw attention per slide (None for mean pooling)."""
-    device = torch.device(device)
-    model.eval()
-    probs, attn = [], {}
-    for sid, bag in bags.iterate(list(slide_ids)):
-        logits, a = model(bag.to(device))
-        probs.append(torch.softmax(logits.float(), -1).cpu().double().numpy())
-        attn[sid] = None if a is None else a.float().cpu().numpy()
-    n_cls = getattr(model, "n_classes", 2)
-    return (np.stack(probs) if probs else np.zeros((0, n_cls))), attn
-
-
-def mean_nll(probs: np.ndarray, y: np.ndarray) -> float:
-    if len(y) == 0:
-        return float("nan")
-    p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-    return float(-np.log(p).mean())
 
 
 def instance_stats(bags: Bags, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +95,33 @@ def instance_stats(bags: Bags, ids: Sequence[str]) -> tuple[torch.Tensor, torch.
     mean = s1 / max(n, 1)
     var = (s2 / max(n, 1) - mean * mean).clamp(min=0)
     return mean.float(), var.sqrt().float()
+
+
+def _bag_epoch(model: nn.Module, opt: torch.optim.Optimizer, bags: Bags, train_ids: Sequence[str],
+               targets: torch.Tensor, rng: np.random.Generator, device: torch.device, epochs: int,
+               callback: Callable[[EpochLog], None] | None) -> Callable[[int], float]:
+    """The epoch function for core.fit: the training bags in a fresh seeded order, one step each."""
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_epoch(epoch: int) -> float:
+        model.train()
+        order = rng.permutation(len(train_ids))
+        ids = [train_ids[i] for i in order]
+
+        def steps():
+            for step, (_, bag) in enumerate(bags.iterate(ids)):
+                logits, _ = model(bag.to(device, non_blocking=device.type == "cuda"))
+                loss = loss_fn(logits.unsqueeze(0), targets[order[step]].unsqueeze(0))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                yield float(loss.detach())
+
+        on_step = None if callback is None else (lambda done, mean: callback(EpochLog(
+            epoch, epochs, mean, math.nan, math.nan, False, step="bag", done=done, total=len(ids))))
+        return core_fit.mean_loss(steps(), on_step)
+
+    return train_epoch
 
 
 def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequence[str],
@@ -186,61 +145,16 @@ def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequ
         model.set_input_stats(*instance_stats(bags, train_ids))
         model = model.to(device)
         opt = _make_optimizer(cfg, model)
-        loss_fn = nn.CrossEntropyLoss()
         rng = np.random.default_rng([cfg.seed, 3])
         targets = torch.as_tensor(train_y, device=device)
-        result = TrainResult(model)
-        best_key, best_state, since = None, copy.deepcopy(model.state_dict()), 0
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            order = rng.permutation(len(train_ids))
-            total = 0.0
-            ids = [train_ids[i] for i in order]
-            for step, (_, bag) in enumerate(bags.iterate(ids)):
-                logits, _ = model(bag.to(device, non_blocking=device.type == "cuda"))
-                loss = loss_fn(logits.unsqueeze(0), targets[order[step]].unsqueeze(0))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                if callback is not None:
-                    callback(EpochLog(epoch, cfg.epochs, total / (step + 1), math.nan, math.nan, False,
-                                      step="bag", done=step + 1, total=len(ids)))
-            train_loss = total / len(ids)
-            val_loss = val_auc = math.nan
-            if has_val:
-                probs, _ = score_bags(model, bags, val_ids, device)
-                val_loss, val_auc = mean_nll(probs, val_y), safe_auc(val_y, probs)
-            if not math.isfinite(train_loss):
-                raise MilError(f"training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
-            key = _monitor_key(cfg.monitor, val_loss, val_auc) if has_val else (-float(epoch), 0.0)
-            improved = best_key is None or key < best_key
-            if improved:
-                best_key, best_state, since = key, copy.deepcopy(model.state_dict()), 0
-                result.best_epoch = epoch
-            else:
-                since += 1
-            entry = EpochLog(epoch, cfg.epochs, train_loss, val_loss, val_auc, improved)
-            result.history.append(entry)
-            log.debug("epoch %d: train %.4f val %.4f auc %.4f%s", epoch, train_loss, val_loss,
-                      val_auc, " *" if improved else "")
-            if callback is not None:
-                callback(entry)
-            if has_val and cfg.patience and since >= cfg.patience:
-                result.stopped_early = True
-                log.info("early stop at epoch %d (best %d)", epoch, result.best_epoch)
-                break
-        if has_val:
-            model.load_state_dict(best_state)
-    model.eval()
-    return result
-
-
-def _monitor_key(monitor: str, val_loss: float, val_auc: float) -> tuple[float, float]:
-    """Sort key, smaller is better: (primary, tie-break)."""
-    if monitor == "val_auc" and math.isfinite(val_auc):
-        return (-val_auc, val_loss)
-    return (val_loss, -val_auc if math.isfinite(val_auc) else 0.0)
+        train_epoch = _bag_epoch(model, opt, bags, train_ids, targets, rng, device, cfg.epochs, callback)
+        evaluate = (lambda epoch: val_metrics(model, bags, val_ids, val_y, device)) if has_val else None
+        res = core_fit.fit(model, train_epoch, evaluate, epochs=cfg.epochs, patience=cfg.patience,
+                           monitor=cfg.monitor,
+                           on_epoch=None if callback is None else (lambda r: callback(EpochLog.of(r))),
+                           diverged=lambda e, loss: MilError(f"training diverged at epoch {e} (loss {loss}); "
+                                                             "lower --lr"))
+    return TrainResult(model, [EpochLog.of(r) for r in res.history], res.best_epoch, res.stopped_early)
 
 
 # ------------------------------------------------------------------------------ a whole run
@@ -257,23 +171,42 @@ class RunSummary:
     classes: list[str]
 
 
-def _featstore_version() -> str:
-    try:
-        from importlib.metadata import version
+@dataclass
+class _Folds:
+    """Every fold's fitted head, test probabilities and history."""
 
-        return version("featstore")
-    except Exception:  # noqa: BLE001 - metadata may be missing in a source checkout
-        return "unknown"
+    states: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)       # fold -> (y_test, probs)
+    histories: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)          # predictions.csv rows
+    attention: dict = field(default_factory=dict)     # (fold, slide_id) -> raw attention
+    model_config: dict = field(default_factory=dict)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MilError(f"--out {out} is a file; choose a directory path")
-    if (out / "config.json").exists() and not overwrite:
-        raise MilError(f"--out {out} already holds a run; pass --overwrite or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (*run_files.FILES, "attention.npz", "history.json"):
-        (out / name).unlink(missing_ok=True)
+def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: TrainConfig, n_boot: int,
+                 device: torch.device, progress: Callable[[str, int, int, EpochLog], None] | None) -> _Folds:
+    """One head per fold, scored on the fold's test slides."""
+    from mil.metrics import fold_metrics
+
+    ids, y = labels.slide_ids, labels.y
+    out = _Folds()
+    for fi, sp in enumerate(splits):
+        cb = None if progress is None else (lambda e, _n=sp.name, _i=fi: progress(_n, _i, len(splits), e))
+        res = fit(bags, [ids[i] for i in sp.train], y[sp.train], [ids[i] for i in sp.val], y[sp.val],
+                  len(labels.classes), cfg, callback=cb)
+        test_ids = [ids[i] for i in sp.test]
+        probs, attn = score_bags(res.model, bags, test_ids, device)
+        out.metrics[sp.name] = fold_metrics(y[sp.test], probs, n_boot=n_boot, seed=cfg.seed)
+        out.results[sp.name] = (y[sp.test], probs)
+        out.histories[sp.name] = res.history_dict()
+        out.states[sp.name] = res.model.state_dict()
+        out.model_config = res.model.config
+        for sid, i, p in zip(test_ids, sp.test, probs):
+            out.rows.append({"slide_id": sid, "label": labels.classes[y[i]], "fold": sp.name, "probs": p})
+            out.attention[(sp.name, sid)] = attn[sid]
+        log.debug("fold %s: %s", sp.name, {k: out.metrics[sp.name][k] for k in ("auc", "balanced_accuracy", "f1")})
+    return out
 
 
 def train_run(spec: RunSpec, cfg: TrainConfig,
@@ -284,12 +217,14 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     ``progress(fold, fold_index, n_folds, log)`` is called after every bag and epoch;
     ``on_stage(text)`` at each stage (reading bags, writing plots).
     """
+    from featstore import __version__ as featstore_version
     from featstore.store import open_store
-    from mil.data import load_bags, make_splits, match_store, read_labels
-    from mil.metrics import fold_metrics, summarize
+    from mil.data import load_bags, make_splits
+    from mil.labels import match_store, read_labels
+    from mil.metrics import summarize
 
     stage = on_stage or (lambda text: log.info(text))
-    out = Path(spec.out)
+    device = resolve_device(cfg.device)   # a bad --device fails before any work
     labels = read_labels(spec.labels)
     store = open_store(spec.store)
     key = store.resolve_key(spec.encoder, spec.minus, spec.weights)
@@ -297,48 +232,33 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})")
     splits = make_splits(labels, folds=spec.folds, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          train_fraction=spec.train_fraction)
-    _prepare_out(out, spec.overwrite)
+    writer = RunWriter(spec.out, overwrite=spec.overwrite)
     used = sorted({labels.slide_ids[i] for s in splits for part in (s.train, s.val, s.test) for i in part})
     stage(f"reading {len(used)} bags of {key}")
     bags = load_bags(store, used, key, cache=spec.cache)
     provenance = {k: v for k, v in store.provenance(used[0], key.encoder, key.minus, key.weights).items()
                   if k != "slide"}
     provenance.update({"encoder": key.encoder, "weights": key.weights, "minus": key.minus, "dim": bags.dim})
-    ids, y = labels.slide_ids, labels.y
-    states, fold_res, histories, fold_m, rows, attention = {}, {}, {}, {}, [], {}
-    model_config: dict = {}
-    for fi, sp in enumerate(splits):
-        cb = None if progress is None else (lambda e, _n=sp.name, _i=fi: progress(_n, _i, len(splits), e))
-        res = fit(bags, [ids[i] for i in sp.train], y[sp.train], [ids[i] for i in sp.val], y[sp.val],
-                  len(labels.classes), cfg, callback=cb)
-        test_ids = [ids[i] for i in sp.test]
-        probs, attn = score_bags(res.model, bags, test_ids, resolve_device(cfg.device))
-        fold_m[sp.name] = fold_metrics(y[sp.test], probs, n_boot=spec.n_boot, seed=cfg.seed)
-        fold_res[sp.name] = (y[sp.test], probs)
-        histories[sp.name] = res.history_dict()
-        states[sp.name] = res.model.state_dict()
-        model_config = res.model.config
-        for sid, i, p in zip(test_ids, sp.test, probs):
-            rows.append({"slide_id": sid, "label": labels.classes[y[i]], "fold": sp.name, "probs": p})
-            attention[(sp.name, sid)] = attn[sid]
-        log.debug("fold %s: %s", sp.name, {k: fold_m[sp.name][k] for k in ("auc", "balanced_accuracy", "f1")})
-    metrics = summarize(fold_m)
-    stage(f"writing {out}")
+    folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
+    metrics = summarize(folds.metrics)
+    stage(f"writing {writer.path}")
     classes = list(labels.classes)
-    write_json(out / "metrics.json", metrics)
-    run_files.save_predictions(out, rows, classes)
-    run_files.save_attention(out, attention)
-    write_json(out / "history.json", histories)
-    run_files.plot_roc(out, fold_res, classes, metrics)
-    run_files.plot_curves(out, histories)
-    run_files.save_models(out, states, model_config, classes, provenance)
-    config = {
+    writer.json("metrics.json", metrics)
+    writer.predictions(folds.rows, classes)
+    writer.attention(folds.attention)
+    writer.json("history.json", folds.histories)
+    writer.plots(folds.results, classes, metrics, folds.histories)
+    writer.models(folds.states, folds.model_config, classes, provenance)
+    writer.finish({
         "kind": "train", "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
         **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
         "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
         "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
-        "n_slides": len(labels), "provenance": provenance, "featstore_version": _featstore_version(),
+        "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
         "splits": {s.name: s.to_dict(labels) for s in splits},
-    }
-    write_json(out / "config.json", config)  # written last: its presence marks a finished run
-    return RunSummary(out, metrics, [s.name for s in splits], len(labels), classes)
+    })
+    return RunSummary(writer.path, metrics, [s.name for s in splits], len(labels), classes)
+
+
+__all__ = ["EpochLog", "TrainResult", "RunSummary", "RunSpec", "TrainConfig", "fit", "train_run",
+           "instance_stats", "score_bags"]

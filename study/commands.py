@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import TextColumn
 
-console = Console(stderr=True)
+from core.ui import out_console, progress_bar
+
+#: Package loggers whose per-run INFO lines the study's progress display replaces.
+QUIET_LOGGERS = ("core", "featstore", "mil", "analysis", "study")
 
 #: The demo study: two encoders x levels 0-3 x 3 seeds, fine-tune the best, CKA. Sized for a
 #: 2-core CPU (see docs/study.md for the measured time).
@@ -35,18 +39,27 @@ DEMO_STUDY = {
 }
 
 
-def _run_study(cfg) -> None:
-    import logging
+@contextmanager
+def quiet_package_logs(names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]:
+    """Raise the package loggers to WARNING inside the block (unless debugging); restored after."""
+    if logging.getLogger().level <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
 
+
+def _run_study(cfg) -> None:
     from study.study import Study, StudyEvent
 
-    if logging.getLogger().level > logging.DEBUG:  # the progress display replaces per-run logs
-        for name in ("featstore", "mil", "analysis"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[item]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                  console=console) as p:
+    with quiet_package_logs(), progress_bar(TextColumn("{task.fields[item]}")) as p:
         tasks: dict[str, int] = {}
 
         def on_event(e: StudyEvent) -> None:
@@ -55,7 +68,7 @@ def _run_study(cfg) -> None:
             p.update(tasks[e.stage], completed=e.done, total=e.total, item=e.text[:60])
 
         result = Study(cfg, on_event).run()
-    out = Console()
+    out = out_console
     if result.failures:
         out.print(f"[yellow]{len(result.failures)} item(s) failed[/]; they are listed in the report")
     out.print(f"new work this run: {result.new_work}")
@@ -85,7 +98,7 @@ def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
 
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "data" / "labels.csv").exists():
-            from featstore.commands.extract import counting_bar
+            from core.ui import counting_bar
 
             with counting_bar(f"demo cohort -> {out / 'data'}", n_slides) as advance:
                 make_demo_cohort(out / "data", n_slides=n_slides, seed=seed, progress=advance)

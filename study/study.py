@@ -19,29 +19,43 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from core.config import Config, coerce_fields, from_dict, option
+from core.errors import CoreError
 from study.errors import StudyError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EncoderPlan:
+class EncoderPlan(Config):
     """One encoder architecture with the weights and truncation levels to study."""
 
-    name: str
-    weights: list[str] = field(default_factory=lambda: ["random"])
-    levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    config_error = StudyError
+
+    name: str = option(help="Encoder name (see `featstore encoders`).")
+    weights: list[str] = option(default_factory=lambda: ["random"], help="Weights tags (or one tag).")
+    levels: list[int] = option(default_factory=lambda: [0, 1, 2, 3], help="Truncation levels (minus K).")
+
+
+#: ExtractConfig fields a study sets itself (per encoder plan, and the tiling from ``tiling:``).
+STUDY_SETS_EXTRACT = ("encoder", "levels", "weights", "tiling")
 
 
 @dataclass
 class StudyConfig:
-    """The YAML file, validated. Relative paths are relative to the YAML's folder."""
+    """The YAML file, validated. Relative paths are relative to the YAML's folder.
+
+    ``tiling``, ``extract``, ``mil`` and ``finetune`` hold the YAML's keys, checked against
+    TilingConfig, ExtractConfig (minus :data:`STUDY_SETS_EXTRACT`), TrainConfig (minus ``seed``,
+    which comes from ``seeds``) and FinetuneConfig (plus ``enabled``) when the file is loaded;
+    :meth:`train_config`, :meth:`extract_config` and :meth:`finetune_config` build the configs.
+    """
 
     slides: list[str]
     labels: str
@@ -62,35 +76,26 @@ class StudyConfig:
     imagenet_if_cached: bool = False  # use imagenet weights where the file is on this machine
 
     @classmethod
-    def from_dict(cls, d: dict, root: Path) -> "StudyConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise StudyError(f"study: unknown keys {unknown}; allowed: {sorted(known)}")
-        missing = [k for k in ("slides", "labels", "encoders") if k not in d]
-        if missing:
-            raise StudyError(f"study: missing keys {missing}")
-        d = dict(d)
-        slides = d["slides"] if isinstance(d["slides"], list) else [d["slides"]]
-        d["slides"] = [_resolve(root, s) for s in slides]
-        d["labels"] = _resolve(root, d["labels"])
-        for k in ("store", "out"):
-            if k in d:
-                d[k] = _resolve(root, d[k])
-        d.setdefault("store", str(root / "cohort.zarr"))
-        d.setdefault("out", str(root / "study"))
-        encs = []
-        for e in d["encoders"]:
-            if isinstance(e, str):
-                e = {"name": e}
-            bad = sorted(set(e) - {"name", "weights", "levels"})
-            if bad:
-                raise StudyError(f"study: encoder entry {e} has unknown keys {bad}")
-            w = e.get("weights", ["random"])
-            encs.append(EncoderPlan(e["name"], [w] if isinstance(w, str) else list(w),
-                                    [int(x) for x in e.get("levels", [0, 1, 2, 3])]))
-        d["encoders"] = encs
-        return cls(**d)
+    def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "StudyConfig":
+        """Validate every key (nested configs included) and resolve paths against *root*.
+
+        Any problem raises one :class:`StudyError` line ``<source>: <key path>: ...`` before any
+        work is done.
+        """
+        try:
+            kw = coerce_fields(cls, _expand_shorthand(d), error=StudyError)
+            missing = [k for k in ("slides", "labels", "encoders") if k not in kw]
+            if missing:
+                raise StudyError(f"missing keys {missing}")
+            kw["slides"] = [_resolve(root, s) for s in kw["slides"]]
+            kw["labels"] = _resolve(root, kw["labels"])
+            kw["store"] = _resolve(root, kw.get("store", "cohort.zarr"))
+            kw["out"] = _resolve(root, kw.get("out", "study"))
+            cfg = cls(**kw)
+            cfg.validate()
+        except CoreError as exc:
+            raise StudyError(f"{source}: {exc}") from None
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "StudyConfig":
@@ -103,10 +108,96 @@ class StudyConfig:
             raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise StudyError(f"{path}: a study file is a mapping of keys (slides, labels, encoders, ...)")
-        return cls.from_dict(data, path.parent.resolve())
+        return cls.from_dict(data, path.parent.resolve(), source=str(path))
+
+    def validate(self) -> None:
+        """Build every nested config once, so a bad key or value fails now, not in each run."""
+        from analysis.compare import parse_baseline
+        from featstore.config import ExtractConfig
+        from featstore.encoders import get_spec
+        from featstore.tiling import TilingConfig
+        from mil.config import FinetuneConfig, TrainConfig
+
+        if not self.encoders or not self.seeds:
+            raise StudyError("encoders and seeds need at least one entry each")
+        for i, plan in enumerate(self.encoders):
+            spec = _at(f"encoders[{i}].name", get_spec, plan.name)
+            for lv in plan.levels:
+                _at(f"encoders[{i}].levels", spec.check_level, lv)
+        from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
+        self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
+        self.train_config(self.seeds[0])
+        self.finetune_config()
+        # keep the sections as checked (e.g. lr: "1e-4", a string to YAML 1.1, becomes 0.0001)
+        self.tiling = coerce_fields(TilingConfig, self.tiling)
+        self.extract = coerce_fields(ExtractConfig, self.extract)
+        self.mil = coerce_fields(TrainConfig, self.mil)
+        ft = dict(self.finetune)
+        enabled = {"enabled": ft.pop("enabled")} if "enabled" in ft else {}
+        self.finetune = {**enabled, **coerce_fields(FinetuneConfig, ft)}
+        if self.baseline is not None:
+            _at("baseline", parse_baseline, self.baseline)
+
+    def train_config(self, seed: int):
+        """The ``mil:`` section as a TrainConfig for one seed."""
+        from mil.config import TrainConfig
+
+        kw = coerce_fields(TrainConfig, self.mil, where="mil", exclude=("seed",), error=StudyError)
+        cfg = from_dict(TrainConfig, {**kw, "seed": seed}, where="mil", error=StudyError)
+        _at("mil.device", _check_device, cfg.device)
+        return cfg
+
+    def extract_config(self, encoder: str, weights: str, levels, tiling=None):
+        """The ``extract:`` section as an ExtractConfig for one encoder x weights (tiling: default)."""
+        from featstore.config import ExtractConfig
+
+        kw = coerce_fields(ExtractConfig, self.extract, where="extract", exclude=STUDY_SETS_EXTRACT,
+                           error=StudyError)
+        cfg = from_dict(ExtractConfig, {**kw, "encoder": encoder, "weights": weights, "levels": tuple(levels)},
+                        where="extract", error=StudyError)
+        _at("extract.device", _check_device, cfg.device)
+        return cfg if tiling is None else replace(cfg, tiling=tiling)
+
+    def finetune_config(self):
+        """The ``finetune:`` section as a FinetuneConfig (seed: the first study seed), or None if disabled."""
+        from mil.config import FinetuneConfig
+
+        ft = dict(self.finetune)
+        enabled = ft.pop("enabled", False)
+        if not isinstance(enabled, bool):
+            raise StudyError(f"finetune.enabled: expected bool, got {enabled!r} ({type(enabled).__name__})")
+        cfg = from_dict(FinetuneConfig, {"seed": self.seeds[0], **ft}, where="finetune", error=StudyError)
+        _at("finetune.device", _check_device, cfg.device)
+        return cfg if enabled else None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _expand_shorthand(d: dict) -> dict:
+    """``slides: dir`` -> [dir]; an encoder given by name; ``weights: tag`` -> [tag]."""
+    d = dict(d)
+    if isinstance(d.get("slides"), str):
+        d["slides"] = [d["slides"]]
+    if isinstance(d.get("encoders"), list):
+        encs = [{"name": e} if isinstance(e, str) else e for e in d["encoders"]]
+        d["encoders"] = [{**e, "weights": [e["weights"]]} if isinstance(e, dict) and isinstance(e.get("weights"), str)
+                         else e for e in encs]
+    return d
+
+
+def _check_device(name: str) -> None:
+    from core.runtime import resolve_device
+
+    resolve_device(name)
+
+
+def _at(path: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``; its one-line error is re-raised as a StudyError prefixed with the key path."""
+    try:
+        return check(*args)
+    except CoreError as exc:
+        raise StudyError(f"{path}: {exc}") from None
 
 
 def _resolve(root: Path, p: str) -> str:
@@ -172,20 +263,18 @@ class Study:
     # ------------------------------------------------------------------ stages
     def extract(self) -> None:
         from featstore.cohort import discover_slides
-        from featstore.extract import ExtractConfig, Extractor
+        from featstore.extract import Extractor
         from featstore.store import open_store
         from featstore.tiling import TilingConfig
 
         refs = discover_slides(self.cfg.slides)
         store = open_store(self.cfg.store, mode="a")
-        tiling = TilingConfig.from_dict({**(store.tiling or {}), **self.cfg.tiling}) if (store.tiling or self.cfg.tiling) \
-            else TilingConfig()
+        tiling = TilingConfig.from_dict({**(store.tiling or {}), **self.cfg.tiling}, where="tiling")
         plans = self.plans()
         for i, (enc, w, levels) in enumerate(plans):
             self.progress(StudyEvent("extract", i, len(plans), f"{enc} {w} levels {levels}"))
             try:
-                ex = Extractor(ExtractConfig(encoder=enc, weights=w, levels=tuple(levels), tiling=tiling,
-                                             **self.cfg.extract))
+                ex = Extractor(self.cfg.extract_config(enc, w, levels, tiling))
                 self.weights_used[(enc, w)] = ex.encoder.weights_tag
                 rep = ex.run(refs, store)
             except Exception as exc:  # noqa: BLE001 -- one encoder failing must not stop the study
@@ -206,7 +295,8 @@ class Study:
         return runs
 
     def train(self) -> None:
-        from mil.train import RunSpec, TrainConfig, train_run
+        from mil.config import RunSpec
+        from mil.train import train_run
 
         runs = self.frozen_runs()
         for i, (path, enc, w, lv, seed, frac) in enumerate(runs):
@@ -217,7 +307,7 @@ class Study:
                 spec = RunSpec(store=self.cfg.store, labels=self.cfg.labels, out=str(path), encoder=enc, minus=lv,
                                weights=self.weights_used.get((enc, w), w), folds=self.cfg.folds,
                                train_fraction=frac, allow_missing=True, overwrite=True)
-                train_run(spec, TrainConfig(**{**self.cfg.mil, "seed": seed}))
+                train_run(spec, self.cfg.train_config(seed))
                 self.new_work["trained_runs"] += 1
             except Exception as exc:  # noqa: BLE001
                 self._fail("train", path.name, exc)
@@ -257,10 +347,11 @@ class Study:
         return paths[0]
 
     def finetune(self, best) -> Path | None:
-        ft = dict(self.cfg.finetune or {})
-        if not ft.pop("enabled", False) or best is None:
+        cfg = self.cfg.finetune_config()
+        if cfg is None or best is None:
             return None
-        from mil.finetune import FinetuneConfig, FinetuneSpec, finetune_run
+        from mil.config import FinetuneSpec
+        from mil.finetune import finetune_run
 
         parent = self.run_of(best)
         out = self.out / "runs" / f"{parent.name}-ft"
@@ -269,7 +360,7 @@ class Study:
             try:
                 finetune_run(FinetuneSpec(run=str(parent), out=str(out), slides=self.cfg.slides,
                                           store=self.cfg.store, overwrite=True),
-                             FinetuneConfig(**{"seed": self.cfg.seeds[0], **ft}))
+                             cfg)
                 self.new_work["finetuned_runs"] += 1
             except Exception as exc:  # noqa: BLE001
                 self._fail("finetune", out.name, exc)
@@ -280,7 +371,7 @@ class Study:
     def extract_finetuned(self, ft_run: Path, encoder: str) -> str | None:
         """Extract the fine-tuned encoder at every level of the plan; returns its weights tag."""
         from featstore.cohort import discover_slides
-        from featstore.extract import ExtractConfig, Extractor
+        from featstore.extract import Extractor
         from featstore.store import open_store
         from featstore.tiling import TilingConfig
 
@@ -288,8 +379,8 @@ class Study:
         store = open_store(self.cfg.store, mode="a")
         self.progress(StudyEvent("extract fine-tuned", 0, 1, encoder))
         try:
-            ex = Extractor(ExtractConfig(encoder=encoder, weights=str(ft_run / "encoder.pt"), levels=tuple(levels),
-                                         tiling=TilingConfig.from_dict(store.tiling), **self.cfg.extract))
+            ex = Extractor(self.cfg.extract_config(encoder, str(ft_run / "encoder.pt"), levels,
+                                                   TilingConfig.from_dict(store.tiling)))
             rep = ex.run(discover_slides(self.cfg.slides), store)
             self.new_work["extracted_tiles"] += rep.tiles
         except Exception as exc:  # noqa: BLE001

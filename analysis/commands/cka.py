@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-_console = Console()
+from core.ui import out_console as _console
+from core.ui import progress_bar
 
 
 def cka(
@@ -27,14 +26,14 @@ def cka(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the tile subsample.")] = 0,
 ) -> None:
     """CKA between every level of encoder A and every level of encoder B on the same tiles."""
-    from analysis.blockwise import blockwise_cka, parse_levels, parse_set
+    from analysis.blockwise import blockwise_cka, parse_set
     from featstore import open_store
+    from featstore.encoders import parse_levels
 
     st = open_store(store)
-    with Progress(TextColumn("[bold]CKA[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_console, transient=True) as bar:
+    with progress_bar(label="[bold]CKA[/]", eta=False, console=_console, transient=True) as bar:
         task = bar.add_task("slides", total=None)
-        res = blockwise_cka(st, parse_set(a), parse_set(b), parse_levels(levels), kernel=kernel,
+        res = blockwise_cka(st, parse_set(a), parse_set(b), parse_levels(levels, option="--levels"), kernel=kernel,
                             debiased=debiased, max_tiles=max_tiles, seed=seed,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     out.mkdir(parents=True, exist_ok=True)

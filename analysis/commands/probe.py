@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-_console = Console()
+from core.ui import out_console as _console
 
 
 def probe(

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
-from rich.console import Console
 
-_console = Console()
+from core.ui import out_console as _console
 
 
 def umap_cmd(

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from core.ui import out_console
 
 from featstore.errors import EncoderError
 
@@ -49,7 +50,7 @@ def encoders(
         levels = "\n".join(f"{k}: {spec.dims[k]:>4}  {spec.taps[k]}" for k in spec.levels)
         inp = f"{spec.input_size} px\n{spec.interpolation}"
         table.add_row(name, levels, inp, _weights_cell(name, paths))
-    Console().print(table)
+    out_console.print(table)
 
 
 def register(app: typer.Typer) -> None:

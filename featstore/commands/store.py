@@ -6,104 +6,116 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from core.ui import counting_bar, err_console, out_console, reason_table
 from featstore.errors import FeatstoreError
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("ls")
-    def ls_cmd(
-        store: Annotated[str, typer.Argument(help="Store path or URL.")],
-        provenance: Annotated[bool, typer.Option(help="Also print the provenance of each feature set.")] = False,
-    ) -> None:
-        """Show slides x (encoder, weights, level) with tile counts, and the failure log."""
-        from featstore.store import open_store
+def _coverage_table(st, store: str) -> Table:
+    """slides x feature sets: tile counts, which features are complete, and a totals row."""
+    keys = st.encoders()
+    slides = st.slide_ids()
+    t = Table(title=f"{store}: {len(slides)} slides, {len(keys)} feature sets")
+    t.add_column("slide")
+    t.add_column("tiles", justify="right")
+    for k in keys:
+        t.add_column(f"{k.encoder}\n{k.weights}\nminus{k.minus}", justify="center")
+    totals = [0] * len(keys)
+    for sid in slides:
+        row = [sid, str(st.n_tiles(sid))]
+        for i, k in enumerate(keys):
+            ok = st.has_features(sid, k.encoder, k.minus, k.weights)
+            totals[i] += ok
+            row.append("[green]yes[/]" if ok else "[dim]-[/]")
+        t.add_row(*row)
+    t.add_row("[bold]complete", "", *[f"{n}/{len(slides)}" for n in totals], end_section=True)
+    return t
 
-        st = open_store(store)
-        out = Console()
-        keys = st.encoders()
-        slides = st.slide_ids()
-        t = Table(title=f"{store}: {len(slides)} slides, {len(keys)} feature sets")
-        t.add_column("slide")
-        t.add_column("tiles", justify="right")
-        for k in keys:
-            t.add_column(f"{k.encoder}\n{k.weights}\nminus{k.minus}", justify="center")
-        totals = [0] * len(keys)
-        for sid in slides:
-            row = [sid, str(st.n_tiles(sid))]
-            for i, k in enumerate(keys):
-                ok = st.has_features(sid, k.encoder, k.minus, k.weights)
-                totals[i] += ok
-                row.append("[green]yes[/]" if ok else "[dim]-[/]")
-            t.add_row(*row)
-        t.add_row("[bold]complete", "", *[f"{n}/{len(slides)}" for n in totals], end_section=True)
-        out.print(t)
-        if provenance and slides:
-            for k in keys:
-                sid = next(s for s in slides if st.has_features(s, k.encoder, k.minus, k.weights))
-                p = st.provenance(sid, k.encoder, k.minus, k.weights)
-                out.print(f"[bold]{k}[/]: dim={p.get('dim')} sha256={p.get('weights_sha256')} "
+
+def _print_provenance(st) -> None:
+    """One line per feature set: dim, weights sha256, precision, featstore version (first slide with it)."""
+    slides = st.slide_ids()
+    for k in st.encoders():
+        sid = next(s for s in slides if st.has_features(s, k.encoder, k.minus, k.weights))
+        p = st.provenance(sid, k.encoder, k.minus, k.weights)
+        out_console.print(f"[bold]{k}[/]: dim={p.get('dim')} sha256={p.get('weights_sha256')} "
                           f"precision={p.get('precision')} version={p.get('featstore_version')}", highlight=False)
-        fails = st.failures()
-        if fails:
-            ft = Table(title="failure log")
-            ft.add_column("slide")
-            ft.add_column("reason", overflow="fold")
-            for sid, reason in sorted(fails.items()):
-                ft.add_row(sid, reason)
-            out.print(ft)
 
-    @app.command("import-h5")
-    def import_h5_cmd(
-        inputs: Annotated[list[Path], typer.Argument(help="Directories or .h5 files (CLAM/TRIDENT layout).")],
-        store: Annotated[str, typer.Option("--store", "-s", help="Store to import into (created if missing).")],
-        encoder: Annotated[str, typer.Option("--encoder", "-e", help="Encoder name to record the features under.")],
-        minus: Annotated[int, typer.Option("--minus", "-m", help="Truncation level to record.")] = 0,
-        weights: Annotated[str, typer.Option(help="Weights tag to record.")] = "imported",
-        size0: Annotated[Optional[int], typer.Option(help="Patch side in level-0 px when the files do not say.")] = None,
-        slide_mpp: Annotated[Optional[float], typer.Option(help="Slides' microns per pixel, recorded for heatmaps.")] = None,
-    ) -> None:
-        """Import per-slide .h5 features (features (N, D) or (1, N, D), coords (N, 2)) into a store."""
-        from featstore.h5io import import_h5
-        from featstore.store import open_store
 
-        files: list[Path] = []
-        for p in inputs:
-            if p.is_dir():
-                files.extend(sorted(p.glob("*.h5")))
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise FeatstoreError(f"{p}: no such file or directory")
-        if not files:
-            raise FeatstoreError(f"no .h5 files in {', '.join(map(str, inputs))}")
-        from featstore.commands.extract import counting_bar
+def ls(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    provenance: Annotated[bool, typer.Option(help="Also print the provenance of each feature set.")] = False,
+) -> None:
+    """Show slides x (encoder, weights, level) with tile counts, and the failure log."""
+    from featstore.store import open_store
 
-        with counting_bar("h5 files", len(files)) as advance:
-            rep = import_h5(files, open_store(store, mode="a"), encoder, minus, weights, size0, slide_mpp, advance)
-        Console().print(f"imported {len(rep.imported)}, already present {len(rep.skipped)}, failed {len(rep.failed)}")
-        for sid, why in rep.failed.items():
-            Console(stderr=True).print(f"[red]{sid}[/]: {why}", highlight=False)
-        if rep.failed:
-            raise typer.Exit(1)
+    st = open_store(store)
+    out_console.print(_coverage_table(st, store))
+    if provenance and st.slide_ids():
+        _print_provenance(st)
+    fails = st.failures()
+    if fails:
+        out_console.print(reason_table("failure log", sorted(fails.items())))
 
-    @app.command("export-h5")
-    def export_h5_cmd(
-        store: Annotated[str, typer.Argument(help="Store path or URL.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Directory for <slide_id>.h5 files.")],
-        encoder: Annotated[str, typer.Option("--encoder", "-e", help="Encoder name.")],
-        minus: Annotated[int, typer.Option("--minus", "-m", help="Truncation level.")] = 0,
-        weights: Annotated[Optional[str], typer.Option(help="Weights tag (needed if several are stored).")] = None,
-    ) -> None:
-        """Write one CLAM/TRIDENT-style .h5 per slide (features float32, coords, patch_size attrs)."""
-        from featstore.h5io import export_h5
-        from featstore.store import open_store
 
-        from featstore.commands.extract import counting_bar
+def _h5_files(inputs: list[Path]) -> list[Path]:
+    """The .h5 files named by *inputs* (files, or directories searched for ``*.h5``)."""
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.h5")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FeatstoreError(f"{p}: no such file or directory")
+    if not files:
+        raise FeatstoreError(f"no .h5 files in {', '.join(map(str, inputs))}")
+    return files
 
-        st = open_store(store)
-        with counting_bar("slides", len(st.slide_ids())) as advance:
-            paths = export_h5(st, out, encoder, minus, weights, progress=advance)
-        Console().print(f"wrote {len(paths)} files to {out}")
+
+def import_h5(
+    inputs: Annotated[list[Path], typer.Argument(help="Directories or .h5 files (CLAM/TRIDENT layout).")],
+    store: Annotated[str, typer.Option("--store", "-s", help="Store to import into (created if missing).")],
+    encoder: Annotated[str, typer.Option("--encoder", "-e", help="Encoder name to record the features under.")],
+    minus: Annotated[int, typer.Option("--minus", "-m", help="Truncation level to record.")] = 0,
+    weights: Annotated[str, typer.Option(help="Weights tag to record.")] = "imported",
+    size0: Annotated[Optional[int], typer.Option(help="Patch side in level-0 px when the files do not say.")] = None,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Slides' microns per pixel, recorded for heatmaps.")] = None,
+) -> None:
+    """Import per-slide .h5 features (features (N, D) or (1, N, D), coords (N, 2)) into a store."""
+    from featstore.h5io import import_h5 as _import
+    from featstore.store import open_store_writer
+
+    files = _h5_files(inputs)
+    with counting_bar("h5 files", len(files)) as advance:
+        rep = _import(files, open_store_writer(store), encoder, minus, weights, size0, slide_mpp, advance)
+    out_console.print(f"imported {len(rep.imported)}, already present {len(rep.skipped)}, failed {len(rep.failed)}")
+    for sid, why in rep.failed.items():
+        err_console.print(f"[red]{sid}[/]: {why}", highlight=False)
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+def export_h5(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for <slide_id>.h5 files.")],
+    encoder: Annotated[str, typer.Option("--encoder", "-e", help="Encoder name.")],
+    minus: Annotated[int, typer.Option("--minus", "-m", help="Truncation level.")] = 0,
+    weights: Annotated[Optional[str], typer.Option(help="Weights tag (needed if several are stored).")] = None,
+) -> None:
+    """Write one CLAM/TRIDENT-style .h5 per slide (features float32, coords, patch_size attrs)."""
+    from featstore.h5io import export_h5 as _export
+    from featstore.store import open_store
+
+    st = open_store(store)
+    with counting_bar("slides", len(st.slide_ids())) as advance:
+        paths = _export(st, out, encoder, minus, weights, progress=advance)
+    out_console.print(f"wrote {len(paths)} files to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `featstore ls`, `import-h5` and `export-h5` to *app*."""
+    app.command("ls")(ls)
+    app.command("import-h5")(import_h5)
+    app.command("export-h5")(export_h5)

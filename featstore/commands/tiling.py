@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
+from core.ui import counting_bar, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from featstore.tiling import TilingConfig, tile_slide
 
         cfg = TilingConfig(patch_size=patch_size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, mask=mask)
-        con = Console()
+        con = out_console
         with Slide(slide, mpp=slide_mpp) as s:
             tiles = tile_slide(s, cfg)
             if len(tiles) == 0:
@@ -45,9 +46,8 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed (same seed, same pixels).")] = 0,
     ) -> None:
         """Write the built-in demo cohort: labelled pyramidal TIFFs with H&E-like texture and small lesions."""
-        from featstore.commands.extract import counting_bar
         from featstore.demo import make_demo_cohort
 
         with counting_bar("demo slides", n_slides) as advance:
             labels = make_demo_cohort(out, n_slides=n_slides, seed=seed, progress=advance)
-        Console().print(f"wrote {n_slides} slides to {out / 'slides'} and labels to {labels}")
+        out_console.print(f"wrote {n_slides} slides to {out / 'slides'} and labels to {labels}")

@@ -19,19 +19,12 @@ from featstore.encoders.registry import (
     WeightsSpec,
     get_spec,
     list_encoders,
+    parse_levels,
     register_encoder,
 )
-from featstore.encoders.weights import (
-    CHECKPOINT_FORMAT,
-    expected_paths,
-    file_sha256,
-    find_weights,
-    read_checkpoint,
-    save_encoder_checkpoint,
-)
+from featstore.encoders.weights import expected_paths, find_weights, read_checkpoint
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "PRECISIONS",
     "Encoder",
     "EncoderSpec",
@@ -40,14 +33,13 @@ __all__ = [
     "cpu_has_native_bf16",
     "create_encoder",
     "expected_paths",
-    "file_sha256",
     "find_weights",
     "get_spec",
     "list_encoders",
+    "parse_levels",
     "prepare_encoder",
     "read_checkpoint",
     "register_encoder",
     "resolve_precision",
-    "save_encoder_checkpoint",
     "use_channels_last",
 ]

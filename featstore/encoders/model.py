@@ -9,13 +9,13 @@ as it is produced, so later in-place ops cannot touch it.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from core.runtime import hub_offline
 from featstore.encoders.registry import EncoderSpec, get_spec
 from featstore.encoders.weights import Checkpoint, ResolvedWeights, load_weights, resolve_weights
 from featstore.errors import EncoderError
@@ -135,18 +135,18 @@ def create_encoder(name: str, weights: str = "random", levels: Sequence[int] = (
     """Build encoder *name* with *weights* returning *levels* (see docs/encoders.md).
 
     The weights file is located before the model is built, so a missing file fails fast.
-    Without ``allow_download`` nothing touches the network (HF_HUB_OFFLINE=1 is set).
+    Without ``allow_download`` nothing touches the network (hub offline mode inside the call,
+    the caller's setting restored after).
     The encoder is returned in eval mode on the CPU, fp32.
     """
     spec = get_spec(name)
-    if not allow_download:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    resolved = resolve_weights(spec, weights, seed=seed, allow_download=allow_download)
-    import timm  # imported here: listing encoders and failing on a missing file stay fast
+    with hub_offline(not allow_download):
+        resolved = resolve_weights(spec, weights, seed=seed, allow_download=allow_download)
+        import timm  # imported here: listing encoders and failing on a missing file stay fast
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = timm.create_model(spec.timm_name, pretrained=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(spec.timm_name, pretrained=False)
     checkpoint = load_weights(model, spec, resolved, strict=strict)
     encoder = Encoder(spec, model, levels, resolved, checkpoint)
     log.debug("created %s weights=%s levels=%s", name, encoder.weights_tag, encoder.levels)

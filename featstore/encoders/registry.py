@@ -136,3 +136,25 @@ def get_spec(name: str) -> EncoderSpec:
             f"unknown encoder {name!r}; known: {', '.join(sorted(_REGISTRY))} "
             "(see `featstore encoders`)"
         ) from None
+
+
+def parse_levels(text: str | None, encoder: str | None = None, *, option: str = "--minus"
+                 ) -> tuple[int, ...] | None:
+    """``"1"`` -> (1,); ``"0, 2,3"`` -> (0, 2, 3) (sorted, unique); None or "" -> None.
+
+    ``"all"`` is every level *encoder* offers (0..3 when no encoder is named). *option* names
+    the command option in the one-line :class:`EncoderError`.
+    """
+    if text is None or not str(text).strip():
+        return None
+    text = str(text)
+    if text.strip().lower() == "all":
+        return tuple(get_spec(encoder).levels) if encoder is not None else (0, 1, 2, 3)
+    try:
+        levels = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
+    except ValueError:
+        raise EncoderError(f"{option} {text!r}: give levels as comma-separated integers, "
+                           "e.g. 1 or 0,1,2,3 or all") from None
+    if not levels or min(levels) < 0:
+        raise EncoderError(f"{option} {text!r}: levels are integers >= 0 ('minus K')")
+    return levels

@@ -13,10 +13,8 @@ Nothing touches the network unless ``allow_download=True``. Checkpoints are read
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,16 +23,16 @@ from typing import Any, Callable
 
 import torch
 
+from featstore.checkpoint import file_sha256, file_tag, is_encoder_checkpoint, load_torch_file
 from featstore.encoders.registry import EncoderSpec, WeightsSpec
 from featstore.errors import EncoderError, WeightsError, WeightsNotFoundError
+from featstore.tags import WeightsTag
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "featstore-encoder/1"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".torch", ".safetensors")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 LAYOUT_PREFIXES = ("resnet.", "features.")   # authors' wrappers, stripped only if they help
-_TAG_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -68,26 +66,59 @@ def weights_dirs() -> list[Path]:
     return dirs
 
 
-def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache directory (same rules as huggingface_hub)."""
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache directory, by huggingface_hub's rules read now.
+
+    huggingface_hub reads ``HF_HUB_CACHE`` / ``HF_HOME`` once, at import; reading them at call
+    time lets a later change (a test, a notebook cell) count. Unset, its own default is used.
+    """
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return Path(os.environ[var]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
-def _hf_dir(repo: str) -> Path:
-    return hf_hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def find_hf_cached(repo: str) -> Path | None:
+    """A cached ``model.safetensors`` (else ``pytorch_model.bin``) of hub *repo*, or None.
+
+    The ``main`` revision first (what ``hf_hub_download`` records), then any cached snapshot
+    (e.g. copied in by hand, without ``refs/``), found by the hub's own cache scanner.
+    """
+    from huggingface_hub import CacheNotFound, scan_cache_dir, try_to_load_from_cache
+
+    cache = hf_cache_dir()
+    for name in _HF_FILES:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(hit, str):
+            return Path(hit)
+    try:
+        repos = [r for r in scan_cache_dir(cache).repos if r.repo_id == repo and r.repo_type == "model"]
+    except (CacheNotFound, OSError):
+        return None
+    revisions = sorted((rev for r in repos for rev in r.revisions), key=lambda rev: rev.commit_hash)
+    for name in _HF_FILES:
+        for rev in revisions:
+            hits = [f.file_path for f in rev.files if f.file_name == name]
+            if hits:
+                return Path(hits[0])
+    return None
 
 
 def expected_paths(wspec: WeightsSpec) -> list[str]:
     """Every place a named tag's file is looked for (HF snapshots as a glob pattern)."""
     out = [str(d / f) for f in wspec.files for d in weights_dirs()]
     if wspec.hf_repo:
-        out.append(str(_hf_dir(wspec.hf_repo) / "*" / "model.safetensors"))
+        from huggingface_hub.file_download import repo_folder_name
+
+        repo_dir = repo_folder_name(repo_id=wspec.hf_repo, repo_type="model")
+        out.append(str(hf_cache_dir() / repo_dir / "snapshots" / "*" / "model.safetensors"))
     return out
 
 
@@ -97,12 +128,7 @@ def find_weights(wspec: WeightsSpec) -> Path | None:
         for d in weights_dirs():
             if (d / f).is_file():
                 return d / f
-    if wspec.hf_repo and _hf_dir(wspec.hf_repo).is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            hits = sorted(_hf_dir(wspec.hf_repo).glob(f"*/{name}"))
-            if hits:
-                return hits[0]
-    return None
+    return find_hf_cached(wspec.hf_repo) if wspec.hf_repo else None
 
 
 def _download(wspec: WeightsSpec) -> Path:
@@ -120,24 +146,12 @@ def _download(wspec: WeightsSpec) -> Path:
     raise WeightsNotFoundError(f"weights tag {wspec.tag} has no download address; supply the file")
 
 
-def file_tag(path: Path) -> str:
-    """weights_tag of an explicit file: ``file-<stem>-<sha256[:8]>`` (safe as a Zarr node name).
-
-    The short hash keeps two files with the same name (e.g. two fine-tuned ``encoder.pt``)
-    apart in one store; for a fine-tuned run the run folder's name is used as the stem.
-    """
-    stem = path.stem
-    if stem == "encoder" and path.parent.name:
-        stem = path.parent.name
-    return f"file-{_TAG_SAFE.sub('_', stem)}-{file_sha256(path)[:8]}"
-
-
 def resolve_weights(spec: EncoderSpec, weights: str, *, seed: int = 0,
                     allow_download: bool = False) -> ResolvedWeights:
     """Turn a ``--weights`` value into a :class:`ResolvedWeights`; fails fast, offline."""
     weights = str(weights).strip()
     if weights == "random":
-        return ResolvedWeights(tag=f"random-s{seed}", kind="random", seed=seed)
+        return ResolvedWeights(tag=str(WeightsTag.random(seed)), kind="random", seed=seed)
     tag, _, explicit = weights.partition("=")
     if explicit and tag in spec.weights:
         path = Path(explicit).expanduser()
@@ -172,42 +186,6 @@ def resolve_weights(spec: EncoderSpec, weights: str, *, seed: int = 0,
 
 # ---------------------------------------------------------------- reading files
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, computed once per (path, mtime, size) in this process."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL [\w.]+", str(exc))
-        if not found:
-            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            detail = why.group(1).strip() if why else str(exc).splitlines()[0]
-            raise WeightsError(f"{path} is not a readable torch checkpoint: {detail}") from None
-        what = f" ({found.group(0)})"
-        raise WeightsError(
-            f"{path} pickles Python objects beyond tensors{what}; refused (weights_only). "
-            "If you trust it, re-save only its state_dict with torch.save()"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path} is not a readable torch checkpoint: {first}") from None
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -227,9 +205,9 @@ def read_checkpoint(path: str | Path, encoder: str) -> Checkpoint:
         except (SafetensorError, OSError) as exc:
             raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
     else:
-        obj = _torch_load(path)
+        obj = load_torch_file(path)
     meta: dict[str, Any] = {}
-    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+    if is_encoder_checkpoint(obj):
         if obj.get("encoder") != encoder:
             raise WeightsError(
                 f"{path} is a featstore checkpoint of encoder {obj.get('encoder')!r}, not "
@@ -343,32 +321,3 @@ def load_weights(model: torch.nn.Module, spec: EncoderSpec, resolved: ResolvedWe
     with torch.no_grad():
         model.load_state_dict(mapped, strict=False)
     return ckpt
-
-
-# ---------------------------------------------------------------- fine-tuned checkpoints
-
-def save_encoder_checkpoint(encoder: Any, path: str | Path, *, level: int,
-                            extra: Mapping[str, Any] | None = None) -> Path:
-    """Write *encoder* (a featstore Encoder) as a ``featstore-encoder/1`` checkpoint.
-
-    The state dict is the FULL timm model (fine-tuned prefix + the parent's untouched deeper
-    stages), so the file loads with ``--weights PATH`` at any level. *extra* must be plain
-    data (str, numbers, lists, dicts) so that ``weights_only`` loading accepts it. The write
-    is atomic (temporary file + rename).
-    """
-    path = Path(path)
-    payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "encoder": encoder.name,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.full_state_dict().items()},
-        "parent_weights": encoder.weights_tag,
-        "parent_sha256": encoder.weights_sha256,
-        "level": int(level),
-        "preprocessing": encoder.preprocessing(),
-    }
-    payload.update(dict(extra or {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path

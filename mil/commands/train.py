@@ -6,23 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
+from core.config import config_command
+from core.ui import fmt3 as _fmt
+from core.ui import out_console as console
+from mil.config import RunSpec, TrainConfig
 from mil.errors import MilError
-
-console = Console()
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise MilError(f"--hidden {text!r}: give comma-separated integers, e.g. 256,64") from None
-    if not out:
-        raise MilError("--hidden is empty: give comma-separated integers, e.g. 256,64")
-    return out
 
 
 def _split_ids(values: Optional[list[str]]) -> list[str] | None:
@@ -31,55 +22,16 @@ def _split_ids(values: Optional[list[str]]) -> list[str] | None:
     return [v for item in values for v in item.split(",") if v]
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def train(
-    store: Annotated[str, typer.Option(help="Feature store (path or fsspec URL) made by `featstore extract`.")],
-    encoder: Annotated[str, typer.Option(help="Encoder whose features to use, e.g. densenet121.")],
-    labels: Annotated[Path, typer.Option(help="CSV slide_id,label[,patient_id][,split|fold].")],
-    out: Annotated[Path, typer.Option(help="Run directory to write, e.g. runs/densenet121-m1.")],
-    minus: Annotated[int, typer.Option(help="Truncation level K (features of stage last-K).")] = 0,
-    weights: Annotated[Optional[str], typer.Option(help="Weights tag; needed only if the store holds several.")] = None,
-    model: Annotated[str, typer.Option(help="abmil | abmil-gated | mean | max.")] = "abmil",
-    folds: Annotated[Optional[int], typer.Option(help="K-fold CV (patient-grouped, stratified). Default: the "
-                                                      "labels' split/fold column, else one 80/20 hold-out.")] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs per fold.")] = 50,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-5,
-    optimizer: Annotated[str, typer.Option(help="adam | adamw.")] = "adam",
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without validation improvement (0 = off).")] = 10,
-    monitor: Annotated[str, typer.Option(help="Early-stopping criterion: val_loss | val_auc.")] = "val_loss",
-    val_fraction: Annotated[float, typer.Option(help="Share of training patients held out for early stopping.")] = 0.2,
-    hidden: Annotated[str, typer.Option(help="Instance MLP widths, comma-separated (CLAM-like: 512).")] = "256,64",
-    attn_dim: Annotated[int, typer.Option(help="Attention width (CLAM-like: 256).")] = 32,
-    dropout: Annotated[float, typer.Option(help="Dropout after each MLP layer.")] = 0.25,
-    seed: Annotated[int, typer.Option(help="Seed for splits, init, order; same seed -> same run on CPU.")] = 0,
-    train_fraction: Annotated[float, typer.Option(help="Use this share of the training patients (stratified), "
-                                                       "for data-size studies.")] = 1.0,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
-    threads: Annotated[int, typer.Option(help="CPU threads while training (0 = torch default); small heads "
-                                              "often train fastest on 1.")] = 1,
-    allow_missing: Annotated[bool, typer.Option(help="Skip labelled slides the store lacks (with a warning).")] = False,
-    cache: Annotated[str, typer.Option(help="Bags in memory: auto | float32 | float16 | none (stream).")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-) -> None:
+@config_command(spec=RunSpec, cfg=TrainConfig)
+def train(spec: RunSpec, cfg: TrainConfig) -> None:
     """Train attention-MIL slide classifiers and write a run directory (metrics, plots, model)."""
-    from mil.train import RunSpec, TrainConfig, train_run
+    from core.ui import progress_bar
+    from mil.train import train_run
 
-    cfg = TrainConfig(model=model, hidden=_widths(hidden), attn_dim=attn_dim, dropout=dropout, epochs=epochs,
-                      lr=lr, weight_decay=weight_decay, optimizer=optimizer, patience=patience,
-                      monitor=monitor, seed=seed, device=device, val_fraction=val_fraction,
-                      threads=threads)
-    spec = RunSpec(store=store, labels=str(labels), out=str(out), encoder=encoder, minus=minus,
-                   weights=weights, folds=folds, train_fraction=train_fraction,
-                   allow_missing=allow_missing, cache=cache, overwrite=overwrite)
-    columns = (TextColumn("[bold]{task.fields[fold]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("epochs  loss {task.fields[loss]}  val loss {task.fields[vloss]}  "
-                          "val AUC {task.fields[vauc]}"), TimeElapsedColumn())
+    fold_text = TextColumn("epochs  loss {task.fields[loss]}  val loss {task.fields[vloss]}  "
+                           "val AUC {task.fields[vauc]}")
     tasks: dict[str, int] = {}
-    with Progress(*columns, console=console, transient=False) as bar:
+    with progress_bar(fold_text, label="[bold]{task.fields[fold]}", eta=False, console=console) as bar:
         def progress(fold, index, n_folds, e):
             if fold not in tasks:
                 tasks[fold] = bar.add_task("", total=e.epochs, fold=f"{fold} ({index + 1}/{n_folds})",
@@ -94,6 +46,12 @@ def train(
         summary = train_run(spec, cfg, progress=progress, on_stage=lambda s: bar.console.print(f"[dim]{s}[/]"))
         for t in tasks.values():  # early-stopped folds: show the bar as finished
             bar.update(t, total=bar.tasks[t].completed)
+    console.print(_summary_table(spec.out, summary))
+    console.print(f"run written to [bold]{spec.out}[/]")
+
+
+def _summary_table(out: str, summary) -> Table:
+    """Per-fold AUC, CI, balanced accuracy and F1 (plus mean ± std over folds)."""
     table = Table(title=f"{out}  ({summary.n_slides} slides, classes {', '.join(summary.classes)})")
     for col in ("fold", "n", "AUC", "95% CI", "bal. acc.", "F1"):
         table.add_column(col)
@@ -106,8 +64,7 @@ def train(
         table.add_row("mean ± std", "", f"{_fmt(mean['auc'])} ± {_fmt(std['auc'])}", "",
                       f"{_fmt(mean['balanced_accuracy'])} ± {_fmt(std['balanced_accuracy'])}",
                       f"{_fmt(mean['f1'])} ± {_fmt(std['f1'])}")
-    console.print(table)
-    console.print(f"run written to [bold]{out}[/]")
+    return table
 
 
 def _num(x: float):

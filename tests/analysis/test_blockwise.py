@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from analysis.blockwise import blockwise_cka, parse_levels, parse_set
+from analysis.blockwise import blockwise_cka, parse_set
+from featstore.encoders import parse_levels
+from featstore.errors import EncoderError
 from analysis.cka import linear_cka, rbf_cka
 from analysis.errors import AnalysisError
 
@@ -18,7 +20,7 @@ def test_parsers():
     assert parse_set("resnet18:tuned") == ("resnet18", "tuned")
     assert parse_levels("0, 2,3") == (0, 2, 3)
     assert parse_levels(None) is None
-    with pytest.raises(AnalysisError, match="integers"):
+    with pytest.raises(EncoderError, match="integers"):
         parse_levels("0,x")
 
 

@@ -11,8 +11,9 @@ from sklearn.base import clone
 from typer.testing import CliRunner
 
 from analysis.errors import AnalysisError
-from analysis.probe import (DEFAULT_CS, KNNProbe, LinearProbe, evaluate_probe, load_tile_labels,
-                            pool_slides)
+from analysis.probe import (DEFAULT_CS, KNNProbe, LinearProbe, evaluate_probe, is_tile_labels, load_tile_labels,
+                            pool_slides, read_slide_labels)
+from core.errors import CoreError
 from featstore import open_store
 from featstore.store import FeatureKey
 from tests.analysis.conftest import write_store
@@ -153,3 +154,40 @@ def test_cli_slide_and_tile_level(cohort, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "probe.json").read_text())
     assert rep["level"] == "tile" and rep["n"] == 80 and rep["probe"] == "knn"
+
+
+def test_a_bom_labels_csv_works_in_the_probe(cohort, tmp_path):
+    from cli import mil_app
+
+    store, labels, _ = cohort
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())  # Excel's "CSV UTF-8"
+    lab = read_slide_labels(bom)
+    assert len(lab.slide_ids) == 20 and lab.slide_ids[0] == "s00" and set(lab.labels) == {"normal", "tumor"}
+    out = tmp_path / "p"
+    r = CliRunner().invoke(mil_app, ["probe", "--store", store.path, "--encoder", "resnet18", "--minus", "0",
+                                     "--labels", str(bom), "--folds", "3", "--n-boot", "20", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "probe.json").read_text())["n"] == 20
+    tiles = tmp_path / "tiles.csv"
+    x, y = store.coords("s01")[0]
+    tiles.write_bytes(b"\xef\xbb\xbfslide_id,x,y,label\n" + f"s01,{x},{y},tumor\n".encode())
+    assert is_tile_labels(tiles) and load_tile_labels(store, tiles, "resnet18", 0)[1].tolist() == ["tumor"]
+
+
+def test_an_unlabelled_row_is_an_error_naming_its_line(cohort, tmp_path):
+    from cli import mil_app
+
+    store, _, _ = cohort
+    slides = tmp_path / "labels.csv"
+    slides.write_text("slide_id,label\ns00,normal\ns01,\ns02,tumor\n")
+    with pytest.raises(CoreError, match=r"empty/NaN label on line\(s\) 3"):
+        read_slide_labels(slides)
+    r = CliRunner().invoke(mil_app, ["probe", "--store", store.path, "--encoder", "resnet18", "--minus", "0",
+                                     "--labels", str(slides), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 1 and "line(s) 3" in r.output and not (tmp_path / "p").exists()
+    x, y = store.coords("s01")[0]
+    tiles = tmp_path / "tiles.csv"
+    tiles.write_text(f"slide_id,x,y,label\ns01,{x},{y},tumor\ns01,{x},{y},NaN\n")
+    with pytest.raises(AnalysisError, match=r"tiles.csv: empty/NaN label on line\(s\) 3"):
+        load_tile_labels(store, tiles, "resnet18", 0)

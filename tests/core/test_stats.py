@@ -112,3 +112,41 @@ def test_delong_identical_scores_give_nan():
     s = np.array([0.1, 0.7, 0.4, 0.9, 0.3])
     auc_a, auc_b, z, p = delong_test(y, s, s)
     assert auc_a == auc_b and np.isnan(z) and np.isnan(p)
+
+
+def _reference_ci(y, s, n_boot, seed, alpha=0.05):
+    """The bootstrap spelled out: the same draws, one Mann-Whitney AUC (scipy) per resample."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        yy, ss = y[idx], s[idx]
+        pos = yy == yy.max()
+        vals.append(st.mannwhitneyu(ss[pos], ss[~pos]).statistic / (pos.sum() * (~pos).sum()))
+    return tuple(float(v) for v in np.quantile(vals, [alpha / 2, 1 - alpha / 2]))
+
+
+@pytest.mark.parametrize("n, ties", [(6, False), (37, True), (120, False)])
+def test_vectorised_bootstrap_equals_the_per_resample_loop_exactly(n, ties):
+    rng = np.random.default_rng(n)
+    y = np.r_[np.zeros(n - n // 3), np.ones(n // 3)].astype(int)
+    s = y * 0.7 + rng.normal(size=n)
+    if ties:
+        s = np.round(s, 1)
+    assert bootstrap_ci(auc, y, s, n_boot=400, seed=9) == _reference_ci(y, s, 400, 9)
+
+
+def test_auc_is_scikit_learns_for_any_two_labels_and_nan_scores_give_nan():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(6)
+    y = np.array(["normal", "tumor"])[rng.integers(0, 2, 80)]
+    s = (y == "tumor") + rng.normal(size=80)
+    assert auc(y, s) == roc_auc_score(y == "tumor", s)
+    assert np.isnan(auc([0, 1, 0, 1], [0.1, np.nan, 0.3, 0.9]))
+
+
+def test_welch_zero_variance_is_nan():
+    t, p = welch_ttest([0.75, 0.75, 0.75], [0.5, 0.5])
+    assert np.isnan(t) and np.isnan(p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,11 +15,12 @@ from featstore.encoders import (
     create_encoder,
     get_spec,
     list_encoders,
+    parse_levels,
     prepare_encoder,
     resolve_precision,
 )
 from featstore.encoders.precision import cpu_has_native_bf16
-from featstore.errors import EncoderError
+from featstore.errors import EncoderError, WeightsNotFoundError
 
 # The documented table (docs/encoders.md; the issue): minus0..minus3.
 DOCUMENTED = {
@@ -215,3 +218,47 @@ def test_cli_lists_encoders_levels_and_weights(tmp_path, monkeypatch):
     assert "pytorchnative_tenpercent_resnet18.ckpt" in out
     res = CliRunner().invoke(featstore_app, ["encoders", "vgg*"])
     assert res.exit_code == 1
+
+
+def test_parse_levels_one_parser_for_every_command():
+    assert parse_levels("1") == (1,)
+    assert parse_levels("3, 0,1,1") == (0, 1, 3)          # sorted, unique
+    assert parse_levels(None) is None and parse_levels("") is None and parse_levels("  ") is None
+    assert parse_levels("all", "resnet18") == (0, 1, 2, 3, 4)
+    assert parse_levels("ALL", "efficientnet_b0") == tuple(get_spec("efficientnet_b0").levels)
+    assert parse_levels("all") == (0, 1, 2, 3)
+    with pytest.raises(EncoderError, match=r"--minus '0,x': give levels as comma-separated integers"):
+        parse_levels("0,x")
+    with pytest.raises(EncoderError, match=r"--levels '-1': levels are integers >= 0"):
+        parse_levels("-1", option="--levels")
+    with pytest.raises(EncoderError, match="integers"):
+        parse_levels(",")
+    with pytest.raises(EncoderError, match="unknown encoder 'vgg'"):
+        parse_levels("all", "vgg")
+
+
+def test_create_encoder_leaves_the_hub_setting_alone_and_fails_fast_offline(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from core.runtime import hub_offline as offline
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("FEATSTORE_WEIGHTS", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with offline():      # huggingface_hub reads only its import-time copy: both are set inside
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+    create_encoder("resnet18")
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError, match="resnet18 weights 'imagenet' not found offline; put the file at") as e:
+        create_encoder("resnet18", "imagenet")
+    assert time.perf_counter() - t0 < 2.0 and "\n" not in str(e.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(e.value)
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")       # the caller's own setting is put back as it was
+    create_encoder("resnet18")
+    assert os.environ["HF_HUB_OFFLINE"] == "0"

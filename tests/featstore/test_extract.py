@@ -138,6 +138,35 @@ def test_bad_slides_are_logged_and_the_batch_goes_on(cohort, tmp_path):
     assert all("\n" not in r for r in st.failures().values())
 
 
+def test_features_are_computed_with_the_resize_the_provenance_records(cohort, tmp_path):
+    from featstore.tilesource import TileSource
+
+    refs = discover_slides([cohort])[:1]
+    report = Extractor(_cfg(encoder="efficientnet_b0", levels=(3,), input_size=48)).run(refs, tmp_path / "e.zarr")
+    assert report.ok, report.failed
+    st = featstore.open_store(tmp_path / "e.zarr")
+    pre = st.provenance("s1", "efficientnet_b0", 3)["preprocessing"]
+    assert pre["interpolation"] == "bicubic" and pre["input_size"] == 48
+    assert pre["resize"] == "Slide.read_patch: best pyramid level, then PIL antialiased resize, bicubic filter"
+    enc = create_encoder("efficientnet_b0", "random", levels=(3,)).eval()
+    coords = st.coords("s1")[:4]
+    x = {}
+    for interp in ("bicubic", "bilinear"):
+        with TileSource({**pre, "interpolation": interp}) as src:
+            src.add("s1", refs[0].path, st.slide_info("s1")["size0"])
+            x[interp] = src.read("s1", coords)
+    with torch.no_grad():
+        bicubic, bilinear = (enc(x[k])[3].numpy() for k in ("bicubic", "bilinear"))
+    got = st.features("s1", "efficientnet_b0", 3)[:4].astype(np.float32)
+    np.testing.assert_allclose(got, bicubic.astype(np.float16).astype(np.float32), rtol=0, atol=2e-3)
+    assert np.abs(got - bilinear).max() > 10 * np.abs(got - bicubic).max()
+    resnet = Extractor(_cfg(levels=(0,))).run(refs, tmp_path / "r.zarr")
+    assert resnet.ok
+    prov = featstore.open_store(tmp_path / "r.zarr").provenance("s1", "resnet18", 0)["preprocessing"]
+    # bilinear features keep the exact record of stores written before (mil predict compares it)
+    assert prov["resize"] == "Slide.read_patch: best pyramid level, then PIL antialiased resize"
+
+
 def test_duplicate_slide_ids_are_refused_before_work(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -89,7 +89,8 @@ def test_s3_store_reads_back_exactly_what_a_local_store_holds(s3, stores):
     x, offsets = b.as_dask("resnet18", 1)
     assert x.shape[0] == sum(b.n_tiles(s) for s in b.slide_ids()) and set(offsets) == set(b.slide_ids())
     np.testing.assert_array_equal(x.compute()[slice(*offsets["s3"])], a.features("s3", "resnet18", 1))
-    assert b.local_path is None and b.lock("s0").acquire()  # no lock files on object storage
+    writer = featstore.open_store(url, mode="a", storage_options=s3)  # locks belong to the writer
+    assert b.local_path is None and writer.lock("s0").acquire()  # no lock files on object storage
 
 
 def test_default_client_finds_the_store_through_aws_variables(stores):
@@ -150,3 +151,17 @@ def test_store_locations_and_storage_options():
     for bad, msg in (("{nope", "not valid JSON"), ("[1]", "must be a JSON object")):
         with pytest.raises(StoreError, match=msg):
             parse_storage_options(bad)
+
+
+def test_a_fresh_s3_writer_creates_slides_and_failures_up_front(s3):
+    """Tasks only open these groups: two creating them at once on S3 is zarr's ContainsGroupError."""
+    import zarr
+
+    from featstore.store import open_store_writer
+
+    url = f"s3://{BUCKET}/fresh.zarr"
+    open_store_writer(url, storage_options=s3)
+    root = zarr.open_group(url, mode="r", zarr_format=3, storage_options={**s3, "use_listings_cache": False})
+    assert sorted(name for name, _ in root.groups()) == ["failures", "slides"]
+    again = open_store_writer(url, storage_options=s3)  # a second writer (a task) only opens them
+    assert again.slide_ids() == [] and again.failures() == {}

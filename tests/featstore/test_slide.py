@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from core.errors import ConfigError
 from featstore.errors import (FeatstoreError, MissingMppError, SlideFormatError, SlideNotFoundError,
                               SlideReadError)
 from featstore.slide import Slide, composite_white
@@ -67,6 +68,19 @@ def test_read_patch_from_a_reduced_level_matches_level0_plus_resize(textured):
             ref = np.asarray(Image.fromarray(s.read_region(xy, 0, (256, 256))).resize((64, 64), Image.BILINEAR))
             assert fast.shape == (64, 64, 3) and fast.dtype == np.uint8
             assert np.abs(fast.astype(int) - ref.astype(int)).mean() < 3.0
+
+
+def test_read_patch_resizes_with_the_named_filter(textured):
+    path, _ = textured
+    with Slide(path) as s:
+        region = Image.fromarray(s.read_region((300, 200), 0, (256, 256)))
+        for name, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC), ("lanczos", Image.LANCZOS)):
+            want = np.asarray(region.resize((224, 224), pil))     # 256 -> 224 reads level 0
+            np.testing.assert_array_equal(s.read_patch((300, 200), 256, 224, name), want)
+        np.testing.assert_array_equal(s.read_patch((300, 200), 256, 224), s.read_patch((300, 200), 256, 224, "bilinear"))
+        assert not np.array_equal(s.read_patch((300, 200), 256, 224, "bicubic"), s.read_patch((300, 200), 256, 224))
+        with pytest.raises(ConfigError, match="interpolation 'spline': use one of nearest, box, bilinear"):
+            s.read_patch((300, 200), 256, 224, "spline")
 
 
 def test_read_patch_at_native_size_is_exact(textured):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from featstore.encoders import create_encoder, file_sha256, save_encoder_checkpoint
+from featstore.checkpoint import file_sha256
+from featstore.checkpoint import save_encoder as save_encoder_checkpoint
+from featstore.encoders import create_encoder
 from featstore.encoders.papers import LUNIT_MEAN, LUNIT_STD
 from featstore.errors import EncoderError, WeightsError, WeightsNotFoundError
 

@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 
 import featstore
 from featstore.cohort import discover_slides
+from featstore.errors import SlideChangedError
 from featstore.extract import ExtractConfig, Extractor
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig
+from featstore.tilesource import TileSource
 from mil.errors import MilError, RunError
-from mil.finetune import (FinetuneConfig, FinetuneSpec, TileReader, build_model, finetune_run, load_parent,
-                          resolve_slide_paths, train_step)
+from mil.finetune import FinetuneConfig, FinetuneSpec, build_model, finetune_run, load_parent, train_step
 from mil.topk import select_topk
 from mil.train import RunSpec, TrainConfig, train_run
 
@@ -87,10 +88,9 @@ def test_a_step_trains_the_encoder_but_not_batchnorm_statistics(parent):
     cfg = FinetuneConfig(**{**FT, "lr": 1e-3, "micro_batch": 4})
     model = build_model(par, cfg, torch.device("cpu"), "fp32")
     st = par.store
-    paths = resolve_slide_paths(st, ["s0"], [str(slides)])
-    reader = TileReader(paths, {"s0": st.slide_info("s0")}, 64, model.encoder.mean, model.encoder.std, 2)
-    x = reader.read("s0", st.coords("s0")[:4])
-    reader.close()
+    with TileSource.from_store(st, ["s0"], {**model.encoder.preprocessing(), "input_size": 64},
+                               slides=[str(slides)], workers=2) as reader:
+        x = reader.read("s0", st.coords("s0")[:4])
     before = {k: v.clone() for k, v in model.encoder.model.state_dict().items()}
     # checkpointed micro-batches give the gradient of the whole bag
     grads = []
@@ -160,11 +160,9 @@ def test_encoder_checkpoint_round_trips_through_the_extractor(parent, tmp_path):
     assert report.ok, report.failed
     st = featstore.open_store(copy)
     got = st.features("s6", "resnet18", 2, report_tag(enc_path)).astype(np.float32)
-    reader = TileReader({"s6": slides / "s6.tif"}, {"s6": st.slide_info("s6")}, 64, res.model.encoder.mean,
-                        res.model.encoder.std, 2)
-    with torch.no_grad():
+    with TileSource.from_store(st, ["s6"], {**res.model.encoder.preprocessing(), "input_size": 64},
+                               slides=[str(slides / "s6.tif")], workers=2) as reader, torch.no_grad():
         want = res.model.eval().embed(reader.read("s6", st.coords("s6"))).numpy()
-    reader.close()
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
     parent_feats = st.features("s6", "resnet18", 2, "random-s0").astype(np.float32)
     assert np.abs(parent_feats - want).max() > 1e-2   # the fine-tuned encoder really differs
@@ -186,12 +184,22 @@ def test_bad_inputs_give_one_line_errors(parent, tmp_path):
     swapped = tmp_path / "swapped"
     swapped.mkdir()
     shutil.copy(slides / "s2.tif", swapped / "s1.tif")     # another file under a store slide's id
-    with pytest.raises(MilError, match="differs from the file tiled"):
-        resolve_slide_paths(featstore.open_store(store), ["s1"], [str(swapped)])
+    with pytest.raises(SlideChangedError, match="differs from the file tiled"):
+        TileSource.from_store(featstore.open_store(store), ["s1"], {"input_size": 64, "mean": (0.5,) * 3,
+                                                                    "std": (0.5,) * 3}, slides=[str(swapped)])
     res = CliRunner().invoke(mil_app, ["finetune", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "does not exist" in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
 
+
+def test_a_changed_slide_file_stops_the_finetune_before_out_is_written(parent, tmp_path):
+    slides, _, run, _ = parent
+    swapped = tmp_path / "swapped"
+    shutil.copytree(slides, swapped)
+    shutil.copy(slides / "s2.tif", swapped / "s1.tif")
+    with pytest.raises(MilError, match=r"s1\.tif differs from the file tiled into .* as 's1'") as e:
+        finetune_run(FinetuneSpec(str(run), str(tmp_path / "o"), slides=[str(swapped)]), FinetuneConfig(**FT))
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
 
 
 def test_same_seed_same_finetune_with_reselect_and_accumulation(parent, tmp_path):

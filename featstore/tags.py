@@ -1,0 +1,102 @@
+"""Weights tags: the one place that builds, parses and matches the ``weights`` string of a store.
+
+A tag names the weights that produced a set of features, and is a Zarr node name in the store:
+
+* ``random-s<seed>``: seeded random initialisation (``random`` alone asks for any seed);
+* a named tag known to the encoder (``imagenet``, ``ciga-simclr`` ...);
+* ``file-<stem>-<sha256[:8]>``: an explicit weights file (the short hash keeps two files with
+  the same name apart).
+
+No torch import here: the store reads tags without loading the encoder stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_TAG_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_RANDOM = re.compile(r"^random-s(\d+)$")
+_FILE = re.compile(r"^file-(.+)-([0-9a-f]{8})$")
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per (path, mtime, size) in this process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+@dataclass(frozen=True)
+class WeightsTag:
+    """A parsed weights tag; ``str(tag)`` is the string stored with the features."""
+
+    kind: str                   # "random" | "named" | "file"
+    name: str                   # "random", "imagenet", "ciga-simclr", or the file stem
+    seed: int | None = None     # random only (None: any seed, as asked with ``random``)
+    sha8: str | None = None     # file only
+
+    @classmethod
+    def random(cls, seed: int) -> "WeightsTag":
+        """The tag of seeded random weights: ``random-s<seed>``."""
+        return cls("random", "random", seed=int(seed))
+
+    @classmethod
+    def named(cls, name: str) -> "WeightsTag":
+        """A tag known to an encoder's registry spec (``imagenet`` ...)."""
+        return cls("named", str(name))
+
+    @classmethod
+    def for_file(cls, path: str | Path, sha256: str | None = None) -> "WeightsTag":
+        """The tag of an explicit weights file: ``file-<stem>-<sha256[:8]>``.
+
+        A fine-tuned ``encoder.pt`` takes its run folder's name as the stem, so two runs'
+        checkpoints read differently in a store listing.
+        """
+        path = Path(path)
+        stem = path.stem
+        if stem == "encoder" and path.parent.name:
+            stem = path.parent.name
+        sha = sha256 or file_sha256(path)
+        return cls("file", _TAG_SAFE.sub("_", stem), sha8=sha[:8])
+
+    @classmethod
+    def parse(cls, text: str) -> "WeightsTag":
+        """``random-s3`` -> random seed 3, ``random`` -> random any seed, ``file-x-1a2b3c4d``, else named."""
+        text = str(text).strip()
+        if text == "random":
+            return cls("random", "random")
+        m = _RANDOM.match(text)
+        if m:
+            return cls.random(int(m.group(1)))
+        m = _FILE.match(text)
+        if m:
+            return cls("file", m.group(1), sha8=m.group(2))
+        return cls.named(text)
+
+    def __str__(self) -> str:
+        if self.kind == "random":
+            return "random" if self.seed is None else f"random-s{self.seed}"
+        if self.kind == "file":
+            return f"file-{self.name}-{self.sha8}"
+        return self.name
+
+    def matches(self, requested: str | "WeightsTag") -> bool:
+        """Whether a request finds this tag: ``random`` finds any ``random-s<N>``, else equality."""
+        req = requested if isinstance(requested, WeightsTag) else WeightsTag.parse(requested)
+        if req.kind == "random" and req.seed is None:
+            return self.kind == "random"
+        return str(req) == str(self)
+
+
+__all__ = ["WeightsTag", "file_sha256"]

@@ -1,0 +1,162 @@
+"""The layering stays true: an ast walk over every module's imports (deferred ones included).
+
+core <- featstore <- mil <- analysis <- study <- cli.py: a module imports only its own package or
+packages below it. The terminal UI (core.ui) is for command modules only; mil and analysis read
+stores through featstore's public read API, never through the extractor or the store writer.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("core", "featstore", "mil", "analysis", "study", "cli")
+RANK = {name: i for i, name in enumerate(LAYERS)}
+PACKAGES = LAYERS[:-1]
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, Path]:
+    mods = {"cli": ROOT / "cli.py"}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            mods[name] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path, name: str) -> list[tuple[int, str, bool]]:
+    """(line, imported module, at module level) for every import in *path*."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(n) for n in tree.body}
+    is_pkg = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = name.split(".")
+                base = base if is_pkg else base[:-1]
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((node.lineno, target, id(node) in top))
+            out += [(node.lineno, f"{target}.{a.name}", id(node) in top) for a in node.names
+                    if f"{target}.{a.name}" in MODULES]
+    return out
+
+
+def _layer(module: str) -> str | None:
+    head = module.split(".")[0]
+    return head if head in RANK else None
+
+
+def _is_command_module(name: str) -> bool:
+    return name == "cli" or ".commands" in f".{name}" or name == "study.commands"
+
+
+def test_every_package_is_found():
+    for pkg in PACKAGES:
+        assert pkg in MODULES, f"package {pkg} not found under {ROOT}"
+
+
+def test_imports_only_point_downward():
+    bad = []
+    for name, path in MODULES.items():
+        own = _layer(name)
+        for line, target, _ in _imports(path, name):
+            layer = _layer(target)
+            if layer is not None and RANK[layer] > RANK[own]:
+                bad.append(f"{path.relative_to(ROOT)}:{line} ({own}) imports {target} ({layer})")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_ui_is_imported_only_by_commands():
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+           for name, path in MODULES.items() if not _is_command_module(name)
+           for line, target, _ in _imports(path, name) if target == "core.ui" or target.startswith("core.ui.")]
+    assert not bad, "library code imports the terminal UI:\n" + "\n".join(bad)
+
+
+def test_library_code_does_not_import_commands():
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+           for name, path in MODULES.items() if not _is_command_module(name)
+           for line, target, _ in _imports(path, name) if _is_command_module(target) and _layer(target)]
+    assert not bad, "library code imports command code:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("pkg", ["mil", "analysis"])
+def test_readers_use_the_public_read_api(pkg):
+    private = ("featstore.extract", "featstore.store.writer", "featstore.distributed", "featstore.h5io")
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+           for name, path in MODULES.items() if _layer(name) == pkg and not _is_command_module(name)
+           for line, target, _ in _imports(path, name) if target.startswith(private)]
+    assert not bad, f"{pkg} reaches past featstore's read API:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle_at_module_level():
+    graph = {name: {t for _, t, top in _imports(path, name) if top and t in MODULES and t != name}
+             for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start)
+            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def test_the_walk_sees_deferred_imports(tmp_path):
+    """The checker itself: an import inside a function body counts, and a relative import resolves."""
+    p = tmp_path / "m.py"
+    p.write_text("def f():\n    from analysis import cka\n\nfrom . import x\n")
+    found = {t for _, t, _ in _imports(p, "mil.m")}
+    assert "analysis" in found and "mil" in found
+
+
+def test_pyflakes_is_clean():
+    """No unused import, undefined name or shadowed variable anywhere (pyflakes, as CI runs it)."""
+    import io
+
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+
+    out, err = io.StringIO(), io.StringIO()
+    paths = list(MODULES.values()) + sorted((ROOT / "tests").rglob("*.py")) + \
+        sorted((ROOT / "benchmarks").rglob("*.py"))
+    warnings = sum(checkPath(str(p), Reporter(out, err)) for p in paths)
+    assert warnings == 0, out.getvalue() + err.getvalue()
