@@ -321,14 +321,21 @@ def config_command(**configs: type | Options) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         specs = {k: v if isinstance(v, Options) else Options(v) for k, v in configs.items()}
         own_hints = typing.get_type_hints(fn, include_extras=True)
-        params = [p.replace(annotation=own_hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
-                  for p in inspect.signature(fn).parameters.values() if p.name not in specs]
+        params: list[inspect.Parameter] = []
         owner: dict[str, list[str]] = {}
-        for key, opts in specs.items():
+        for p in inspect.signature(fn).parameters.values():  # a config's options stand where it does
+            if p.name not in specs:
+                params.append(p.replace(annotation=own_hints.get(p.name, p.annotation),
+                                        kind=inspect.Parameter.KEYWORD_ONLY))
+                continue
+            opts = specs[p.name]
             hints = _hints(opts.cls)
             for f in opts.fields():
                 params.append(_parameter(f, hints[f.name], opts))
-                owner.setdefault(key, []).append(f.name)
+                owner.setdefault(p.name, []).append(f.name)
+        missing = sorted(set(specs) - set(inspect.signature(fn).parameters))
+        if missing:
+            raise TypeError(f"{fn.__name__}: no parameter {missing} to receive the built config")
         names = [p.name for p in params]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:

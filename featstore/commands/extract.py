@@ -101,10 +101,10 @@ def print_report(report, store: str) -> None:
 def extract(
     slides: Annotated[list[str], typer.Argument(help="Slide files, directories, globs, or a CSV with slide_id,path.")],
     store: Annotated[str, typer.Option("--store", "-s", help="Zarr store path or fsspec URL (created if missing).")],
-    cfg: ExtractConfig,
-    tiling: dict,
     minus: Annotated[str, typer.Option(*_FIELDS["levels"].metadata["flags"],
                                        help=help_of(_FIELDS["levels"]))] = _DEFAULT_LEVELS,
+    cfg: ExtractConfig = None,
+    tiling: dict = None,
     cluster: Annotated[Optional[str], typer.Option(
         help="Run slides on a dask.distributed scheduler ADDRESS or local:N.")] = None,
     storage_options: Annotated[Optional[str], typer.Option(
