@@ -28,13 +28,34 @@ def _weights_cell(name: str, show_paths: bool) -> str:
     return "\n".join(lines)
 
 
+def _levels_cell(name: str) -> str:
+    """The ``--minus all`` levels with dims and taps; "any of 0..N-1" when all is a subset."""
+    from featstore.encoders import get_spec
+
+    spec = get_spec(name)
+    lines = [f"{k}: {spec.dims[k]:>4}  {spec.taps[k]}" for k in spec.all_levels]
+    if spec.all_levels != spec.levels:
+        lines.append(f"(all = these; any 0..{len(spec.levels) - 1})")
+    return "\n".join(lines)
+
+
+def _pooling_cell(name: str) -> str:
+    """The default pooling first, then the others the encoder's family offers."""
+    from featstore.encoders import get_spec
+    from featstore.encoders.runners import runner_class
+
+    spec = get_spec(name)
+    others = [p for p in runner_class(spec).poolings if p != spec.pooling]
+    return "\n".join([f"{spec.pooling} (default)", *others])
+
+
 def encoders(
     pattern: Annotated[str, typer.Argument(help="Wildcard over encoder names, e.g. 'res*'.")] = "*",
     paths: Annotated[bool, typer.Option("--paths/--no-paths",
                                         help="Show where each weights file is or is expected.")] = True,
 ) -> None:
-    """List encoders: truncation levels with dims, input preprocessing, weight tags and
-    whether each weights file is present on this machine (offline lookup only)."""
+    """List encoders: the levels `--minus all` takes with dims, pooling, input, weight tags
+    and whether each weights file is present on this machine (offline lookup only)."""
     from featstore.encoders import get_spec, list_encoders
 
     names = list_encoders(pattern)
@@ -43,13 +64,13 @@ def encoders(
     table = Table(title="featstore encoders", show_lines=True)
     table.add_column("encoder", style="bold")
     table.add_column("levels (minus K: dim)")
+    table.add_column("pooling")
     table.add_column("input")
     table.add_column("weights (tag, file on this machine)", overflow="fold")
     for name in names:
         spec = get_spec(name)
-        levels = "\n".join(f"{k}: {spec.dims[k]:>4}  {spec.taps[k]}" for k in spec.levels)
         inp = f"{spec.input_size} px\n{spec.interpolation}"
-        table.add_row(name, levels, inp, _weights_cell(name, paths))
+        table.add_row(name, _levels_cell(name), _pooling_cell(name), inp, _weights_cell(name, paths))
     out_console.print(table)
 
 

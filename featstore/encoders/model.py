@@ -1,9 +1,9 @@
 """Encoder: one forward pass -> {truncation level: pooled (B, D) float32 features}.
 
 The full timm model is built and loaded first (weights always go into the full network), then
-its top-level modules are run in the spec's ``steps`` order up to the deepest requested tap
-only: deeper stages are never computed. Each tap is global-average pooled in float32 as soon
-as it is produced, so later in-place ops cannot touch it.
+the family's runner (featstore.encoders.runners) runs it up to the deepest requested level
+only: deeper stages / blocks are never computed. CNN taps are global-average pooled, ViT
+blocks pooled by CLS / mean / CLS+mean (featstore.encoders.vit), always in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from core.runtime import hub_offline
 from featstore.encoders.registry import EncoderSpec, get_spec
+from featstore.encoders.runners import runner_class
 from featstore.encoders.weights import Checkpoint, ResolvedWeights, load_weights, resolve_weights
 from featstore.errors import EncoderError
 
@@ -27,7 +28,8 @@ class Encoder(nn.Module):
     """A truncatable timm encoder returning pooled features for a set of levels."""
 
     def __init__(self, spec: EncoderSpec, model: nn.Module, levels: Sequence[int],
-                 resolved: ResolvedWeights, checkpoint: Checkpoint | None = None) -> None:
+                 resolved: ResolvedWeights, checkpoint: Checkpoint | None = None,
+                 pooling: str | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.model = model                      # the FULL timm model (timm key layout)
@@ -43,8 +45,15 @@ class Encoder(nn.Module):
         self.std: tuple = tuple(pre.get("std") or (wspec and wspec.std) or spec.std)
         self.interpolation: str = str(pre.get("interpolation", spec.interpolation))
         self.channels_last = False
-        self._steps = [(n, model.get_submodule(n)) for n in spec.steps]
+        self._runner = runner_class(spec)(spec, model)
+        self.pooling: str = self._check_pooling(spec.pooling if pooling is None else pooling)
         self.set_levels(levels)
+
+    def _check_pooling(self, pooling: str) -> str:
+        if pooling not in self._runner.poolings:
+            raise EncoderError(f"encoder {self.name}: pooling {pooling!r} is not one of "
+                               f"{', '.join(self._runner.poolings)}")
+        return pooling
 
     # ------------------------------------------------------------ levels and forward
     def set_levels(self, levels: Sequence[int]) -> None:
@@ -55,31 +64,25 @@ class Encoder(nn.Module):
         if not lv:
             raise EncoderError(f"encoder {self.name}: ask for at least one level (minus K)")
         self.levels: tuple[int, ...] = lv
-        self.dims: dict[int, int] = {k: self.spec.dims[k] for k in lv}
-        step_index = {n: i for i, n in enumerate(self.spec.steps)}
-        self._tap_at: dict[int, list[int]] = {}
-        for k in lv:
-            self._tap_at.setdefault(step_index[self.spec.taps[k]], []).append(k)
-        self._depth = max(self._tap_at) + 1       # steps actually run
+        self.dims: dict[int, int] = {k: self._runner.dim(k, self.pooling) for k in lv}
+        self._runner.plan(lv)
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         """Normalised (B, 3, H, W) -> {level: (B, D) float32}, stopping at the deepest level."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out: dict[int, Tensor] = {}
-        for i in range(self._depth):
-            x = self._steps[i][1](x)
-            for k in self._tap_at.get(i, ()):
-                out[k] = x.mean(dim=(2, 3), dtype=torch.float32)  # no fp32 copy of the map
+        out = self._runner.forward(x, self.pooling)
         return {k: out[k] for k in self.levels}
 
     # ------------------------------------------------------------ fine-tuning support
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
-        """(timm path, module) of the steps the current levels run, in order."""
-        return list(self._steps[: self._depth])
+        """(timm path, module) of what the current levels run, in order."""
+        return self._runner.stage_modules()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the modules that forward runs (deeper stages get no gradient)."""
+        """Parameters that forward uses (deeper stages / blocks get no gradient): a ViT's
+        CLS/register tokens and position embedding first, then the stage modules'."""
+        yield from self._runner.extra_parameters()
         for _, module in self.stage_modules():
             yield from module.parameters()
 
@@ -115,7 +118,7 @@ class Encoder(nn.Module):
             "levels": list(self.levels),
             "dims": {str(k): v for k, v in self.dims.items()},
             "taps": {str(k): self.spec.taps[k] for k in self.levels},
-            "pooling": "global average (float32)",
+            **self._runner.provenance(self.levels, self.pooling),
             "preprocessing": self.preprocessing(),
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
@@ -127,13 +130,16 @@ class Encoder(nn.Module):
         return prov
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, weights={self.weights_tag}, levels={self.levels}"
+        return (f"name={self.name}, weights={self.weights_tag}, levels={self.levels}, "
+                f"pooling={self.pooling}")
 
 
 def create_encoder(name: str, weights: str = "random", levels: Sequence[int] = (0,), *,
-                   seed: int = 0, allow_download: bool = False, strict: bool = True) -> Encoder:
+                   seed: int = 0, allow_download: bool = False, strict: bool = True,
+                   pooling: str | None = None) -> Encoder:
     """Build encoder *name* with *weights* returning *levels* (see docs/encoders.md).
 
+    *pooling* overrides the spec's default (ViTs: ``cls``, ``mean``, ``cls+mean``).
     The weights file is located before the model is built, so a missing file fails fast.
     Without ``allow_download`` nothing touches the network (hub offline mode inside the call,
     the caller's setting restored after).
@@ -146,8 +152,9 @@ def create_encoder(name: str, weights: str = "random", levels: Sequence[int] = (
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = timm.create_model(spec.timm_name, pretrained=False)
+            model = timm.create_model(spec.timm_name, pretrained=False,
+                                      **runner_class(spec).build_kwargs(spec))
     checkpoint = load_weights(model, spec, resolved, strict=strict)
-    encoder = Encoder(spec, model, levels, resolved, checkpoint)
+    encoder = Encoder(spec, model, levels, resolved, checkpoint, pooling=pooling)
     log.debug("created %s weights=%s levels=%s", name, encoder.weights_tag, encoder.levels)
     return encoder.eval()

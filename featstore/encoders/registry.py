@@ -1,9 +1,11 @@
 """Encoder registry: one frozen :class:`EncoderSpec` per encoder is the only source of truth.
 
-A spec says which timm architecture to build, the order in which its top-level modules run
-(``steps``), which module output makes each truncation level (``taps``, level 0 = "minus 0"
-= the final features), the embedding dim per level, the preprocessing, and the weight tags
-that are known for it. Everything else (the model, the CLI table, the docs table) is derived.
+A spec says which timm architecture to build (with which ``timm_kwargs``), the order in which
+its top-level modules run (``steps``), which module output makes each truncation level
+(``taps``, level 0 = "minus 0" = the final features), the token/channel width per level, the
+default pooling, the levels ``--minus all`` means, the preprocessing, and the weight tags that
+are known for it. The ``family`` selects how the model is run (featstore.encoders.runners).
+Everything else (the model, the CLI table, the docs table) is derived.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from featstore.errors import EncoderError
 
@@ -57,7 +60,7 @@ class EncoderSpec:
     family: str
     steps: tuple[str, ...]          # top-level module paths, in execution order
     taps: tuple[str, ...]           # taps[K] = module whose output is level "minus K"
-    dims: tuple[int, ...]           # dims[K] = channels of taps[K]
+    dims: tuple[int, ...]           # dims[K] = channels / token width of taps[K]
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -65,6 +68,9 @@ class EncoderSpec:
     head_prefixes: tuple[str, ...] = ("fc.",)   # classifier keys: never used, may be absent
     weights: Mapping[str, WeightsSpec] = field(default_factory=dict)
     description: str = ""
+    pooling: str = "avg"            # default pooling of every level (the family's runner knows it)
+    all_levels: tuple[int, ...] = ()    # what "--minus all" means; () = every level
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)   # plain data, to create_model
 
     def __post_init__(self) -> None:
         if len(self.taps) != len(self.dims):
@@ -72,7 +78,11 @@ class EncoderSpec:
         missing = [t for t in self.taps if t not in self.steps]
         if missing:
             raise ValueError(f"EncoderSpec {self.name}: taps {missing} are not steps")
+        if any(not 0 <= k < len(self.taps) for k in self.all_levels):
+            raise ValueError(f"EncoderSpec {self.name}: all_levels must be within 0..{len(self.taps) - 1}")
+        object.__setattr__(self, "all_levels", tuple(sorted(set(self.all_levels))) or self.levels)
         object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+        object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -142,14 +152,15 @@ def parse_levels(text: str | None, encoder: str | None = None, *, option: str = 
                  ) -> tuple[int, ...] | None:
     """``"1"`` -> (1,); ``"0, 2,3"`` -> (0, 2, 3) (sorted, unique); None or "" -> None.
 
-    ``"all"`` is every level *encoder* offers (0..3 when no encoder is named). *option* names
-    the command option in the one-line :class:`EncoderError`.
+    ``"all"`` is the spec's ``all_levels`` of *encoder* (every level of a CNN, every 4th block
+    of a ViT; 0..3 when no encoder is named). *option* names the command option in the
+    one-line :class:`EncoderError`.
     """
     if text is None or not str(text).strip():
         return None
     text = str(text)
     if text.strip().lower() == "all":
-        return tuple(get_spec(encoder).levels) if encoder is not None else (0, 1, 2, 3)
+        return get_spec(encoder).all_levels if encoder is not None else (0, 1, 2, 3)
     try:
         levels = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
     except ValueError:

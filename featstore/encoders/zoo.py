@@ -1,14 +1,21 @@
-"""The encoder zoo: ResNet, DenseNet and EfficientNet entries, registered at import.
+"""The encoder zoo: ResNet, DenseNet, EfficientNet and ViT / DINOv2 entries, registered at import.
 
-Levels follow timm's ``feature_info`` taps (one per resolution), deepest first; EfficientNet
-adds its head (``conv_head`` + ``bn2``, the network's final features) as level 0, so that
-level 0 is always the embedding of the full network.
+CNN levels follow timm's ``feature_info`` taps (one per resolution), deepest first;
+EfficientNet adds its head (``conv_head`` + ``bn2``, the network's final features) as level 0,
+so that level 0 is always the embedding of the full network. ViT levels are blocks: minus K
+= block ``depth-1-K`` (featstore.encoders.vit); ``--minus all`` = every 4th block from the last.
 """
 
 from __future__ import annotations
 
 from featstore.encoders.papers import CIGA_SIMCLR, KANG_BT, mormont_mtdp
-from featstore.encoders.registry import EncoderSpec, WeightsSpec, register_encoder
+from featstore.encoders.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    WeightsSpec,
+    register_encoder,
+)
 
 _TV = "https://download.pytorch.org/models/"
 
@@ -83,3 +90,42 @@ _efficientnet("efficientnet_b0", (1280, 320, 112, 40, 24, 16), 224)
 _efficientnet("efficientnet_b1", (1280, 320, 112, 40, 24, 16), 224)
 _efficientnet("efficientnet_b2", (1408, 352, 120, 48, 24, 16), 256)
 _efficientnet("efficientnet_b3", (1536, 384, 136, 48, 32, 24), 288)
+
+
+# --------------------------------------------------------------------------- transformers
+# Common to every ViT entry: no classifier head (features only) and any input size (the
+# position embedding is resampled by timm when the input is not the native 224 px).
+_VIT_BASE = {"num_classes": 0, "dynamic_img_size": True}
+# DINOv2 with registers (Darcet et al. 2024): LayerScale, 4 register tokens, position embedding
+# for patch tokens only. Built at 224 px (16x16 patches), as the pathology models on this
+# architecture (UNI2, Virchow2, H-optimus) are; timm's native DINOv2 size is 518.
+_DINOV2 = {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True}
+VIT_ALL_STRIDE = 4      # "--minus all" = every 4th block from the last
+
+
+def _vit(name: str, family: str, depth: int, dim: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+         kwargs: dict | None = None, note: str = "") -> EncoderSpec:
+    blocks = tuple(f"blocks.{i}" for i in range(depth))
+    return register_encoder(EncoderSpec(
+        name=name, timm_name=name, family=family,
+        steps=("patch_embed", *blocks, "norm"),
+        taps=tuple(reversed(blocks)), dims=(dim,) * depth,
+        mean=mean, std=std, interpolation="bicubic", head_prefixes=("head.",),
+        pooling="cls", all_levels=tuple(range(0, depth, VIT_ALL_STRIDE)),
+        timm_kwargs={**_VIT_BASE, **(kwargs or {})},
+        description=f"{name}: {depth} blocks x {dim}; minus K = block {depth - 1}-K + final norm, "
+                    f"CLS pooled{note}",
+    ))
+
+
+_HALF = (0.5, 0.5, 0.5)       # timm's augreg ViT-S/B/L weights normalise with 0.5 / 0.5
+_vit("vit_small_patch16_224", "vit", 12, 384, mean=_HALF, std=_HALF)
+_vit("vit_base_patch16_224", "vit", 12, 768, mean=_HALF, std=_HALF)
+_vit("vit_large_patch16_224", "vit", 24, 1024, mean=_HALF, std=_HALF)
+_vit("vit_huge_patch14_224", "vit", 32, 1280)
+_vit("vit_giant_patch14_224", "vit", 40, 1408)
+_vit("vit_small_patch14_reg4_dinov2", "dinov2", 12, 384, kwargs=_DINOV2, note="; 4 registers")
+_vit("vit_base_patch14_reg4_dinov2", "dinov2", 12, 768, kwargs=_DINOV2, note="; 4 registers")
+_vit("vit_large_patch14_reg4_dinov2", "dinov2", 24, 1024, kwargs=_DINOV2, note="; 4 registers")
+_vit("vit_giant_patch14_reg4_dinov2", "dinov2", 40, 1536, note="; 4 registers, SwiGLU",
+     kwargs={**_DINOV2, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu_packed", "act_layer": "silu"})
