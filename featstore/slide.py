@@ -173,20 +173,26 @@ class Slide:
         return best
 
     def read_patch(self, xy0: tuple[int, int], size0: int, out_size: int,
-                   interpolation: str = "bilinear") -> np.ndarray:
+                   interpolation: str = "bilinear", resize_size: int | None = None) -> np.ndarray:
         """A square of side *size0* level-0 px at *xy0*, read from the best level, as out_size² RGB.
 
         The resize is PIL's antialiased one with the filter the encoder's weights were trained
-        with (*interpolation*: bilinear, bicubic, ...; see :func:`resize_filter`).
+        with (*interpolation*: bilinear, bicubic, ...; see :func:`resize_filter`). With
+        *resize_size* (> out_size) the square is resized to it and its centre out_size² kept,
+        as torchvision ``Resize(resize_size)`` + ``CenterCrop(out_size)`` (e.g. Prov-GigaPath).
         """
         resample = resize_filter(interpolation)
-        level = self.best_level(size0 / out_size)
+        full = max(out_size, int(resize_size or out_size))
+        level = self.best_level(size0 / full)
         ds = self.level_downsamples[level]
         side = max(1, int(round(size0 / ds)))
         rgb = self.read_region(xy0, level, (side, side))
-        if side == out_size:
+        if side != full:
+            rgb = np.asarray(Image.fromarray(rgb).resize((full, full), resample))
+        if full == out_size:
             return rgb
-        return np.asarray(Image.fromarray(rgb).resize((out_size, out_size), resample))
+        top = int(round((full - out_size) / 2.0))   # torchvision's centre_crop offset
+        return np.ascontiguousarray(rgb[top:top + out_size, top:top + out_size])
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most *max_size*, and its downsample vs level 0."""

@@ -72,7 +72,7 @@ class TileSource:
     """Thread-pooled patch reading at stored coords; see the module docstring.
 
     *preprocessing* is ``encoder.preprocessing()`` (``input_size``, ``mean``, ``std``,
-    ``interpolation``). *slide_mpp* overrides the file's microns per pixel of every slide not
+    ``interpolation``, optional ``resize_size``: resize to it, then centre-crop ``input_size``). *slide_mpp* overrides the file's microns per pixel of every slide not
     given its own in :meth:`add`. *pin* pins batches for a CUDA copy.
     """
 
@@ -80,6 +80,7 @@ class TileSource:
                  slide_mpp: float | None = None, thread_name_prefix: str = "reader"):
         self.input_size = int(preprocessing["input_size"])
         self.interpolation = str(preprocessing.get("interpolation") or "bilinear")
+        self.resize_size = preprocessing.get("resize_size")    # resize, then centre-crop input_size
         resize_filter(self.interpolation)   # an unknown name fails here, not in a reader thread
         self.mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -144,7 +145,8 @@ class TileSource:
         slide = self._slide(slide_id)
         size0 = self._size0[slide_id]
         for i, (x, y) in enumerate(coords):
-            out[i] = slide.read_patch((int(x), int(y)), size0, self.input_size, self.interpolation)
+            out[i] = slide.read_patch((int(x), int(y)), size0, self.input_size, self.interpolation,
+                                      self.resize_size)
 
     def read_rgb(self, slide_id: str, coords: np.ndarray) -> np.ndarray:
         """(B, S, S, 3) uint8 patches, read on the calling thread."""

@@ -4,8 +4,9 @@
   one micro-batch live at a time, and the gradient is exactly that of the whole bag (the head
   needs all k embeddings for its softmax);
 * BatchNorm layers stay in eval mode (running statistics frozen; their affine weights train);
-* only the encoder stages the level runs receive gradients; encoder and head have their own
-  learning rates.
+* only the encoder stages the level runs receive gradients, or only the last N of them
+  (``train_blocks``; the frozen prefix then runs without autograd); encoder and head have their
+  own learning rates.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mil.config import FinetuneConfig
+from mil.errors import MilError
 from mil.parent import Parent, parent_encoder
 
 
@@ -69,21 +71,26 @@ class BagModel(nn.Module):
 
 
 def build_model(parent: Parent, cfg: FinetuneConfig, device: torch.device, precision: str) -> BagModel:
-    """The parent run's encoder + its fold's head; only the stages the level runs can receive gradients."""
+    """The parent run's encoder + its fold's head; only the stages the level runs (or the last
+    ``cfg.train_blocks`` of them) can receive gradients."""
     from featstore.encoders import prepare_encoder
+    from featstore.errors import EncoderError
 
     enc = parent_encoder(parent.run)
     enc = prepare_encoder(enc, precision, device)
     head = parent.run.model(parent.fold).to(device)
-    enc.model.requires_grad_(False)
-    for p in enc.trainable_parameters():
-        p.requires_grad_(True)
-    return BagModel(enc, head, int(parent.run.config["minus"]), precision, cfg.micro_batch)
+    model = BagModel(enc, head, int(parent.run.config["minus"]), precision, cfg.micro_batch)
+    try:
+        enc.set_trainable(cfg.train_blocks)
+    except EncoderError as exc:
+        raise MilError(f"--train-blocks {cfg.train_blocks}: {exc}") from None
+    return model
 
 
 def make_optimizer(model: BagModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """Adam with two groups: encoder (``lr``) and head (``head_lr``)."""
-    groups = [{"params": [p for p in model.encoder.trainable_parameters() if p.requires_grad], "lr": cfg.lr},
+    """Adam with two groups: the encoder's trainable parameters (``lr``) and the head (``head_lr``)."""
+    enc = model.encoder
+    groups = [{"params": [p for p in enc.trainable_parameters(enc.train_last) if p.requires_grad], "lr": cfg.lr},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
     return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
 

@@ -126,6 +126,8 @@ class FinetuneConfig(Config):
     head_lr: float = option(1e-4, "Head learning rate.")
     weight_decay: float = option(1e-5, "Adam weight decay.")
     micro_batch: int = option(16, "Tiles per encoder forward while training (activation memory).")
+    train_blocks: int = option(0, "Train only the last N blocks the level runs (ViT: plus the final norm; "
+                                  "CNN: the last N stages); 0 = all of them, embedding included.")
     accumulate: int = option(1, "Slides (bags) per optimiser step.")
     reselect: bool = option(False, "Recompute each training slide's top-k from the current model every epoch "
                                    "(embeds all its tiles).")
@@ -149,6 +151,8 @@ class FinetuneConfig(Config):
                            f"{self.weight_decay})")
         if self.eval_tiles not in EVAL_TILES:
             raise MilError(f"--eval-tiles {self.eval_tiles!r}: choose {' or '.join(EVAL_TILES)}")
+        if self.train_blocks < 0:
+            raise MilError(f"--train-blocks {self.train_blocks} must be >= 0 (0 = every block the level runs)")
         if self.workers < 1:
             raise MilError(f"--workers {self.workers} must be >= 1")
 

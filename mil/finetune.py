@@ -234,7 +234,8 @@ def _write(writer: RunWriter, job: _Job, best_epoch: int, history: dict, metrics
     enc_path = writer.file("encoder.pt")
     ft_info = {"parent_run": str(run.path.resolve()), "fold": fold, "k": cfg.k, "epochs": cfg.epochs,
                "best_epoch": best_epoch, "lr": cfg.lr, "head_lr": cfg.head_lr, "seed": cfg.seed,
-               "reselect": cfg.reselect}
+               "reselect": cfg.reselect, "train_blocks": cfg.train_blocks,
+               "trained_modules": [n for n, _ in model.encoder.trainable_modules(cfg.train_blocks)]}
     save_encoder(model.encoder, enc_path, level=int(run.config["minus"]), extra={"finetune": ft_info})
     enc_sha, enc_tag = file_sha256(enc_path), file_tag(enc_path)
     provenance = {**run.provenance, "weights": enc_tag, "weights_kind": "file",

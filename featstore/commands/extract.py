@@ -31,7 +31,7 @@ def build_config(st, cfg: ExtractConfig, minus: str = _DEFAULT_LEVELS, tiling: d
     from featstore.encoders import parse_levels
 
     base = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
-    return dataclasses.replace(cfg, levels=parse_levels(minus, cfg.encoder) or (),
+    return dataclasses.replace(cfg, levels=parse_levels(minus, cfg.encoder, weights=cfg.weights) or (),
                                tiling=dataclasses.replace(base, **(tiling or {})))
 
 

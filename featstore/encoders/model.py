@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from core.runtime import hub_offline
-from featstore.encoders.registry import EncoderSpec, get_spec
+from featstore.encoders.foundation import build_kwargs
+from featstore.encoders.registry import EncoderSpec, get_spec, tagged_spec
 from featstore.encoders.runners import runner_class
 from featstore.encoders.weights import Checkpoint, ResolvedWeights, load_weights, resolve_weights
 from featstore.errors import EncoderError
@@ -66,6 +67,8 @@ class Encoder(nn.Module):
         self.levels: tuple[int, ...] = lv
         self.dims: dict[int, int] = {k: self._runner.dim(k, self.pooling) for k in lv}
         self._runner.plan(lv)
+        if self._runner.train_last:              # keep the frozen prefix in step with the levels
+            self.set_trainable(self._runner.train_last)
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         """Normalised (B, 3, H, W) -> {level: (B, D) float32}, stopping at the deepest level."""
@@ -79,12 +82,40 @@ class Encoder(nn.Module):
         """(timm path, module) of what the current levels run, in order."""
         return self._runner.stage_modules()
 
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters that forward uses (deeper stages / blocks get no gradient): a ViT's
-        CLS/register tokens and position embedding first, then the stage modules'."""
-        yield from self._runner.extra_parameters()
-        for _, module in self.stage_modules():
+    def trainable_modules(self, last: int = 0) -> list[tuple[str, nn.Module]]:
+        """(timm path, module) fine-tuned with ``--train-blocks last``: 0 = every stage the
+        levels run; N = the last N blocks (ViT, plus the final norm) / stages (CNN) of them."""
+        if not last:
+            return self.stage_modules()
+        units = self._runner.units()
+        if not 0 < last <= len(units):
+            raise EncoderError(f"encoder {self.name}: cannot train the last {last} blocks, levels "
+                               f"{list(self.levels)} run {len(units)}; give 0..{len(units)}")
+        return units[len(units) - last:] + self._runner.tail_modules()
+
+    def trainable_parameters(self, last: int = 0) -> Iterator[nn.Parameter]:
+        """Parameters of :meth:`trainable_modules` (deeper stages / blocks get no gradient);
+        with ``last == 0`` a ViT's CLS/register tokens and position embedding come first."""
+        if not last:
+            yield from self._runner.extra_parameters()
+        for _, module in self.trainable_modules(last):
             yield from module.parameters()
+
+    @property
+    def train_last(self) -> int:
+        """The N of :meth:`set_trainable` (0: every stage the levels run)."""
+        return self._runner.train_last
+
+    def set_trainable(self, last: int = 0) -> list[nn.Parameter]:
+        """Give gradients only to :meth:`trainable_parameters` (*last*) and return them; with
+        ``last > 0`` the frozen prefix runs under ``torch.no_grad`` (no activations kept; the
+        outputs are the same)."""
+        params = list(self.trainable_parameters(last))
+        self.model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self._runner.train_last = int(last)
+        return params
 
     def set_batchnorm_eval(self) -> None:
         """Put every BatchNorm in eval mode (call after ``.train()`` when fine-tuning)."""
@@ -99,8 +130,12 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------ provenance
     def preprocessing(self) -> dict[str, Any]:
         """Input size, normalisation and resize interpolation the weights expect."""
-        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+        pre = {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+               "interpolation": self.interpolation}
+        resize = (self._meta.get("preprocessing") or {}).get("resize_size", self.spec.resize_size)
+        if resize:  # resize to this side, then centre-crop input_size (e.g. Prov-GigaPath 256 -> 224)
+            pre["resize_size"] = int(resize)
+        return pre
 
     def provenance(self) -> dict[str, Any]:
         """Plain-data record of what produced the features (stored beside them)."""
@@ -143,17 +178,20 @@ def create_encoder(name: str, weights: str = "random", levels: Sequence[int] = (
     The weights file is located before the model is built, so a missing file fails fast.
     Without ``allow_download`` nothing touches the network (hub offline mode inside the call,
     the caller's setting restored after).
+    A published model's tag (``uni``, ``virchow2``, ...) builds the authors' exact
+    architecture and preprocessing (featstore.encoders.registry.tagged_spec).
     The encoder is returned in eval mode on the CPU, fp32.
     """
     spec = get_spec(name)
     with hub_offline(not allow_download):
         resolved = resolve_weights(spec, weights, seed=seed, allow_download=allow_download)
+        spec = tagged_spec(spec, resolved.spec)   # a published model's own kwargs / preprocessing
         import timm  # imported here: listing encoders and failing on a missing file stay fast
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(spec.timm_name, pretrained=False,
-                                      **runner_class(spec).build_kwargs(spec))
+                                      **build_kwargs(runner_class(spec).build_kwargs(spec)))
     checkpoint = load_weights(model, spec, resolved, strict=strict)
     encoder = Encoder(spec, model, levels, resolved, checkpoint, pooling=pooling)
     log.debug("created %s weights=%s levels=%s", name, encoder.weights_tag, encoder.levels)

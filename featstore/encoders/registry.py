@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -21,6 +21,7 @@ from featstore.errors import EncoderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VIT_ALL_STRIDE = 4      # a ViT's "--minus all" = every 4th block from the last
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class WeightsSpec:
     ``drop_prefixes``: keys of the authors' checkpoint that are not part of the encoder (e.g.
     multi-task heads) and are dropped before the key check. ``mean``/``std`` override the
     encoder's normalisation when the authors trained with other statistics.
+
+    Published foundation models (featstore.encoders.foundation) also carry the exact
+    architecture: ``timm_kwargs`` are merged over the entry's (LayerScale, registers, SwiGLU,
+    depth / width), ``layout`` names the key mapper of the authors' checkpoint
+    (featstore.encoders.weights.LAYOUTS; "" = the family's), ``input_size`` /
+    ``interpolation`` / ``resize_size`` (resize to it, then centre-crop ``input_size``) /
+    ``pooling`` override the entry's preprocessing and pooling; ``licence`` says who may use
+    the file and where a gated one is requested.
     """
 
     tag: str
@@ -45,10 +54,18 @@ class WeightsSpec:
     citation: str = ""
     source: str = ""
     note: str = ""
+    layout: str = ""
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+    interpolation: str | None = None
+    resize_size: int | None = None
+    pooling: str | None = None
+    licence: str = ""
 
     def __post_init__(self) -> None:
         if self.urls and len(self.urls) != len(self.files):
             raise ValueError(f"WeightsSpec {self.tag}: urls must match files one to one")
+        object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,7 @@ class EncoderSpec:
     pooling: str = "avg"            # default pooling of every level (the family's runner knows it)
     all_levels: tuple[int, ...] = ()    # what "--minus all" means; () = every level
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)   # plain data, to create_model
+    resize_size: int | None = None  # resize tiles to this side, then centre-crop input_size
 
     def __post_init__(self) -> None:
         if len(self.taps) != len(self.dims):
@@ -113,6 +131,38 @@ class EncoderSpec:
             ) from None
 
 
+def block_levels(depth: int, dim: int, stride: int) -> dict[str, Any]:
+    """ViT steps / taps / dims / ``--minus all`` for *depth* blocks of width *dim*:
+    minus K = ``blocks.{depth-1-K}``; all = every *stride*-th block from the last."""
+    blocks = tuple(f"blocks.{i}" for i in range(depth))
+    return {"steps": ("patch_embed", *blocks, "norm"), "taps": tuple(reversed(blocks)),
+            "dims": (dim,) * depth, "all_levels": tuple(range(0, depth, stride))}
+
+
+_PREPROCESSING = ("input_size", "interpolation", "resize_size", "pooling", "mean", "std")
+_SHAPE_KWARGS = ("depth", "embed_dim")
+
+
+def tagged_spec(spec: EncoderSpec, wspec: WeightsSpec | None) -> EncoderSpec:
+    """The spec a model with weights *wspec* is built and run with: the entry's, with the tag's
+    timm kwargs merged over its own, its preprocessing / pooling, and (when the tag changes
+    depth or width) the block levels recomputed. Unchanged when the tag overrides nothing."""
+    if wspec is None:
+        return spec
+    changes: dict[str, Any] = {f: getattr(wspec, f) for f in _PREPROCESSING
+                               if getattr(wspec, f) is not None}
+    if wspec.timm_kwargs:
+        kw = {**spec.timm_kwargs, **wspec.timm_kwargs}
+        changes["timm_kwargs"] = kw
+        if any(k in wspec.timm_kwargs for k in _SHAPE_KWARGS):
+            if spec.family not in ("vit", "dinov2"):
+                raise EncoderError(f"encoder {spec.name}: weights tag {wspec.tag} sets depth / "
+                                   "embed_dim, which only a ViT entry can take")
+            changes.update(block_levels(int(kw.get("depth", len(spec.taps))),
+                                        int(kw.get("embed_dim", spec.dims[0])), VIT_ALL_STRIDE))
+    return replace(spec, **changes) if changes else spec
+
+
 _REGISTRY: dict[str, EncoderSpec] = {}
 _ZOO_MODULES = ("featstore.encoders.zoo",)
 
@@ -148,19 +198,23 @@ def get_spec(name: str) -> EncoderSpec:
         ) from None
 
 
-def parse_levels(text: str | None, encoder: str | None = None, *, option: str = "--minus"
-                 ) -> tuple[int, ...] | None:
+def parse_levels(text: str | None, encoder: str | None = None, *, option: str = "--minus",
+                 weights: str | None = None) -> tuple[int, ...] | None:
     """``"1"`` -> (1,); ``"0, 2,3"`` -> (0, 2, 3) (sorted, unique); None or "" -> None.
 
     ``"all"`` is the spec's ``all_levels`` of *encoder* (every level of a CNN, every 4th block
-    of a ViT; 0..3 when no encoder is named). *option* names the command option in the
+    of a ViT; 0..3 when no encoder is named; a *weights* tag that changes the depth, e.g.
+    UNI2-h's 24 blocks, counts). *option* names the command option in the
     one-line :class:`EncoderError`.
     """
     if text is None or not str(text).strip():
         return None
     text = str(text)
     if text.strip().lower() == "all":
-        return get_spec(encoder).all_levels if encoder is not None else (0, 1, 2, 3)
+        if encoder is None:
+            return (0, 1, 2, 3)
+        spec, tag = get_spec(encoder), str(weights or "").partition("=")[0]
+        return tagged_spec(spec, spec.weights.get(tag)).all_levels
     try:
         levels = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
     except ValueError:

@@ -34,6 +34,7 @@ class StepRunner:
         self._steps = [(n, model.get_submodule(n)) for n in spec.steps]
         self._tap_at: dict[int, list[int]] = {}
         self._depth = 0
+        self.train_last = 0                       # > 0: steps before the last N run under no_grad
 
     @staticmethod
     def build_kwargs(spec: EncoderSpec) -> dict[str, Any]:
@@ -55,8 +56,10 @@ class StepRunner:
     def forward(self, x: Tensor, pooling: str) -> dict[int, Tensor]:
         """(B, 3, H, W) -> {level: (B, C) float32} for the planned levels."""
         out: dict[int, Tensor] = {}
+        grad, frozen = torch.is_grad_enabled(), self._depth - self.train_last if self.train_last else 0
         for i in range(self._depth):
-            x = self._steps[i][1](x)
+            with torch.set_grad_enabled(grad and i >= frozen):
+                x = self._steps[i][1](x)
             for k in self._tap_at.get(i, ()):
                 out[k] = x.mean(dim=(2, 3), dtype=torch.float32)  # no fp32 copy of the map
         return out
@@ -64,6 +67,14 @@ class StepRunner:
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
         """(timm path, module) of the steps the planned levels run, in order."""
         return list(self._steps[: self._depth])
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """The countable stages of ``--train-blocks``: the steps run, in order."""
+        return self.stage_modules()
+
+    def tail_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules trained with the last N stages besides them (none for a CNN)."""
+        return []
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Parameters used by forward that belong to no stage module (none for a CNN)."""

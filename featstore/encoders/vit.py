@@ -83,6 +83,7 @@ class TokenRunner:
         self.prefix = int(model.num_prefix_tokens)   # CLS + register tokens
         self._at: dict[int, list[int]] = {}
         self._n = 0
+        self.train_last = 0     # > 0: embedding and blocks before the last N run under no_grad
 
     @staticmethod
     def build_kwargs(spec: EncoderSpec) -> dict[str, Any]:
@@ -117,10 +118,13 @@ class TokenRunner:
     def forward(self, x: Tensor, pooling: str) -> dict[int, Tensor]:
         """(B, 3, H, W) -> {level: (B, D) float32}; blocks after the deepest level never run."""
         pool = POOLINGS[pooling].fn
-        x = self._embed(x)
+        grad, frozen = torch.is_grad_enabled(), self._n - self.train_last if self.train_last else 0
+        with torch.set_grad_enabled(grad and not self.train_last):
+            x = self._embed(x)
         out: dict[int, Tensor] = {}
         for i in range(self._n):
-            x = self.model.blocks[i](x)
+            with torch.set_grad_enabled(grad and i >= frozen):
+                x = self.model.blocks[i](x)
             for k in self._at.get(i, ()):
                 out[k] = pool(self.model.norm(x), self.prefix)
         return out
@@ -131,6 +135,14 @@ class TokenRunner:
         mods = [(n, m.get_submodule(n)) for n in _EMBED_MODULES]
         mods += [(f"blocks.{i}", m.blocks[i]) for i in range(self._n)]
         return mods + [("norm", m.norm)]
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """The countable stages of ``--train-blocks``: the transformer blocks run, in order."""
+        return [(f"blocks.{i}", self.model.blocks[i]) for i in range(self._n)]
+
+    def tail_modules(self) -> list[tuple[str, nn.Module]]:
+        """Trained with the last N blocks: the final norm (every level goes through it)."""
+        return [("norm", self.model.norm)]
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """CLS token, register tokens and position embedding (used, but in no stage module)."""

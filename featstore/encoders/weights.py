@@ -141,8 +141,13 @@ def _download(wspec: WeightsSpec) -> Path:
         return dest
     if wspec.hf_repo:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-        return Path(hf_hub_download(wspec.hf_repo, "model.safetensors"))
+        for name in _HF_FILES:     # UNI, Virchow2 ... publish only pytorch_model.bin
+            try:
+                return Path(hf_hub_download(wspec.hf_repo, name))
+            except EntryNotFoundError:
+                continue
     raise WeightsNotFoundError(f"weights tag {wspec.tag} has no download address; supply the file")
 
 
@@ -168,6 +173,7 @@ def resolve_weights(spec: EncoderSpec, weights: str, *, seed: int = 0,
             raise WeightsNotFoundError(
                 f"{spec.name} weights '{weights}' not found offline; put the file at {where} "
                 f"(or pass --weights {weights}=PATH, or --allow-download)"
+                + (f"; licence: {wspec.licence}" if wspec.licence else "")
             )
         return ResolvedWeights(tag=weights, kind="named", path=path, spec=wspec)
     path = Path(weights).expanduser()
@@ -247,6 +253,107 @@ KEY_MAPPERS: dict[str, Callable[[str], str]] = {
     "efficientnet": lambda k: k,  # timm layout only (torchvision's differs; not mapped)
 }
 
+# transformers ViTModel / Dinov2Model key -> timm VisionTransformer key (q/k/v fused after).
+_HF_RENAMES = tuple((re.compile(p), r) for p, r in (
+    (r"^(?:vit\.|dinov2\.)", ""),
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.register_tokens$", "reg_token"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.(?:layernorm_before|norm1)\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.(?:layernorm_after|norm2)\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^layernorm\.", "norm."),
+))
+_HF_DROP = re.compile(r"^(?:vit\.|dinov2\.)?(?:pooler\.|embeddings\.mask_token$)")
+_QKV = re.compile(r"^(blocks\.\d+\.attn)\.(query|key|value)\.(weight|bias)$")
+
+
+def _rename(key: str, rules: tuple) -> str:
+    for pat, rep in rules:
+        key = pat.sub(rep, key)
+    return key
+
+
+def _from_hf_vit(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """transformers ``ViTModel`` / ``Dinov2Model`` state dict -> timm layout: separate
+    query/key/value projections concatenated into ``attn.qkv`` (q, k, v order, as timm
+    splits it), the pooler and mask token dropped, the position grid fitted."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if _HF_DROP.match(k):
+            continue
+        k = _rename(k, _HF_RENAMES)
+        m = _QKV.match(k)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
+        else:
+            out[k] = v
+    for (attn, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise WeightsError(f"{attn}: the checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))}")
+        out[f"{attn}.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return _fit_pos_embed(out, model_sd)
+
+
+_DINOV2_RENAMES = tuple((re.compile(p), r) for p, r in (
+    (r"^register_tokens$", "reg_token"),
+    (r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1."),     # SwiGLU (ViT-g): fused w1|w2 = timm fc1
+    (r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2."),
+))
+
+
+def _from_dinov2(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2 state dict -> timm layout: ``register_tokens``, SwiGLU
+    ``w12``/``w3`` renamed, ``mask_token`` dropped, position grid (518 px: 37 x 37) fitted."""
+    out = {_rename(k, _DINOV2_RENAMES): v for k, v in sd.items() if k != "mask_token"}
+    return _fit_pos_embed(out, model_sd)
+
+
+def _prefix_len(n_pos: int) -> int:
+    """Tokens before the square patch grid in a position embedding of *n_pos* rows."""
+    side = int(n_pos ** 0.5)
+    return n_pos - side * side
+
+
+def _fit_pos_embed(sd: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """Fit ``pos_embed`` to the model's: a CLS position the model does not have (timm's
+    ``no_embed_class``, used with registers) is added into ``cls_token``; a different patch
+    grid is resampled with timm's ``resample_abs_pos_embed`` (bicubic), as timm does at run time."""
+    pos, want = sd.get("pos_embed"), model_sd.get("pos_embed")
+    if pos is None or want is None or pos.shape == want.shape:
+        return sd
+    have_p, want_p = _prefix_len(pos.shape[1]), _prefix_len(want.shape[1])
+    if have_p == want_p + 1 and "cls_token" in sd:
+        sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+        pos, have_p = pos[:, 1:], have_p - 1
+    if have_p != want_p:
+        raise WeightsError(f"pos_embed {tuple(pos.shape)} has {have_p} prefix positions, the model "
+                           f"{want_p}; is it the tag's architecture?")
+    from timm.layers import resample_abs_pos_embed
+
+    side = int((want.shape[1] - want_p) ** 0.5)
+    sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=[side, side], num_prefix_tokens=have_p)
+    return sd
+
+
+LAYOUTS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
+                            dict[str, torch.Tensor]]] = {
+    "": lambda sd, model_sd: dict(sd),        # the family's own key mapper only
+    "timm": lambda sd, model_sd: _fit_pos_embed(dict(sd), model_sd),
+    "hf-vit": _from_hf_vit,                   # transformers ViTModel / Dinov2Model
+    "dinov2": _from_dinov2,                   # facebookresearch/dinov2 (torch.hub) checkpoints
+}
+
 
 def _short(keys: list[str], n: int = 5) -> str:
     keys = sorted(keys)
@@ -256,10 +363,13 @@ def _short(keys: list[str], n: int = 5) -> str:
 
 def map_state_dict(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor],
                    spec: EncoderSpec, *, drop_prefixes: tuple[str, ...] = (),
-                   strict: bool = True, source: str = "weights") -> dict[str, torch.Tensor]:
+                   strict: bool = True, source: str = "weights", layout: str = ""
+                   ) -> dict[str, torch.Tensor]:
     """Map a checkpoint's keys onto the timm model's and check them.
 
-    Drops *drop_prefixes* keys, maps the family's legacy keys, strips wrapper prefixes
+    Drops *drop_prefixes* keys, strips wrapper prefixes, converts the authors' *layout*
+    (:data:`LAYOUTS`: transformers / DINOv2 keys, fused qkv, position grid), maps the family's
+    legacy keys, strips wrapper prefixes
     (``module.`` ... when every key has one, and any of them or ``resnet.``/``features.``
     wherever stripping matches more model keys), loads the classifier head only if it fits (never used, so an
     absent or different head is ignored), and ignores missing ``num_batches_tracked``.
@@ -287,7 +397,9 @@ def map_state_dict(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.
             if gain > 0 or (gain == 0 and all(have) and p in WRAPPER_PREFIXES):
                 cur, changed = stripped, True
                 break
-    cur = remap(cur)
+    if layout not in LAYOUTS:
+        raise WeightsError(f"{source}: unknown key layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    cur = remap(LAYOUTS[layout](cur, model_sd))
     heads = spec.head_prefixes
     cur = {k: v for k, v in cur.items()   # the head loads if it fits, else is ignored
            if not k.startswith(heads) or (k in model_keys and v.shape == model_sd[k].shape)}
@@ -316,8 +428,9 @@ def load_weights(model: torch.nn.Module, spec: EncoderSpec, resolved: ResolvedWe
         return None
     ckpt = read_checkpoint(resolved.path, spec.name)
     drop = resolved.spec.drop_prefixes if resolved.spec else ()
+    layout = resolved.spec.layout if resolved.spec else ""
     mapped = map_state_dict(ckpt.state_dict, model.state_dict(), spec, drop_prefixes=drop,
-                            strict=strict, source=str(resolved.path))
+                            strict=strict, source=str(resolved.path), layout=layout)
     with torch.no_grad():
         model.load_state_dict(mapped, strict=False)
     return ckpt

@@ -8,12 +8,15 @@ so that level 0 is always the embedding of the full network. ViT levels are bloc
 
 from __future__ import annotations
 
+from featstore.encoders import foundation as fm
 from featstore.encoders.papers import CIGA_SIMCLR, KANG_BT, mormont_mtdp
 from featstore.encoders.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VIT_ALL_STRIDE,
     EncoderSpec,
     WeightsSpec,
+    block_levels,
     register_encoder,
 )
 
@@ -100,18 +103,16 @@ _VIT_BASE = {"num_classes": 0, "dynamic_img_size": True}
 # for patch tokens only. Built at 224 px (16x16 patches), as the pathology models on this
 # architecture (UNI2, Virchow2, H-optimus) are; timm's native DINOv2 size is 518.
 _DINOV2 = {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True}
-VIT_ALL_STRIDE = 4      # "--minus all" = every 4th block from the last
 
 
 def _vit(name: str, family: str, depth: int, dim: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-         kwargs: dict | None = None, note: str = "") -> EncoderSpec:
-    blocks = tuple(f"blocks.{i}" for i in range(depth))
+         kwargs: dict | None = None, note: str = "", weights: tuple[WeightsSpec, ...] = ()
+         ) -> EncoderSpec:
     return register_encoder(EncoderSpec(
         name=name, timm_name=name, family=family,
-        steps=("patch_embed", *blocks, "norm"),
-        taps=tuple(reversed(blocks)), dims=(dim,) * depth,
+        **block_levels(depth, dim, VIT_ALL_STRIDE),
         mean=mean, std=std, interpolation="bicubic", head_prefixes=("head.",),
-        pooling="cls", all_levels=tuple(range(0, depth, VIT_ALL_STRIDE)),
+        pooling="cls", weights={w.tag: w for w in weights},
         timm_kwargs={**_VIT_BASE, **(kwargs or {})},
         description=f"{name}: {depth} blocks x {dim}; minus K = block {depth - 1}-K + final norm, "
                     f"CLS pooled{note}",
@@ -119,13 +120,19 @@ def _vit(name: str, family: str, depth: int, dim: int, *, mean=IMAGENET_MEAN, st
 
 
 _HALF = (0.5, 0.5, 0.5)       # timm's augreg ViT-S/B/L weights normalise with 0.5 / 0.5
-_vit("vit_small_patch16_224", "vit", 12, 384, mean=_HALF, std=_HALF)
-_vit("vit_base_patch16_224", "vit", 12, 768, mean=_HALF, std=_HALF)
-_vit("vit_large_patch16_224", "vit", 24, 1024, mean=_HALF, std=_HALF)
-_vit("vit_huge_patch14_224", "vit", 32, 1280)
-_vit("vit_giant_patch14_224", "vit", 40, 1408)
+# Published pathology weights are tags of the entry whose architecture they share
+# (featstore.encoders.foundation); a tag's own kwargs / preprocessing override the entry's.
+_vit("vit_small_patch16_224", "vit", 12, 384, mean=_HALF, std=_HALF,
+     weights=(fm.KAIKO_S16, fm.LUNIT_DINO_S16))
+_vit("vit_base_patch16_224", "vit", 12, 768, mean=_HALF, std=_HALF,
+     weights=(fm.KAIKO_B16, fm.PHIKON))
+_vit("vit_large_patch16_224", "vit", 24, 1024, mean=_HALF, std=_HALF,
+     weights=(fm.UNI, fm.PHIKON_V2))
+_vit("vit_huge_patch14_224", "vit", 32, 1280, weights=(fm.VIRCHOW2,))
+_vit("vit_giant_patch14_224", "vit", 40, 1408, weights=(fm.UNI2_H,))
 _vit("vit_small_patch14_reg4_dinov2", "dinov2", 12, 384, kwargs=_DINOV2, note="; 4 registers")
 _vit("vit_base_patch14_reg4_dinov2", "dinov2", 12, 768, kwargs=_DINOV2, note="; 4 registers")
 _vit("vit_large_patch14_reg4_dinov2", "dinov2", 24, 1024, kwargs=_DINOV2, note="; 4 registers")
 _vit("vit_giant_patch14_reg4_dinov2", "dinov2", 40, 1536, note="; 4 registers, SwiGLU",
-     kwargs={**_DINOV2, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu_packed", "act_layer": "silu"})
+     kwargs={**_DINOV2, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu_packed", "act_layer": "silu"},
+     weights=(fm.H_OPTIMUS_0, fm.H_OPTIMUS_1, fm.GIGAPATH))

@@ -20,7 +20,8 @@ from featstore.synth import rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig
 from featstore.tilesource import TileSource
 from mil.errors import MilError, RunError
-from mil.finetune import FinetuneConfig, FinetuneSpec, build_model, finetune_run, load_parent, train_step
+from mil.finetune import (FinetuneConfig, FinetuneSpec, build_model, finetune_run, load_parent, make_optimizer,
+                          train_step)
 from mil.topk import select_topk
 from mil.train import RunSpec, TrainConfig, train_run
 
@@ -213,3 +214,25 @@ def test_same_seed_same_finetune_with_reselect_and_accumulation(parent, tmp_path
     hist = json.loads((outs[0].path / "history.json").read_text())["test"]
     assert hist["epoch"] == [1, 2] and all(v is not None for v in hist["val_loss"])
     assert not (outs[0].path / "attention.npz").exists()   # top-k scoring: no all-tile attention
+
+
+def test_train_blocks_trains_only_the_last_cnn_stages(parent):
+    slides, _, run, _ = parent
+    par = load_parent(run)
+    default = build_model(par, FinetuneConfig(**FT), torch.device("cpu"), "fp32")
+    assert [n for n, p in default.encoder.model.named_parameters() if p.requires_grad] == \
+        [n for n, p in default.encoder.model.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    model = build_model(par, FinetuneConfig(**{**FT, "train_blocks": 1}), torch.device("cpu"), "fp32")
+    assert [n for n, _ in model.encoder.trainable_modules(1)] == ["layer2"]
+    with TileSource.from_store(par.store, ["s0"], {**model.encoder.preprocessing(), "input_size": 64},
+                               slides=[str(slides)], workers=2) as reader:
+        x = reader.read("s0", par.store.coords("s0")[:4])
+    before = {k: v.clone() for k, v in model.encoder.model.state_dict().items()}
+    train_step(model, make_optimizer(model, FinetuneConfig(**{**FT, "lr": 1e-2})), x, 1)
+    after = model.encoder.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"layer2"}
+    with pytest.raises(MilError, match=r"--train-blocks 7: .*give 0\.\.6"):
+        build_model(par, FinetuneConfig(**{**FT, "train_blocks": 7}), torch.device("cpu"), "fp32")
+    with pytest.raises(MilError, match="--train-blocks -1 must be >= 0"):
+        FinetuneConfig(train_blocks=-1)
