@@ -62,7 +62,7 @@ def encoders(
     if not names:
         raise EncoderError(f"no encoder matches {pattern!r}; run `featstore encoders` to see all")
     table = Table(title="featstore encoders", show_lines=True)
-    table.add_column("encoder", style="bold")
+    table.add_column("encoder", style="bold", overflow="fold")
     table.add_column("levels (minus K: dim)")
     table.add_column("pooling")
     table.add_column("input")

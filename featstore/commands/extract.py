@@ -103,8 +103,8 @@ def extract(
     store: Annotated[str, typer.Option("--store", "-s", help="Zarr store path or fsspec URL (created if missing).")],
     minus: Annotated[str, typer.Option(*_FIELDS["levels"].metadata["flags"],
                                        help=help_of(_FIELDS["levels"]))] = _DEFAULT_LEVELS,
-    cfg: ExtractConfig = None,
-    tiling: dict = None,
+    cfg: ExtractConfig = None,  # built by config_command from its generated options (never None)
+    tiling: dict = None,        # the tiling options given on the command line
     cluster: Annotated[Optional[str], typer.Option(
         help="Run slides on a dask.distributed scheduler ADDRESS or local:N.")] = None,
     storage_options: Annotated[Optional[str], typer.Option(
