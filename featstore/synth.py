@@ -52,11 +52,13 @@ def pyramid_levels(rgb: np.ndarray, levels: int | None, tile: int) -> list[np.nd
 
 def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, tile: int = 256,
                        compression: str = "jpeg", levels: int | None = None,
-                       vendor: str = "generic") -> Path:
+                       vendor: str = "generic", jpeg_tables: bool = False) -> Path:
     """Write *rgb* (H, W, 3) uint8 as a tiled pyramidal TIFF OpenSlide reads; returns the path.
 
     ``mpp=None`` writes no resolution (OpenSlide then reports no mpp). ``levels=None`` halves
     until a level fits in one tile. ``vendor`` is ``"generic"`` (generic-tiff) or ``"aperio"``.
+    ``jpeg_tables`` writes JPEG tiles the way Aperio scanners do (see :func:`svs_tiles`):
+    one shared ``JPEGTables`` tag, RGB streams without an Adobe marker, photometric RGB.
     """
     rgb = np.ascontiguousarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -74,9 +76,17 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, 
     kw: dict = dict(photometric="rgb", tile=(tile, tile), compression=codec,
                     compressionargs=_COMPRESSIONS[compression], metadata=None)
     bigtiff = sum(a.nbytes for a in pyramid) > 2**31
+    if jpeg_tables and compression != "jpeg":
+        raise ValueError("write_pyramid_tiff: jpeg_tables needs compression='jpeg'")
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
         for i, level in enumerate(pyramid):
             page_kw = dict(kw)
+            data = level
+            if jpeg_tables:
+                tables, tiles = svs_tiles(level, tile, _COMPRESSIONS["jpeg"]["level"])
+                data = iter(tiles)
+                page_kw.update(shape=level.shape, dtype=np.uint8, jpegtables=tables, subsampling=(1, 1),
+                               compressionargs={"outcolorspace": "RGB"})
             if vendor == "aperio":
                 if i == 0:
                     page_kw["description"] = _aperio_description(width, height, tile, mpp)
@@ -89,9 +99,36 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, 
                     page_kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
                 if i > 0:
                     page_kw["subfiletype"] = 1
-            tw.write(level, **page_kw)
+            tw.write(data, **page_kw)
     log.debug("wrote %s: %dx%d, %d levels, mpp=%s, vendor=%s", path, width, height, len(pyramid), mpp, vendor)
     return path
+
+
+def svs_tiles(level: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[bytes]]:
+    """(JPEGTables, abbreviated tiles in row-major order) of *level*, as an Aperio writer does.
+
+    Each tile is an RGB-colour-space JPEG (no YCbCr transform) with component ids 0, 1, 2 and
+    no Adobe marker, so only the TIFF's photometric RGB says how to decode it; edge tiles are
+    padded with white to the full tile size.
+    """
+    import imagecodecs
+
+    from featstore.jpeg import split_tables
+
+    h, w = level.shape[:2]
+    tables, tiles = None, []
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            block = np.full((tile, tile, 3), 255, np.uint8)
+            part = level[y:y + tile, x:x + tile]
+            block[:part.shape[0], :part.shape[1]] = part
+            full = imagecodecs.jpeg8_encode(block, level=quality, colorspace="RGB", outcolorspace="RGB")
+            t, stream = split_tables(bytes(full), component_ids=b"\x00\x01\x02")
+            if tables is not None and t != tables:
+                raise ValueError("svs_tiles: the encoder changed its tables between tiles")
+            tables = t
+            tiles.append(stream)
+    return tables, tiles
 
 
 # ---------------------------------------------------------------------------------------------
