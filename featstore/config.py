@@ -31,6 +31,8 @@ class ExtractConfig(Config):
     precision: str = option("auto", "auto | bf16 | fp16 | fp32 (auto: fp16 on CUDA, bf16 on CPUs with native bf16, "
                                     "else fp32).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    reader: str = option("auto", "Patch reader: auto | native | openslide (auto: the slide's own JPEG tiles, decoded "
+                                 "in batches, where the file is a tiled JPEG TIFF/SVS; OpenSlide otherwise).")
     slide_mpp: float | None = option(None, "Microns per pixel of slides whose files do not record it.")
     seed: int = option(0, "Seed for random weights.")
     allow_download: bool = option(False, "Allow fetching weights from the internet (off: offline caches only).")
@@ -41,5 +43,9 @@ class ExtractConfig(Config):
     def __post_init__(self) -> None:
         if not self.levels:
             raise FeatstoreError("no truncation level requested (use --minus 0 or e.g. --minus 0,1,2,3)")
+        from featstore.native import READERS
+
+        if self.reader not in READERS:
+            raise FeatstoreError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
         if self.batch_size < 1 or self.workers < 0:
             raise FeatstoreError("--batch-size must be >= 1 and --workers >= 0 (0 = auto)")

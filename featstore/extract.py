@@ -26,7 +26,7 @@ from featstore.cohort import SlideRef
 from featstore.config import ExtractConfig
 from featstore.errors import FeatstoreError
 from featstore.prefetch import in_thread
-from featstore.slide import Slide
+from featstore.native import reader_of
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import tile_slide
 from featstore.tilesource import TileSource, check_fingerprint
@@ -90,6 +90,7 @@ class _Job:
     writers: dict[int, FeatureWriter] = field(default_factory=dict)
     failed: str | None = None
     rows_done: int = 0  # rows computed and handed to the writer
+    reader: str = "openslide"   # the slide reader its patches come from (featstore.native.open_slide)
 
 
 class _Writer:
@@ -129,7 +130,8 @@ class _Writer:
         self.thread.join()
 
 
-def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: str, input_size: int) -> dict:
+def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: str, input_size: int,
+                reader: str = "openslide") -> dict:
     from featstore import __version__
     import timm
 
@@ -148,6 +150,7 @@ def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: 
             "resize": resize_note(str(pre.get("interpolation", "bilinear"))),
         },
         "precision": precision,
+        "reader": reader,
         "tiling": tiling,
         "slide": {
             "source": slide_info["source"],
@@ -197,7 +200,7 @@ class Extractor:
     def _keys(self) -> dict[int, FeatureKey]:
         return {lv: FeatureKey(self.encoder.name, self.encoder.weights_tag, lv) for lv in self.levels}
 
-    def _prepare(self, store: Store, ref: SlideRef, report: ExtractReport) -> _Job | None:
+    def _prepare(self, store: Store, ref: SlideRef, report: ExtractReport, readers: TileSource) -> _Job | None:
         """Claim a slide, tile it (or reuse its stored tiling) and list the levels still to do."""
         keys = self._keys()
         if store.has_tiling(ref.slide_id):
@@ -210,7 +213,8 @@ class Extractor:
             report.busy.append(ref.slide_id)
             return None
         try:
-            with Slide(ref.path, mpp=self.cfg.slide_mpp) as slide:
+            with readers.open(ref.path, self.cfg.slide_mpp) as slide:
+                reader = reader_of(slide)
                 if store.has_tiling(ref.slide_id):
                     info = store.slide_info(ref.slide_id)
                     check_fingerprint(slide, info.get("fingerprint"), f"the store as {ref.slide_id!r}",
@@ -236,11 +240,11 @@ class Extractor:
                 lock.release()
                 report.skipped.append(ref.slide_id)
                 return None
-            job = _Job(ref, coords, size0, todo, lock)
+            job = _Job(ref, coords, size0, todo, lock, reader=reader)
             tiling = self.cfg.tiling.to_dict()
             info = store.slide_info(ref.slide_id)
             for lv, key in todo.items():
-                prov = _provenance(self.encoder, lv, tiling, info, self.precision, self.input_size)
+                prov = _provenance(self.encoder, lv, tiling, info, self.precision, self.input_size, reader)
                 job.writers[lv] = store.begin_features(ref.slide_id, key, self.encoder.dims[lv], prov)
             return job
         except Exception:
@@ -273,14 +277,14 @@ class Extractor:
 
         for ref in refs:
             try:
-                job = self._prepare(store, ref, report)
+                job = self._prepare(store, ref, report, readers)
             except (FeatstoreError, OSError) as exc:
                 self._fail(store, ref, str(exc), report, progress)
                 continue
             if job is None:  # already complete, or claimed by another process
                 progress.slide_finished(ref.slide_id, "skipped")
                 continue
-            readers.add(ref.slide_id, ref.path, job.size0)
+            readers.add(ref.slide_id, ref.path, job.size0, reader=job.reader)
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)
             while pos < n:
@@ -317,8 +321,9 @@ class Extractor:
         store.set_tiling(self.cfg.tiling.to_dict())
         report = ExtractReport()
         preprocessing = {**self.encoder.preprocessing(), "input_size": self.input_size}
-        readers = TileSource(preprocessing, workers=self.workers, pin=self.device.type == "cuda",
-                             slide_mpp=self.cfg.slide_mpp)
+        cuda = self.device.type == "cuda"
+        readers = TileSource(preprocessing, workers=self.workers, pin=cuda, slide_mpp=self.cfg.slide_mpp,
+                             reader=self.cfg.reader, decode_device=self.device if cuda else None)
         try:
             with tuned_malloc(self.cfg.tune_malloc and self.device.type == "cpu"):
                 self._run(refs, store, readers, report, progress)

@@ -58,12 +58,24 @@ def resize_filter(interpolation: str) -> int:
             f"interpolation {interpolation!r}: use one of {', '.join(_RESIZE_FILTERS)}") from None
 
 
+def center_crop(rgb, out_size: int):
+    """The centre *out_size*² of a square HWC patch (array or tensor), at torchvision
+    ``CenterCrop``'s offset; the patch itself when it already has that size."""
+    full = rgb.shape[0]
+    if full == out_size:
+        return rgb
+    top = int(round((full - out_size) / 2.0))
+    return rgb[top:top + out_size, top:top + out_size]
+
+
 class Slide:
     """One whole-slide image. ``mpp`` overrides (or supplies) the file's microns per pixel.
 
     Handles are safe to share between threads for reading (OpenSlide is thread-safe), but the
     extractor gives each reader thread its own handle so a reopen never races another read.
     """
+
+    reader = "openslide"   # which reader :meth:`read_patch` uses (featstore.native.NativeSlide: "native")
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         self.path = Path(path)
@@ -189,10 +201,7 @@ class Slide:
         rgb = self.read_region(xy0, level, (side, side))
         if side != full:
             rgb = np.asarray(Image.fromarray(rgb).resize((full, full), resample))
-        if full == out_size:
-            return rgb
-        top = int(round((full - out_size) / 2.0))   # torchvision's centre_crop offset
-        return np.ascontiguousarray(rgb[top:top + out_size, top:top + out_size])
+        return np.ascontiguousarray(center_crop(rgb, out_size))
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most *max_size*, and its downsample vs level 0."""

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from featstore.errors import FeatstoreError, SlideChangedError, SlideNotFoundError
+from featstore.native import READERS, NativeSlide, TileCache, open_slide
 from featstore.slide import Slide, resize_filter
 
 
@@ -73,11 +74,18 @@ class TileSource:
 
     *preprocessing* is ``encoder.preprocessing()`` (``input_size``, ``mean``, ``std``,
     ``interpolation``, optional ``resize_size``: resize to it, then centre-crop ``input_size``). *slide_mpp* overrides the file's microns per pixel of every slide not
-    given its own in :meth:`add`. *pin* pins batches for a CUDA copy.
+    given its own in :meth:`add`. *pin* pins batches for a CUDA copy. *reader* is ``auto``,
+    ``native`` or ``openslide`` (:func:`featstore.native.open_slide`); the native reader's
+    decoded tiles live in one :class:`~featstore.native.TileCache` of *cache_bytes* shared by
+    the threads, so a tile two neighbouring patches need is decoded once. With *decode_device*
+    (the extractor passes its CUDA device), batches come back as tensors on it: native slides'
+    tiles are decoded there by nvJPEG (:mod:`featstore.devicedecode`; ``"cpu"`` runs the same code).
     """
 
     def __init__(self, preprocessing: Mapping, *, workers: int = 1, pin: bool = False,
-                 slide_mpp: float | None = None, thread_name_prefix: str = "reader"):
+                 slide_mpp: float | None = None, thread_name_prefix: str = "reader",
+                 reader: str = "auto", cache_bytes: int = 256 << 20,
+                 decode_device: str | torch.device | None = None):
         self.input_size = int(preprocessing["input_size"])
         self.interpolation = str(preprocessing.get("interpolation") or "bilinear")
         self.resize_size = preprocessing.get("resize_size")    # resize, then centre-crop input_size
@@ -86,8 +94,14 @@ class TileSource:
         self.std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.pin = bool(pin)
         self.slide_mpp = slide_mpp
+        if reader not in READERS:
+            raise FeatstoreError(f"--reader {reader!r}: use one of {', '.join(READERS)}")
+        self.reader = reader
+        self.cache = TileCache(cache_bytes)
+        self.decode_device = torch.device(decode_device) if decode_device is not None else None
         self.workers = max(1, int(workers))
         self.paths: dict[str, Path] = {}
+        self._readers: dict[str, str] = {}
         self._size0: dict[str, int] = {}
         self._mpp: dict[str, float | None] = {}
         self._local = threading.local()
@@ -98,14 +112,14 @@ class TileSource:
     @classmethod
     def from_store(cls, store, slide_ids: Sequence[str], preprocessing: Mapping, *,
                    slides: Sequence[str] | None = None, check_fingerprint: bool = True,
-                   workers: int = 1, pin: bool = False) -> "TileSource":
+                   workers: int = 1, pin: bool = False, reader: str = "auto") -> "TileSource":
         """A source over *store*'s slides: files from *slides* or each slide's recorded source.
 
         With *check_fingerprint*, each file must be the one that was tiled
         (:class:`SlideChangedError` otherwise). Patch size and mpp come from ``slide_info``.
         """
         paths = find_slide_files(store, slide_ids, slides)
-        src = cls(preprocessing, workers=workers, pin=pin)
+        src = cls(preprocessing, workers=workers, pin=pin, reader=reader)
         for s, p in paths.items():
             info = store.slide_info(s)
             if check_fingerprint and info.get("fingerprint"):
@@ -113,11 +127,17 @@ class TileSource:
             src.add(s, p, int(info["size0"]), info.get("slide_mpp"))
         return src
 
-    def add(self, slide_id: str, path: str | Path, size0: int, mpp: float | None = None) -> None:
-        """Make *slide_id* readable: its file, patch side in level-0 px and (optional) mpp."""
+    def add(self, slide_id: str, path: str | Path, size0: int, mpp: float | None = None,
+            reader: str | None = None) -> None:
+        """Make *slide_id* readable: its file, patch side in level-0 px, (optional) mpp and reader."""
         self.paths[slide_id] = Path(path)
         self._size0[slide_id] = int(size0)
         self._mpp[slide_id] = mpp if mpp is not None else self.slide_mpp
+        self._readers[slide_id] = reader or self.reader
+
+    def open(self, path: str | Path, mpp: float | None = None, reader: str | None = None) -> Slide:
+        """A new handle on *path* read with this source's reader (and tile cache); caller closes it."""
+        return open_slide(path, mpp, reader=reader or self.reader, cache=self.cache)
 
     # ------------------------------------------------------------------ reading
     def _slide(self, slide_id: str) -> Slide:
@@ -134,7 +154,7 @@ class TileSource:
                 with self._lock:
                     self._opened.remove(old)
                 old.close()
-            slide = Slide(path, mpp=self._mpp.get(slide_id, self.slide_mpp))
+            slide = self.open(path, self._mpp.get(slide_id, self.slide_mpp), self._readers.get(slide_id))
             cache[path] = slide
             with self._lock:
                 self._opened.append(slide)
@@ -154,8 +174,24 @@ class TileSource:
         self.read_into(out, slide_id, coords)
         return out
 
-    def normalise(self, rgb: np.ndarray) -> Tensor:
-        """(B, S, S, 3) uint8 -> normalised (B, 3, S, S) float32 (pinned when feeding CUDA)."""
+    def read_on_device(self, slide_id: str, coords: np.ndarray) -> Tensor:
+        """(B, 3, S, S) uint8 patches on ``decode_device``: native slides decode their JPEG tiles
+        there (:mod:`featstore.devicedecode`), other slides are read on the CPU and copied."""
+        from featstore.devicedecode import read_patches, supports
+
+        slide = self._slide(slide_id)
+        if isinstance(slide, NativeSlide) and supports(self.interpolation):
+            return read_patches(slide, coords, self._size0[slide_id], self.input_size, self.interpolation,
+                                self.resize_size, self.decode_device)
+        rgb = torch.from_numpy(self.read_rgb(slide_id, coords)).permute(0, 3, 1, 2)
+        return rgb.to(self.decode_device)
+
+    def normalise(self, rgb: np.ndarray | Tensor) -> Tensor:
+        """(B, S, S, 3) uint8 array, or a (B, 3, S, S) uint8 tensor, -> normalised (B, 3, S, S)
+        float32 on the tensor's device (CPU arrays pinned when feeding CUDA)."""
+        if isinstance(rgb, Tensor):
+            mean, std = self.mean.to(rgb.device), self.std.to(rgb.device)
+            return rgb.float().sub_(mean).div_(std).contiguous()
         t = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
         t = t.sub_(self.mean).div_(self.std).contiguous()
         return t.pin_memory() if self.pin else t
@@ -164,12 +200,14 @@ class TileSource:
         """Start reading, split over the worker threads; returns a function giving the batch."""
         coords = np.asarray(coords)
         parts = [p for p in np.array_split(coords, min(self.workers, max(1, len(coords)))) if len(p)]
-        futures: list[Future] = [self.pool.submit(self.read_rgb, slide_id, p) for p in parts]
+        read = self.read_rgb if self.decode_device is None else self.read_on_device
+        futures: list[Future] = [self.pool.submit(read, slide_id, p) for p in parts]
 
         def result() -> Tensor:
-            rgb = np.concatenate([f.result() for f in futures]) if futures else \
-                np.zeros((0, self.input_size, self.input_size, 3), np.uint8)
-            return self.normalise(rgb)
+            if not futures:
+                return self.normalise(np.zeros((0, self.input_size, self.input_size, 3), np.uint8))
+            got = [f.result() for f in futures]
+            return self.normalise(torch.cat(got) if self.decode_device is not None else np.concatenate(got))
 
         return result
 
@@ -189,13 +227,19 @@ class TileSource:
 
     def _read_batch(self, segments: Sequence[tuple[str, np.ndarray]],
                     skip: Callable[[int], bool] | None) -> tuple[Tensor, dict[int, str]]:
-        n = sum(len(c) for _, c in segments)
-        batch = np.zeros((n, self.input_size, self.input_size, 3), dtype=np.uint8)
+        n, s = sum(len(c) for _, c in segments), self.input_size
+        on_device = self.decode_device is not None
+        batch = torch.zeros((n, 3, s, s), dtype=torch.uint8, device=self.decode_device) if on_device else \
+            np.zeros((n, s, s, 3), dtype=np.uint8)
         errors: dict[int, str] = {}
         i = 0
         for si, (sid, coords) in enumerate(segments):
             try:
-                if skip is None or not skip(si):
+                if skip is not None and skip(si):
+                    pass
+                elif on_device:
+                    batch[i:i + len(coords)] = self.read_on_device(sid, coords)
+                else:
                     self.read_into(batch[i:i + len(coords)], sid, coords)
             except (FeatstoreError, OSError) as exc:
                 errors[si] = str(exc)

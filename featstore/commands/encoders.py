@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,8 +12,36 @@ from core.ui import out_console
 
 from featstore.errors import EncoderError
 
+if TYPE_CHECKING:
+    from featstore.encoders import EncoderSpec, WeightsSpec
+
+
+def _tag_note(spec: EncoderSpec, wspec: WeightsSpec) -> str:
+    """What tag *wspec* changes of the entry's minus-0 dim, depth and pooling, e.g.
+    ``" (2560-d, cls+mean)"`` for Virchow2; ``""`` when it changes none of them.
+
+    The tagged spec (the tag's kwargs merged over the entry's, its pooling; what
+    ``create_encoder(name, TAG)`` builds) is plain data, and the runner's ``dim`` reads only its
+    ``spec`` (token width x the pooling's factor), so no model is built and no file is read.
+    """
+    from featstore.encoders.registry import tagged_spec
+    from featstore.encoders.runners import runner_class
+
+    tagged = tagged_spec(spec, wspec)
+    if tagged is spec:
+        return ""
+    dims = [runner_class(s).dim(SimpleNamespace(spec=s), 0, s.pooling) for s in (spec, tagged)]
+    parts = [f"{dims[1]}-d"] if dims[1] != dims[0] else []
+    if len(tagged.taps) != len(spec.taps):
+        parts.append(f"{len(tagged.taps)} blocks")
+    if tagged.pooling != spec.pooling:
+        parts.append(tagged.pooling)
+    return f" ({', '.join(parts)})" if parts else ""
+
 
 def _weights_cell(name: str, show_paths: bool) -> str:
+    """``random``, then one line per weight tag: the tag (with its own dim, depth or pooling
+    where they differ from the entry's) and whether its file is on this machine."""
     from featstore.encoders import expected_paths, find_weights, get_spec
 
     spec = get_spec(name)
@@ -24,7 +53,7 @@ def _weights_cell(name: str, show_paths: bool) -> str:
         else:
             where = expected_paths(wspec)
             status = "[red]missing[/]" + (f" -> {where[0]}" if show_paths and where else "")
-        lines.append(f"{tag}  {status}")
+        lines.append(f"{tag}{_tag_note(spec, wspec)}  {status}")
     return "\n".join(lines)
 
 

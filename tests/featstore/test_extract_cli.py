@@ -19,7 +19,7 @@ OPTIONS = {
     "--store": None, "--encoder": None, "--minus": "0", "--weights": "random", "--mpp": None, "--patch-size": None,
     "--overlap": None, "--min-tissue": None, "--resize": None, "--batch-size": 32, "--workers": 0,
     "--precision": "auto", "--device": "auto", "--slide-mpp": None, "--seed": 0, "--allow-download": False,
-    "--strict-weights": True, "--cluster": None, "--storage-options": None,
+    "--strict-weights": True, "--cluster": None, "--storage-options": None, "--reader": "auto",
 }
 
 

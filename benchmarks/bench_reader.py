@@ -1,0 +1,127 @@
+"""Slide-reader benchmarks (issue 14): native JPEG tiles vs OpenSlide, one table of ratios.
+
+    python benchmarks/bench_reader.py                     # generated SVS-like 0.25 µm/px slides
+    python benchmarks/bench_reader.py --slide CMU-1.svs   # add real slides (any OpenSlide file)
+
+Rows, each measured in this run on one reader thread (tiles/s per core; CPU s per tile):
+- native level   : 224² patches at the slide's own resolution (a crop of decoded tiles)
+- 2x from level 0: 0.5 µm/px patches from a 0.25 µm/px level (448² read, resized to 224²), as
+                   from an SVS whose next level is 4x; "dct" rows let libjpeg's DCT scaling do
+                   the 2x (``dct_min_final=1``), with the mean absolute pixel difference to OpenSlide
+- end to end     : densenet121 extraction tiles/s ÷ model-only tiles/s, per reader
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_extract import model_only  # noqa: E402
+from featstore.cohort import SlideRef  # noqa: E402
+from featstore.extract import ExtractConfig, Extractor  # noqa: E402
+from featstore.native import TileCache, open_slide  # noqa: E402
+from featstore.slide import Slide  # noqa: E402
+from featstore.synth import he_image, write_pyramid_tiff  # noqa: E402
+from featstore.tiling import TilingConfig  # noqa: E402
+
+
+def make_slides(tmp: Path, n: int, side: int) -> list[Path]:
+    """SVS-like single-level 0.25 µm/px slides (JPEGTables, 240² RGB tiles, quality 85), with
+    grain so the JPEG streams carry real-slide-like entropy."""
+    out = []
+    for i in range(n):
+        rgb = he_image(np.ones((side // 32, side // 32), bool), (side, side), np.random.default_rng(i))
+        out.append(write_pyramid_tiff(tmp / f"s{i}.svs", rgb, 0.25, tile=240, vendor="aperio",
+                                      jpeg_tables=True, levels=1))
+    return out
+
+
+def grid(path: Path, size0: int, limit: int) -> list[tuple[int, int]]:
+    with Slide(path) as s:
+        w, h = s.dimensions
+    xy = [(x, y) for y in range(0, h - size0 + 1, size0) for x in range(0, w - size0 + 1, size0)]
+    return xy[:limit]
+
+
+def read_rate(path: Path, reader: str, size0: int, coords, dct_min_final: float = 2.0) -> tuple[float, float]:
+    """(patches/s wall, CPU s/patch) of one thread reading *coords* in tile order, fresh handle/cache."""
+    with open_slide(path, reader=reader, cache=TileCache(), dct_min_final=dct_min_final) as s:
+        s.read_patch(coords[0], size0, 224)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for xy in coords:
+            s.read_patch(xy, size0, 224)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return len(coords) / wall, cpu / len(coords)
+
+
+def mad(path: Path, size0: int, coords, dct_min_final: float) -> float:
+    with Slide(path) as ref, open_slide(path, reader="native", dct_min_final=dct_min_final) as nat:
+        return float(np.mean([np.abs(ref.read_patch(xy, size0, 224).astype(int)
+                                     - nat.read_patch(xy, size0, 224).astype(int)).mean() for xy in coords[:40]]))
+
+
+def reader_rows(paths: list[Path], limit: int) -> list[tuple]:
+    rows = []
+    for path in paths:
+        with Slide(path) as s:
+            mpp = s.mpp
+        for label, size0 in (("native level", 224), ("2x from level 0", 448)):
+            coords = grid(path, size0, limit)
+            os_rate, os_cpu = read_rate(path, "openslide", size0, coords)
+            variants = [("native", 2.0)] + ([("native dct", 1.0)] if size0 > 224 else [])
+            for name, dmf in variants:
+                rate, cpu = read_rate(path, "native", size0, coords, dmf)
+                rows.append((f"{path.name} ({mpp:.2f} µm/px) {label}: {name} ÷ openslide", rate / os_rate,
+                             f"{rate:,.0f} vs {os_rate:,.0f} patches/s; CPU {cpu * 1e3:.2f} vs {os_cpu * 1e3:.2f} "
+                             f"ms/patch; MAD {mad(path, size0, coords, dmf):.2f}"))
+    return rows
+
+
+def e2e_rows(paths: list[Path], tmp: Path, batch: int, precision: str) -> list[tuple]:
+    refs = [SlideRef(p.stem, p) for p in paths]
+    rows, model = [], None
+    for reader in ("openslide", "native"):
+        ex = Extractor(ExtractConfig(encoder="densenet121", levels=(0,), batch_size=batch, precision=precision,
+                                     reader=reader, tiling=TilingConfig(patch_size=224, mpp=0.5, min_tissue=0.0)))
+        if model is None:
+            model = model_only(ex.encoder, ex.precision, batch, 6 * batch, 224)
+        t0 = time.perf_counter()
+        rep = ex.run(refs, tmp / f"{reader}.zarr")
+        rate = rep.tiles / (time.perf_counter() - t0)
+        rows.append((f"end to end ÷ model only, densenet121 {ex.precision}, --reader {reader}", rate / model,
+                     f"{rate:.1f} vs {model:.1f} tiles/s, {rep.tiles} tiles, {ex.workers} reader thread(s)"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", action="append", default=[], help="a real slide to add (repeatable)")
+    ap.add_argument("--side", type=int, default=4800, help="generated slide side in px")
+    ap.add_argument("--patches", type=int, default=400, help="patches per reader row")
+    ap.add_argument("--e2e-slides", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--no-e2e", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = make_slides(tmp, max(1, args.e2e_slides), args.side)
+        rows = reader_rows(paths[:1] + [Path(p) for p in args.slide], args.patches)
+        if not args.no_e2e:
+            rows += e2e_rows(paths, tmp, args.batch_size, args.precision)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure'.ljust(width)}  ratio  detail")
+    for name, ratio, detail in rows:
+        print(f"{name.ljust(width)}  {ratio:5.2f}  {detail}")
+
+
+if __name__ == "__main__":
+    main()
