@@ -38,25 +38,25 @@ def _aperio_description(width: int, height: int, tile: int, mpp: float | None) -
     return desc
 
 
-def pyramid_levels(rgb: np.ndarray, levels: int | None, tile: int) -> list[np.ndarray]:
-    """Level 0 and successive 2x box-filtered reductions (until the level fits one tile)."""
+def pyramid_levels(rgb: np.ndarray, levels: int | None, tile: int, factor: int = 2) -> list[np.ndarray]:
+    """Level 0 and successive *factor*x box-filtered reductions (until the level fits one tile)."""
     out = [rgb]
     img = Image.fromarray(rgb)
     while (levels is None and max(img.size) > tile) or (levels is not None and len(out) < levels):
-        if min(img.size) < 2:
+        if min(img.size) < factor:
             break
-        img = img.reduce(2)
+        img = img.reduce(factor)
         out.append(np.asarray(img))
     return out
 
 
 def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, tile: int = 256,
                        compression: str = "jpeg", levels: int | None = None,
-                       vendor: str = "generic", jpeg_tables: bool = False) -> Path:
+                       vendor: str = "generic", jpeg_tables: bool = False, factor: int = 2) -> Path:
     """Write *rgb* (H, W, 3) uint8 as a tiled pyramidal TIFF OpenSlide reads; returns the path.
 
     ``mpp=None`` writes no resolution (OpenSlide then reports no mpp). ``levels=None`` halves
-    until a level fits in one tile. ``vendor`` is ``"generic"`` (generic-tiff) or ``"aperio"``.
+    until a level fits in one tile, each *factor* (2; Aperio scanners write 4) times smaller. ``vendor`` is ``"generic"`` (generic-tiff) or ``"aperio"``.
     ``jpeg_tables`` writes JPEG tiles the way Aperio scanners do (see :func:`svs_tiles`):
     one shared ``JPEGTables`` tag, RGB streams without an Adobe marker, photometric RGB.
     """
@@ -71,7 +71,7 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, 
         raise ValueError(f"write_pyramid_tiff: tile must be a multiple of 16, got {tile}")
     path = Path(path)
     height, width = rgb.shape[:2]
-    pyramid = pyramid_levels(rgb, levels, tile)
+    pyramid = pyramid_levels(rgb, levels, tile, factor)
     codec = None if compression == "none" else compression
     kw: dict = dict(photometric="rgb", tile=(tile, tile), compression=codec,
                     compressionargs=_COMPRESSIONS[compression], metadata=None)
