@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
     ) -> None:
         """Tile one slide: print the patch count and save a QC picture to check the tissue mask by eye."""
+        from featstore.native import probe
         from featstore.qc import tiling_qc
         from featstore.slide import Slide
         from featstore.tiling import TilingConfig, tile_slide
@@ -36,6 +37,9 @@ def register(app: typer.Typer) -> None:
             else:
                 con.print(f"{slide}: {len(tiles)} patches of {tiles.size0} level-0 px "
                           f"({patch_size} px @ {mpp} µm/px; slide {s.mpp:.4g} µm/px, {s.vendor})", highlight=False)
+            layout = probe(s.path, s.level_dimensions)
+            con.print("reader (--reader auto): " + (f"native ({len(layout.levels)} JPEG-tiled levels)"
+                      if not isinstance(layout, str) else f"openslide (native reader: {layout})"), highlight=False)
             if out is not None:
                 con.print(f"QC picture: {tiling_qc(s, tiles, out)}")
 

@@ -99,16 +99,19 @@ PHIKON_V2 = _hf(
          "embedding is resampled to 224 px if the file's grid differs")
 
 
-def _kaiko(tag: str, timm_name: str) -> WeightsSpec:
+def _kaiko(tag: str, timm_name: str, **kw: Any) -> WeightsSpec:
+    """kaiko.ai's TCGA models; the model cards resize with torchvision's default (bilinear)."""
     repo = f"1aurent/{timm_name}.kaiko_ai_towards_large_pathology_fms"
     return _hf(tag, repo, "kaiko.ai et al., Towards large-scale training of pathology foundation "
                "models, arXiv:2404.15217", f"kaiko non-commercial licence; download from "
                f"huggingface.co/{repo} (or torch.hub kaiko-ai/towards_large_pathology_fms)",
-               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="timm")
+               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", layout="timm", **kw)
 
 
 KAIKO_S16 = _kaiko("kaiko-s16", "vit_small_patch16_224")
 KAIKO_B16 = _kaiko("kaiko-b16", "vit_base_patch16_224")
+KAIKO_L14 = _kaiko("kaiko-l14", "vit_large_patch14_reg4_224",
+                   note="DINOv2 ViT-L/14 with 4 registers and LayerScale, at 224 px")
 
 LUNIT_DINO_S16 = WeightsSpec(
     tag="lunit-dino",
@@ -124,7 +127,7 @@ LUNIT_DINO_S16 = WeightsSpec(
 
 FOUNDATION_TAGS: tuple[WeightsSpec, ...] = (
     UNI, UNI2_H, VIRCHOW2, H_OPTIMUS_0, H_OPTIMUS_1, GIGAPATH, PHIKON, PHIKON_V2,
-    KAIKO_S16, KAIKO_B16, LUNIT_DINO_S16)
+    KAIKO_S16, KAIKO_B16, KAIKO_L14, LUNIT_DINO_S16)
 
 def build_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``timm.create_model`` kwargs with plain-data ``norm_eps`` made a LayerNorm class

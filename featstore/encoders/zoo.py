@@ -132,7 +132,8 @@ _vit("vit_huge_patch14_224", "vit", 32, 1280, weights=(fm.VIRCHOW2,))
 _vit("vit_giant_patch14_224", "vit", 40, 1408, weights=(fm.UNI2_H,))
 _vit("vit_small_patch14_reg4_dinov2", "dinov2", 12, 384, kwargs=_DINOV2, note="; 4 registers")
 _vit("vit_base_patch14_reg4_dinov2", "dinov2", 12, 768, kwargs=_DINOV2, note="; 4 registers")
-_vit("vit_large_patch14_reg4_dinov2", "dinov2", 24, 1024, kwargs=_DINOV2, note="; 4 registers")
+_vit("vit_large_patch14_reg4_dinov2", "dinov2", 24, 1024, kwargs=_DINOV2, note="; 4 registers",
+     weights=(fm.KAIKO_L14,))
 _vit("vit_giant_patch14_reg4_dinov2", "dinov2", 40, 1536, note="; 4 registers, SwiGLU",
      kwargs={**_DINOV2, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu_packed", "act_layer": "silu"},
      weights=(fm.H_OPTIMUS_0, fm.H_OPTIMUS_1, fm.GIGAPATH))

@@ -89,10 +89,12 @@ TIMM_CASES = {
     "prov-gigapath": ("vit_giant_patch14_dinov2", {"img_size": 224, "patch_size": 16,
                       "init_values": 1e-5, "mlp_ratio": 5.33334}, "cls"),
     "lunit-dino": ("vit_small_patch16_224", {}, "cls"),
+    "kaiko-l14": ("vit_large_patch14_reg4_dinov2", {"img_size": 224}, "cls"),
 }
 _ENTRY = {"uni": "vit_large_patch16_224", "uni2-h": "vit_giant_patch14_224",
           "virchow2": "vit_huge_patch14_224", "h-optimus-0": "vit_giant_patch14_reg4_dinov2",
-          "prov-gigapath": "vit_giant_patch14_reg4_dinov2", "lunit-dino": "vit_small_patch16_224"}
+          "prov-gigapath": "vit_giant_patch14_reg4_dinov2", "lunit-dino": "vit_small_patch16_224",
+          "kaiko-l14": "vit_large_patch14_reg4_dinov2"}
 
 
 @pytest.mark.parametrize("tag", list(TIMM_CASES))

@@ -45,6 +45,16 @@ def test_tiles_prints_the_count_and_writes_a_qc_png(slide, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tiles_says_which_reader_auto_would_use(slide, tmp_path):
+    res = _run("tiles", slide, "--patch-size", "64")
+    assert "reader (--reader auto): native (" in _text(res)          # generic JPEG-tiled TIFF
+    lossless = write_pyramid_tiff(tmp_path / "z.tif", rectangles_slide((512, 512), [(0, 0, 512, 512)]), mpp=0.5,
+                                  compression="deflate")
+    res = _run("tiles", lossless, "--patch-size", "64")
+    assert res.exit_code == 0 and "reader (--reader auto): openslide (native reader:" in _text(res)
+    assert "not JPEG" in _text(res)
+
+
 def test_tiles_options_reach_the_tiling(slide):
     res = _run("tiles", slide, "--patch-size", "64", "--overlap", "32", "--min-tissue", "1.0", "--mask", "gray")
     assert res.exit_code == 0, res.output
