@@ -55,3 +55,7 @@ class StoreKeyError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class PretrainError(FeatstoreError, ValueError):
+    """Self-supervised pretraining cannot run as asked (method vs encoder, empty store, ...)."""

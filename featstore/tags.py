@@ -5,7 +5,9 @@ A tag names the weights that produced a set of features, and is a Zarr node name
 * ``random-s<seed>``: seeded random initialisation (``random`` alone asks for any seed);
 * a named tag known to the encoder (``imagenet``, ``ciga-simclr`` ...);
 * ``file-<stem>-<sha256[:8]>``: an explicit weights file (the short hash keeps two files with
-  the same name apart).
+  the same name apart);
+* ``pretrain-<name>-<sha256[:8]>``: an encoder `featstore pretrain` wrote (its file is
+  ``pretrain-<name>.pt``).
 
 No torch import here: the store reads tags without loading the encoder stack.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _RANDOM = re.compile(r"^random-s(\d+)$")
 _FILE = re.compile(r"^file-(.+)-([0-9a-f]{8})$")
+_PRETRAIN = re.compile(r"^pretrain-(.+)-([0-9a-f]{8})$")
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -41,7 +44,7 @@ def file_sha256(path: str | Path) -> str:
 class WeightsTag:
     """A parsed weights tag; ``str(tag)`` is the string stored with the features."""
 
-    kind: str                   # "random" | "named" | "file"
+    kind: str                   # "random" | "named" | "file" | "pretrain"
     name: str                   # "random", "imagenet", "ciga-simclr", or the file stem
     seed: int | None = None     # random only (None: any seed, as asked with ``random``)
     sha8: str | None = None     # file only
@@ -68,6 +71,8 @@ class WeightsTag:
         if stem == "encoder" and path.parent.name:
             stem = path.parent.name
         sha = sha256 or file_sha256(path)
+        if stem.startswith("pretrain-") and len(stem) > len("pretrain-"):
+            return cls("pretrain", _TAG_SAFE.sub("_", stem[len("pretrain-"):]), sha8=sha[:8])
         return cls("file", _TAG_SAFE.sub("_", stem), sha8=sha[:8])
 
     @classmethod
@@ -82,13 +87,16 @@ class WeightsTag:
         m = _FILE.match(text)
         if m:
             return cls("file", m.group(1), sha8=m.group(2))
+        m = _PRETRAIN.match(text)
+        if m:
+            return cls("pretrain", m.group(1), sha8=m.group(2))
         return cls.named(text)
 
     def __str__(self) -> str:
         if self.kind == "random":
             return "random" if self.seed is None else f"random-s{self.seed}"
-        if self.kind == "file":
-            return f"file-{self.name}-{self.sha8}"
+        if self.kind in ("file", "pretrain"):
+            return f"{self.kind}-{self.name}-{self.sha8}"
         return self.name
 
     def matches(self, requested: str | "WeightsTag") -> bool:

@@ -56,3 +56,14 @@ def test_matching():
     ft = WeightsTag.parse("file-a-1a2b3c4d")
     assert ft.matches("file-a-1a2b3c4d") and not ft.matches("file-a-00000000")
     assert ft.matches(WeightsTag.parse("file-a-1a2b3c4d"))
+
+
+def test_pretrain_files_get_a_pretrain_tag_that_round_trips(tmp_path):
+    p = tmp_path / "pretrain-mae-demo-f0.25.pt"
+    p.write_bytes(b"weights")
+    tag = WeightsTag.for_file(p)
+    assert tag.kind == "pretrain" and str(tag).startswith("pretrain-mae-demo-f0.25-") and len(tag.sha8) == 8
+    assert WeightsTag.parse(str(tag)) == tag and tag.matches(str(tag))
+    other = tmp_path / "mae.pt"
+    other.write_bytes(b"weights")
+    assert WeightsTag.for_file(other).kind == "file"
