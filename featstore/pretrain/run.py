@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,7 @@ class _Trainer:
         self.normalise = _normaliser(self.encoder.preprocessing(), run.device)
         self.losses: list[float] = []
         self.holdout_start: float | None = None
+        self.seconds = {"waiting_for_tiles": 0.0, "steps": 0.0}     # this process's share of the run
         self.resumed_at = self._resume()
 
     # ------------------------------------------------------------------ state
@@ -187,9 +189,13 @@ class _Trainer:
         start = max(first, len(self.losses))              # a resumed run skips the steps it did
         pending = self.run.feed.submit(self.items(start)) if start < last else None
         for g in range(start, last):
+            t0 = time.perf_counter()
             tiles = pending.result()
             pending = self.run.feed.submit(self.items(g + 1)) if g + 1 < last else None
+            t1 = time.perf_counter()
             self.losses.append(self.step(g, tiles))
+            self.seconds["waiting_for_tiles"] += t1 - t0
+            self.seconds["steps"] += time.perf_counter() - t1
             if self.run.on_step is not None:
                 self.run.on_step(self.name, g + 1, self.total, self.losses[-1])
             if (g + 1) % self.cfg.checkpoint_every == 0:
@@ -227,6 +233,7 @@ def _provenance(t: _Trainer, epoch_loss: list[float], holdout_end: float | None)
         "config": t.cfg.to_dict(), "seed": t.cfg.seed, "precision": run.precision,
         "loss_per_epoch": epoch_loss, "loss_per_step": t.losses,
         "holdout_loss": [t.holdout_start, holdout_end], "resumed_at_step": t.resumed_at,
+        "seconds": {k: round(v, 3) for k, v in t.seconds.items()},
         "featstore_version": __version__, "torch_version": torch.__version__, "timm_version": timm.__version__,
         "lightly_version": lightly.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
