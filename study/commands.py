@@ -17,7 +17,8 @@ from core.ui import out_console, progress_bar
 #: Package loggers whose per-run INFO lines the study's progress display replaces.
 QUIET_LOGGERS = ("core", "featstore", "mil", "analysis", "study")
 
-#: The demo study: two encoders x levels 0-3 x 3 seeds, fine-tune the best, CKA. Sized for a
+#: The demo study: resnet18 random vs pretrained on the cohort (2 fractions) and densenet121,
+#: x levels 0-3 x 3 seeds, fine-tune the best, CKA. Sized for a
 #: 2-core CPU (see docs/study.md for the measured time).
 DEMO_STUDY = {
     "name": "demo cohort (generated, H&E-like)",
@@ -26,7 +27,7 @@ DEMO_STUDY = {
     "store": "cohort.zarr",
     "out": "study",
     "encoders": [
-        {"name": "resnet18", "weights": ["imagenet-or-random"], "levels": [0, 1, 2, 3]},
+        {"name": "resnet18", "weights": ["random", "pretrain"], "levels": [0, 1, 2, 3]},
         {"name": "densenet121", "weights": ["imagenet-or-random"], "levels": [0, 1, 2, 3]},
     ],
     "seeds": [0, 1, 2],
@@ -34,6 +35,8 @@ DEMO_STUDY = {
     "extract": {"batch_size": 32},
     "mil": {"epochs": 40, "patience": 10, "lr": 5e-4},
     "finetune": {"enabled": True, "k": 8, "epochs": 2, "eval_tiles": "topk"},
+    # resnet18 pretrained with SimCLR on the demo's own tiles, on 25 % and on all of them
+    "pretrain": {"fractions": [0.25, 1.0], "epochs": 2, "batch_size": 32, "lr": 5e-4},
     "cka": True,
     "heatmaps": 3,
 }

@@ -3,6 +3,9 @@
 Stages (each skips what is already on disk, so a rerun only does what is missing):
 
 1. extract   every encoder x weights at all its levels, one pass each, into the store
+   pretrain  encoders listing the weights ``pretrain``: self-supervised pretraining on the
+             store's tiles (the ``pretrain:`` section), one encoder per fraction, each then
+             extracted like any other weights (`featstore pretrain`, docs/pretrain.md)
 2. train     a `mil train` run per encoder x weights x level x seed x train fraction
 3. compare   frozen runs -> table with mean +- sd AUC, delta vs baseline, Welch p
 4. finetune  the best frozen configuration (top-k, HistoTransfer), then extract the fine-tuned
@@ -51,9 +54,10 @@ STUDY_SETS_EXTRACT = ("encoder", "levels", "weights", "tiling")
 class StudyConfig:
     """The YAML file, validated. Relative paths are relative to the YAML's folder.
 
-    ``tiling``, ``extract``, ``mil`` and ``finetune`` hold the YAML's keys, checked against
-    TilingConfig, ExtractConfig (minus :data:`STUDY_SETS_EXTRACT`), TrainConfig (minus ``seed``,
-    which comes from ``seeds``) and FinetuneConfig (plus ``enabled``) when the file is loaded;
+    ``tiling``, ``extract``, ``mil``, ``finetune`` and ``pretrain`` hold the YAML's keys, checked
+    against TilingConfig, ExtractConfig (minus :data:`STUDY_SETS_EXTRACT`), TrainConfig (minus
+    ``seed``, which comes from ``seeds``), FinetuneConfig (plus ``enabled``) and PretrainConfig
+    (minus ``encoder``: every plan whose weights list ``pretrain``) when the file is loaded;
     :meth:`train_config`, :meth:`extract_config` and :meth:`finetune_config` build the configs.
     """
 
@@ -70,6 +74,7 @@ class StudyConfig:
     extract: dict = field(default_factory=dict)
     mil: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=lambda: {"enabled": False})
+    pretrain: dict = field(default_factory=dict)
     cka: bool = True
     heatmaps: int = 3
     baseline: str | None = None
@@ -128,6 +133,7 @@ class StudyConfig:
         self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
         self.train_config(self.seeds[0])
         self.finetune_config()
+        self.pretrain_config(self.encoders[0].name)
         # keep the sections as checked (e.g. lr: "1e-4", a string to YAML 1.1, becomes 0.0001)
         self.tiling = coerce_fields(TilingConfig, self.tiling)
         self.extract = coerce_fields(ExtractConfig, self.extract)
@@ -135,6 +141,9 @@ class StudyConfig:
         ft = dict(self.finetune)
         enabled = {"enabled": ft.pop("enabled")} if "enabled" in ft else {}
         self.finetune = {**enabled, **coerce_fields(FinetuneConfig, ft)}
+        from featstore.pretrain import PretrainConfig
+
+        self.pretrain = coerce_fields(PretrainConfig, self.pretrain, exclude=("encoder",))
         if self.baseline is not None:
             _at("baseline", parse_baseline, self.baseline)
 
@@ -169,6 +178,15 @@ class StudyConfig:
         cfg = from_dict(FinetuneConfig, {"seed": self.seeds[0], **ft}, where="finetune", error=StudyError)
         _at("finetune.device", _check_device, cfg.device)
         return cfg if enabled else None
+
+    def pretrain_config(self, encoder: str):
+        """The ``pretrain:`` section as a PretrainConfig for *encoder*."""
+        from featstore.pretrain import PretrainConfig
+
+        kw = coerce_fields(PretrainConfig, self.pretrain, where="pretrain", exclude=("encoder",), error=StudyError)
+        cfg = from_dict(PretrainConfig, {**kw, "encoder": encoder}, where="pretrain", error=StudyError)
+        _at("pretrain.device", _check_device, cfg.device)
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,8 +256,10 @@ class Study:
         self.out = Path(cfg.out)
         self.progress = progress or (lambda e: None)
         self.failures: list[dict] = []
-        self.new_work = {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0}
+        self.new_work = {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0, "pretrained_encoders": 0}
         self.weights_used: dict[tuple[str, str], str] = {}  # (encoder, requested) -> store tag
+        self.pretrained: dict[str, list[str]] = {}          # encoder -> its pretrained checkpoints
+        self.labels: dict[tuple[str, str], str] = {}        # (encoder, checkpoint) -> run-name label
 
     # ------------------------------------------------------------------ helpers
     def _fail(self, stage: str, item: str, exc: BaseException) -> None:
@@ -258,10 +278,19 @@ class Study:
         return w
 
     def plans(self) -> list[tuple[str, str, list[int]]]:
-        return [(e.name, self._weights(e.name, w), e.levels) for e in self.cfg.encoders for w in e.weights]
+        """(encoder, weights, levels) to extract and train; ``pretrain`` stands for the encoder's
+        pretrained checkpoints once :meth:`pretrain` made them (none before)."""
+        out = []
+        for e in self.cfg.encoders:
+            for w in e.weights:
+                if w == "pretrain":
+                    out += [(e.name, p, e.levels) for p in self.pretrained.get(e.name, [])]
+                else:
+                    out.append((e.name, self._weights(e.name, w), e.levels))
+        return out
 
     # ------------------------------------------------------------------ stages
-    def extract(self) -> None:
+    def extract(self, plans: list[tuple[str, str, list[int]]] | None = None) -> None:
         from featstore.cohort import discover_slides
         from featstore.extract import Extractor
         from featstore.store import open_store
@@ -270,9 +299,9 @@ class Study:
         refs = discover_slides(self.cfg.slides)
         store = open_store(self.cfg.store, mode="a")
         tiling = TilingConfig.from_dict({**(store.tiling or {}), **self.cfg.tiling}, where="tiling")
-        plans = self.plans()
+        plans = self.plans() if plans is None else plans
         for i, (enc, w, levels) in enumerate(plans):
-            self.progress(StudyEvent("extract", i, len(plans), f"{enc} {w} levels {levels}"))
+            self.progress(StudyEvent("extract", i, len(plans), f"{enc} {self.labels.get((enc, w), w)} levels {levels}"))
             try:
                 ex = Extractor(self.cfg.extract_config(enc, w, levels, tiling))
                 self.weights_used[(enc, w)] = ex.encoder.weights_tag
@@ -285,13 +314,38 @@ class Study:
                 self.failures.append({"stage": "extract", "item": f"{enc}:{w} slide {sid}", "error": why})
         self.progress(StudyEvent("extract", len(plans), len(plans)))
 
+    def pretrain(self) -> None:
+        """Pretrain every encoder whose weights list ``pretrain`` on the store's tiles, then
+        extract each checkpoint (one per fraction) at the plan's levels."""
+        from featstore.pretrain import pretrain
+
+        encs = [e.name for e in self.cfg.encoders if "pretrain" in e.weights]
+        for i, enc in enumerate(encs):
+            def on_step(subset: str, done: int, total: int, loss: float, enc=enc) -> None:
+                self.progress(StudyEvent("pretrain", done, total, f"{enc} {subset} loss {loss:.3f}"))
+
+            try:
+                results = pretrain(self.cfg.pretrain_config(enc), self.cfg.store, self.out / "pretrain" / enc,
+                                   slides=self.cfg.slides, on_step=on_step)
+            except Exception as exc:  # noqa: BLE001 -- the rest of the study goes on without it
+                self._fail("pretrain", enc, exc)
+                continue
+            self.pretrained[enc] = [str(r.path) for r in results]
+            for r in results:
+                self.labels[(enc, str(r.path))] = f"pretrain-{r.subset}"
+            self.new_work["pretrained_encoders"] += sum(1 for r in results if not r.reused)
+        planned = [p for p in self.plans() if p[1] in {w for ws in self.pretrained.values() for w in ws}]
+        if planned:
+            self.extract(planned)
+
     def frozen_runs(self) -> list[tuple[Path, str, str, int, int, float]]:
         runs = []
         for enc, w, levels in self.plans():
             for lv in levels:
                 for seed in self.cfg.seeds:
                     for frac in self.cfg.train_fractions:
-                        runs.append((self.out / "runs" / run_tag(enc, w, lv, seed, frac), enc, w, lv, seed, frac))
+                        name = run_tag(enc, self.labels.get((enc, w), w), lv, seed, frac)
+                        runs.append((self.out / "runs" / name, enc, w, lv, seed, frac))
         return runs
 
     def train(self) -> None:
@@ -440,6 +494,7 @@ class Study:
         (self.out / "report").mkdir(parents=True, exist_ok=True)
         (self.out / "study.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
         self.extract()
+        self.pretrain()
         self.train()
         frozen_dirs = [r[0] for r in self.frozen_runs()]
         rows, frozen_files = self.compare("frozen", frozen_dirs)

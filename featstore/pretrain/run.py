@@ -54,6 +54,7 @@ class PretrainResult:
     epoch_loss: list[float] = field(default_factory=list)
     holdout_loss: tuple[float | None, float | None] = (None, None)
     resumed_at: int = 0
+    reused: bool = False        # already complete in OUT: nothing trained this time
 
     @property
     def loss_drop(self) -> float:
@@ -272,7 +273,11 @@ def _done(run: _Run, name: str) -> PretrainResult | None:
         return None
     prov = json.loads(prov_path.read_text())
     path = run.out / name / f"pretrain-{run.method}-{run.out.name}-{name}.pt"
-    return _result(name, prov, path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    result = _result(name, prov, path)
+    result.reused = True
+    return result
 
 
 def pretrain(cfg: PretrainConfig, store, out: str | Path, *, slides=None,

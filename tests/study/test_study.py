@@ -76,7 +76,7 @@ def test_tiny_study_end_to_end_then_rerun_does_nothing_new(study_dir):
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
     cfg = StudyConfig.from_yaml(study_dir / "study.yaml")
     result = Study(cfg).run()
-    assert result.new_work == {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0}
+    assert result.new_work == {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0, "pretrained_encoders": 0}
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == before
 
 
@@ -100,3 +100,27 @@ def test_study_file_errors(tmp_path):
     assert cfg.slides == [str(tmp_path / "data/slides")] and cfg.encoders[0].levels == [0, 1, 2, 3]
     assert cfg.store == str(tmp_path / "cohort.zarr")
     json.dumps(cfg.to_dict())
+
+
+def test_study_pretrains_on_its_cohort_and_compares_with_random(study_dir, tmp_path):
+    """weights [random, pretrain]: SimCLR per fraction on the store's tiles, each checkpoint
+    extracted and trained like any weights, and Table I holds them beside random."""
+    study = yaml.safe_load((study_dir / "study.yaml").read_text())
+    study.update({"encoders": [{"name": "resnet18", "weights": ["random", "pretrain"], "levels": [0]}],
+                  "slides": [str(study_dir / "slides")], "labels": str(study_dir / "labels.csv"),
+                  "seeds": [0], "finetune": {"enabled": False}, "cka": False, "heatmaps": 0,
+                  "pretrain": {"fractions": [0.5, 1.0], "epochs": 1, "batch_size": 8, "precision": "fp32",
+                               "holdout": 2, "lr": 1e-3}})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    result = Study(StudyConfig.from_yaml(tmp_path / "study.yaml")).run()
+    assert result.new_work["pretrained_encoders"] == 2, result.failures
+    runs = sorted(p.name for p in (tmp_path / "study" / "runs").iterdir())
+    assert runs == ["resnet18-pretrain-f0.5-minus0-seed0", "resnet18-pretrain-f1-minus0-seed0",
+                    "resnet18-random-minus0-seed0"]
+    cfg = json.loads((tmp_path / "study" / "runs" / runs[0] / "config.json").read_text())
+    assert json.dumps(cfg).count("pretrain-simclr-resnet18-f0.5-") >= 1
+    table = (tmp_path / "study" / "report" / "report.md").read_text().split("## Table I")[1].split("##")[0]
+    assert "pretrain-simclr-resnet18-f0.5-" in table and "pretrain-simclr-resnet18-f1-" in table and "random" in table
+    again = Study(StudyConfig.from_yaml(tmp_path / "study.yaml")).run()
+    assert again.new_work == {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0, "pretrained_encoders": 0}
+
