@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _table import print_table  # noqa: E402
 from featstore.cohort import SlideRef  # noqa: E402
 from featstore.encoders import create_encoder, resolve_precision  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
@@ -98,10 +99,7 @@ def main() -> None:
                          f"{read:.3f} s to read {args.batch_size} tiles vs {fast['step_s']:.2f} s per step"))
             rows.append((f"{name}: waiting share (prefetched)", fast["wait_s"] / fast["step_s"],
                          f"{fast['wait_s']:.3f} s waited per step"))
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure'.ljust(width)}  ratio  detail")
-    for name, ratio, detail in rows:
-        print(f"{name.ljust(width)}  {ratio:5.2f}  {detail}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

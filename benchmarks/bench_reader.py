@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_extract import model_only  # noqa: E402
 from core.runtime import tuned_malloc  # noqa: E402
+from _table import print_table  # noqa: E402
 from featstore.cohort import SlideRef  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
 from featstore.native import TileCache, open_slide  # noqa: E402
@@ -166,10 +167,7 @@ def main() -> None:
             rows += [device_row(p, 448, args.patches, args.device, args.batch_size) for p in bench]
         if not args.no_e2e:
             rows += e2e_rows(paths, tmp, args.batch_size, args.precision, args.repeats)
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure'.ljust(width)}  ratio  detail")
-    for name, ratio, detail in rows:
-        print(f"{name.ljust(width)}  {ratio:5.2f}  {detail}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

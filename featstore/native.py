@@ -171,23 +171,25 @@ class TileCache:
         with self._lock:
             return self._layouts.setdefault(path, found)
 
+    def _hit(self, key: Hashable):
+        """The cached value or None; a hit is counted and refreshed. Call with the lock held."""
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return hit
+
     def peek(self, key: Hashable):
         """The cached value of *key* or None (a hit refreshes it)."""
         with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            return hit
+            return self._hit(key)
 
     def get(self, key: Hashable, make: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached value of *key*, made with *make* on a miss (once, however many threads ask)."""
         while True:
             with self._lock:
-                hit = self._items.get(key)
+                hit = self._hit(key)
                 if hit is not None:
-                    self._items.move_to_end(key)
-                    self.hits += 1
                     return hit
                 event = self._pending.get(key)
                 owner = event is None
