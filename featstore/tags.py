@@ -14,6 +14,8 @@ No torch import here: the store reads tags without loading the encoder stack.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import re
 from dataclasses import dataclass
@@ -107,4 +109,23 @@ class WeightsTag:
         return str(req) == str(self)
 
 
-__all__ = ["WeightsTag", "file_sha256"]
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_tag(path: str, size: int, mtime_ns: int) -> str:
+    return str(WeightsTag.for_file(path))
+
+
+def requested_tag(text: str) -> str:
+    """A weights request as the store knows it: a weights *file* (``…/encoder.pt``, a pretrain
+    checkpoint) becomes its tag (``file-…``/``pretrain-…-<sha8>``), anything else is returned as is.
+    Hashing is cached per (path, size, mtime), so asking for the same file again is free."""
+    p = Path(str(text)).expanduser()
+    if p.suffix.lower() not in _WEIGHT_FILE_SUFFIXES or not p.is_file():
+        return str(text)
+    st = p.stat()
+    return _file_tag(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+__all__ = ["WeightsTag", "file_sha256", "requested_tag"]

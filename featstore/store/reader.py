@@ -142,8 +142,13 @@ class StoreReader:
     def resolve_key(self, encoder: str, minus: int, weights: str | None = None) -> FeatureKey:
         """Fill in ``weights`` when exactly one weights tag is stored for (encoder, minus).
 
-        A requested tag that names a family ("random") finds its one stored member ("random-s0").
+        A requested tag that names a family ("random") finds its one stored member ("random-s0");
+        a weights file (a fine-tuned ``encoder.pt``, a pretrain checkpoint) finds its own tag.
         """
+        if weights is not None:
+            from featstore.tags import requested_tag
+
+            weights = requested_tag(weights)
         if self._keys_cache is None:
             self._keys_cache = self.encoders()
         tags = self._stored_tags(encoder, minus)

@@ -67,3 +67,27 @@ def test_pretrain_files_get_a_pretrain_tag_that_round_trips(tmp_path):
     other = tmp_path / "mae.pt"
     other.write_bytes(b"weights")
     assert WeightsTag.for_file(other).kind == "file"
+
+
+def test_a_weights_file_finds_its_stored_features_by_path(tmp_path):
+    """`mil train --weights run/encoder.pt` (or a pretrain checkpoint) reads the features that
+    `featstore extract --weights` stored under the file's tag; other strings pass through."""
+    import numpy as np
+
+    from featstore.store import FeatureKey, open_store
+    from featstore.tags import requested_tag
+
+    ck = tmp_path / "pretrain-simclr-demo-f1.pt"
+    ck.write_bytes(b"weights")
+    tag = str(WeightsTag.for_file(ck))
+    st = open_store(tmp_path / "s.zarr", mode="a")
+    st.set_tiling({"patch_size": 256})
+    st.write_tiling("s1", np.zeros((2, 2), np.int32), np.ones(2, np.float32), {"size0": 256})
+    st.write_features("s1", FeatureKey("resnet18", tag, 1), np.full((2, 3), 7.0), {})
+    st.write_features("s1", FeatureKey("resnet18", "random-s0", 1), np.zeros((2, 3)), {})
+    assert requested_tag(str(ck)) == tag and requested_tag("imagenet") == "imagenet"
+    assert requested_tag(str(tmp_path / "missing.pt")) == str(tmp_path / "missing.pt")
+    assert st.resolve_key("resnet18", 1, str(ck)).weights == tag
+    assert st.features("s1", "resnet18", 1, str(ck))[0, 0] == 7.0
+    ck.write_bytes(b"other weights")          # a changed file is a different tag: its features are not there
+    assert st.resolve_key("resnet18", 1, str(ck)).weights != tag
