@@ -32,7 +32,7 @@ class PretrainConfig(Config):
     """Self-supervised pretraining of one encoder on a store's tiles (see docs/pretrain.md)."""
 
     encoder: str = option(help="Encoder name (see `featstore encoders`).", flags=("--encoder", "-e"))
-    method: str = option("auto", "mae | simclr (auto: mae for ViTs, simclr for CNNs).")
+    method: str = option("auto", "mae | simclr | barlowtwins (auto: mae for ViTs, simclr for CNNs).")
     weights: str = option("random", "Starting weights: random | imagenet | a tag | a file (continued pretraining).")
     fractions: tuple[float, ...] = option((1.0,), "Fractions of the store's tiles, e.g. 0.1,0.25,0.5,1.0: one "
                                                   "encoder each, on nested subsets (10 % within 25 % ...).",

@@ -1,4 +1,4 @@
-"""Self-supervised methods, a registry: ``mae`` (ViTs) and ``simclr`` (any encoder).
+"""Self-supervised methods, a registry: ``mae`` (ViTs), ``simclr`` and ``barlowtwins`` (any encoder).
 
 Both come from lightly (LightlySSL), a maintained SSL library: its masked ViT wrapper and MAE
 decoder for timm ViTs, its SimCLR projection head and NT-Xent loss, rather than our own copies
@@ -11,6 +11,8 @@ of them. Each method wraps the featstore :class:`Encoder` it trains in place, so
   ``norm_pix_loss``).
 - **SimCLR** (Chen et al. 2020; Ciga et al. 2022 on pathology): two augmented views per tile,
   the encoder's final-level embedding, a 2-layer projection head, NT-Xent loss.
+- **Barlow Twins** (Zbontar et al. 2021; Kang et al. 2023 on pathology): the same two views,
+  a 3-layer projector, the cross-correlation loss (lightly's ``BarlowTwinsLoss``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from featstore.errors import PretrainError
 
 METHODS: dict[str, type["Method"]] = {}
+BARLOW_DIM = 1024   # Barlow Twins projector width (the paper's 8192 costs more than the encoder on a CPU)
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -133,9 +136,28 @@ class SimCLR(Method):
         return self.criterion(self.embed(views[0]), self.embed(views[1]))
 
 
+@register_method
+class BarlowTwins(SimCLR):
+    """Barlow Twins (Zbontar et al. 2021; Kang et al. 2023 benchmarked it on pathology): the
+    cross-correlation of two views' projections pushed to the identity. The redundancy term
+    keeps every projected dimension informative, which suits short runs and small batches."""
+
+    name = "barlowtwins"
+
+    def __init__(self, encoder, cfg) -> None:
+        Method.__init__(self)
+        from lightly.loss import BarlowTwinsLoss
+        from lightly.models.modules.heads import BarlowTwinsProjectionHead
+
+        self.encoder = encoder
+        dim = int(encoder.dims[0])
+        self.head = BarlowTwinsProjectionHead(dim, BARLOW_DIM, BARLOW_DIM)
+        self.criterion = BarlowTwinsLoss()
+
+
 def build_method(name: str, encoder, cfg) -> Method:
     """The registered method *name* around *encoder* (levels set to the final one)."""
     encoder.set_levels((0,))
     return METHODS[name](encoder, cfg)
 
-__all__ = ["METHODS", "MAE", "Method", "SimCLR", "build_method", "method_for", "register_method"]
+__all__ = ["METHODS", "MAE", "BarlowTwins", "Method", "SimCLR", "build_method", "method_for", "register_method"]

@@ -128,6 +128,18 @@ def test_simclr_on_a_cnn_and_the_tag_goes_through_extraction(store, tmp_path):
     assert st.provenance(sid, "resnet18", 0, r.tag)["weights"] == r.tag
 
 
+def test_barlow_twins_loss_falls_and_is_deterministic(store, tmp_path):
+    """The CNN methods are registry entries: Barlow Twins trains with the same loop and seeding."""
+    cfg = PretrainConfig(encoder="resnet18", method="barlowtwins", epochs=3, batch_size=16, lr=2e-3, tiles=32,
+                         holdout=0, precision="fp32")
+    a = pretrain(cfg, store, tmp_path / "a")[0]
+    b = pretrain(cfg, store, tmp_path / "b")[0]
+    assert json.loads((a.path.parent / "provenance.json").read_text())["method"] == "barlowtwins"
+    assert a.epoch_loss[-1] < a.epoch_loss[0]
+    wa, wb = _weights(a.path), _weights(b.path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_errors_name_the_problem(store, tiny_vit, tmp_path):
     with pytest.raises(PretrainError, match="mae needs a ViT"):
         pretrain(PretrainConfig(encoder="resnet18", method="mae", epochs=1), store, tmp_path / "x")
