@@ -13,6 +13,7 @@ encoders           create_encoder, list_encoders, get_spec, parse_levels, Encode
 weights tags       WeightsTag (owns ``random-s<seed>``, ``file-<stem>-<sha8>``, named tags)
 checkpoints        save_encoder, read_encoder_checkpoint, file_sha256, file_tag
 extraction         ExtractConfig, Extractor, ExtractReport
+image cohorts      image_table, ImageTable, is_image_store (``featstore extract --images``)
 errors             FeatstoreError and its subclasses in featstore.errors
 =================  =========================================================================
 """
@@ -41,6 +42,7 @@ _EXPORTS = {
     "save_encoder": "featstore.checkpoint", "read_encoder_checkpoint": "featstore.checkpoint",
     "file_sha256": "featstore.checkpoint", "file_tag": "featstore.checkpoint",
     "ExtractConfig": "featstore.config", "Extractor": "featstore.extract", "ExtractReport": "featstore.extract",
+    "image_table": "featstore.images", "ImageTable": "featstore.images", "is_image_store": "featstore.images",
 }
 
 

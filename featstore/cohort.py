@@ -18,7 +18,11 @@ SLIDE_SUFFIXES = (
 
 @dataclass(frozen=True)
 class SlideRef:
-    """A slide to process: its safe id (the store key) and its file."""
+    """A slide to process: its safe id (the store key) and its file.
+
+    An image shard is the subclass :class:`featstore.images.ImageShardRef` (``path`` is the
+    image root, ``images`` its rows); the extractor reads either through one loop.
+    """
 
     slide_id: str
     path: Path

@@ -5,6 +5,10 @@ reader threads (one OpenSlide handle each) overlap with the encoder on the main 
 writer thread keeps Zarr writes off the compute path. Batches stream across slide boundaries
 (the next slide's tiles are read while the current slide's last batches run), with a bounded
 number in flight so memory stays flat however many slides there are.
+
+Image cohorts (:mod:`featstore.images`) run through the same loop: an
+:class:`~featstore.images.ImageShardRef` is "tiled" by decoding each of its images once (an
+unreadable one is logged, recorded in the failure log and skipped), patch ``(i, 0)`` is image ``i``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from core.runtime import resolve_device, tuned_malloc
 from featstore.cohort import SlideRef
 from featstore.config import ExtractConfig
 from featstore.errors import FeatstoreError
+from featstore.images import (RESIZE_NOTE, ImageRow, ImageShard, ImageShardRef, image_failure_id, images_tiling,
+                              is_image_shard, is_images_tiling, provenance_fields, shard_info, shard_rows,
+                              skipped_failures)
 from featstore.prefetch import in_thread
 from featstore.native import reader_of
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
@@ -45,7 +52,11 @@ def resize_note(interpolation: str) -> str:
 
 @dataclass
 class ExtractReport:
-    """What a run did: slides completed, skipped (already done or claimed elsewhere), failed."""
+    """What a run did: slides completed, skipped (already done or claimed elsewhere), failed.
+
+    ``failed`` also holds the images an image shard skipped (id ``image_<path>``), so a run
+    that leaves any image of the cohort out of the store is not ``ok``.
+    """
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -91,6 +102,7 @@ class _Job:
     failed: str | None = None
     rows_done: int = 0  # rows computed and handed to the writer
     reader: str = "openslide"   # the slide reader its patches come from (featstore.native.open_slide)
+    images: tuple[ImageRow, ...] | None = None   # an image shard: the images kept, patch (i, 0) = images[i]
 
 
 class _Writer:
@@ -165,6 +177,15 @@ def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: 
     }
 
 
+def _shard_provenance(prov: dict, info: dict) -> dict:
+    """An image shard's provenance: the image cohort (root, kind, fingerprint) in place of the
+    slide tiling and slide, and how images are resized; everything else as for slides."""
+    prov = {k: v for k, v in prov.items() if k != "slide"}
+    interpolation = str(prov["preprocessing"].get("interpolation", "bilinear"))
+    prov["preprocessing"] = {**prov["preprocessing"], "resize": f"{RESIZE_NOTE}, {interpolation} filter"}
+    return {**prov, **provenance_fields(info)}
+
+
 class Extractor:
     """Runs :class:`ExtractConfig` over slides into a store. One instance per run."""
 
@@ -200,56 +221,139 @@ class Extractor:
     def _keys(self) -> dict[int, FeatureKey]:
         return {lv: FeatureKey(self.encoder.name, self.encoder.weights_tag, lv) for lv in self.levels}
 
+    def _todo(self, store: Store, ref: SlideRef) -> dict[int, FeatureKey]:
+        return {lv: k for lv, k in self._keys().items()
+                if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
+
     def _prepare(self, store: Store, ref: SlideRef, report: ExtractReport, readers: TileSource) -> _Job | None:
         """Claim a slide, tile it (or reuse its stored tiling) and list the levels still to do."""
-        keys = self._keys()
-        if store.has_tiling(ref.slide_id):
-            todo = {lv: k for lv, k in keys.items() if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
-            if not todo:
-                report.skipped.append(ref.slide_id)
-                return None
+        if store.has_tiling(ref.slide_id) and not self._todo(store, ref):
+            self._skip(store, ref, report)
+            return None
         lock = store.lock(ref.slide_id)
         if not lock.acquire():
             report.busy.append(ref.slide_id)
             return None
         try:
-            with readers.open(ref.path, self.cfg.slide_mpp) as slide:
+            with self._open(readers, ref) as slide:
                 reader = reader_of(slide)
                 if store.has_tiling(ref.slide_id):
-                    info = store.slide_info(ref.slide_id)
-                    check_fingerprint(slide, info.get("fingerprint"), f"the store as {ref.slide_id!r}",
-                                      "use a new store or a different slide id")
-                    coords = store.coords(ref.slide_id)
-                    size0 = int(info["size0"])
+                    coords, size0 = self._stored_tiling(store, ref, slide, report)
                 else:
-                    tiles = tile_slide(slide, self.cfg.tiling)
-                    if len(tiles.coords) == 0:
-                        raise FeatstoreError(
-                            f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "
-                            "check with `featstore tiles`"
-                        )
-                    info = {
-                        "source": str(ref.path), "fingerprint": slide.fingerprint(), "slide_mpp": float(tiles.slide_mpp),
-                        "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
-                        "dimensions": list(slide.dimensions), "vendor": slide.vendor,
-                    }
-                    store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
-                    coords, size0 = tiles.coords, int(tiles.size0)
-            todo = {lv: k for lv, k in keys.items() if not store.has_features(ref.slide_id, k.encoder, k.minus, k.weights)}
+                    coords, size0 = self._tile(store, ref, slide, report)
+            todo = self._todo(store, ref)
             if not todo:
                 lock.release()
-                report.skipped.append(ref.slide_id)
+                self._skip(store, ref, report)
                 return None
-            job = _Job(ref, coords, size0, todo, lock, reader=reader)
-            tiling = self.cfg.tiling.to_dict()
             info = store.slide_info(ref.slide_id)
+            images = tuple(shard_rows(info)[0]) if is_image_shard(info) else None
+            job = _Job(ref, coords, size0, todo, lock, reader=reader, images=images)
             for lv, key in todo.items():
-                prov = _provenance(self.encoder, lv, tiling, info, self.precision, self.input_size, reader)
+                prov = _provenance(self.encoder, lv, self.cfg.tiling.to_dict(), info, self.precision,
+                                   self.input_size, reader)
+                prov = _shard_provenance(prov, info) if images is not None else prov
                 job.writers[lv] = store.begin_features(ref.slide_id, key, self.encoder.dims[lv], prov)
             return job
         except Exception:
             lock.release()
             raise
+
+    def _open(self, readers: TileSource, ref: SlideRef):
+        """The slide's handle, or an image shard's :class:`~featstore.images.ImageShard` of all its rows."""
+        if isinstance(ref, ImageShardRef):
+            return readers.open(ref.path, images=ref.images)
+        return readers.open(ref.path, self.cfg.slide_mpp)
+
+    def _skip(self, store: Store, ref: SlideRef, report: ExtractReport) -> None:
+        """Count a complete slide as skipped. A complete image shard is first checked against
+        its folder (a stat per image: an added, removed or resized file is a changed shard) and
+        the images it skipped stay failures of this run."""
+        if isinstance(ref, ImageShardRef):
+            info = store.slide_info(ref.slide_id)
+            check_fingerprint(ImageShard(ref.path, ref.images), info.get("fingerprint"),
+                              f"the store as {ref.slide_id!r}", "use a new store")
+            store.clear_failure(ref.slide_id)
+            self._report_skipped_images(store, ref, info, report)
+        report.skipped.append(ref.slide_id)
+
+    def _stored_tiling(self, store: Store, ref: SlideRef, slide, report: ExtractReport) -> tuple[np.ndarray, int]:
+        """The stored coords of a slide tiled before, once its file is checked to be the same."""
+        info = store.slide_info(ref.slide_id)
+        shard = isinstance(ref, ImageShardRef)
+        if is_image_shard(info) != shard:
+            held = "an image shard" if is_image_shard(info) else "a slide"
+            raise FeatstoreError(f"{ref.slide_id}: the store holds it as {held}; use a new store")
+        check_fingerprint(slide, info.get("fingerprint"), f"the store as {ref.slide_id!r}",
+                          "use a new store" if shard else "use a new store or a different slide id")
+        if shard:
+            self._report_skipped_images(store, ref, info, report)
+        return store.coords(ref.slide_id), int(info["size0"])
+
+    def _tile(self, store: Store, ref: SlideRef, slide, report: ExtractReport) -> tuple[np.ndarray, int]:
+        """Tile a slide (or decode a shard's images) and write its tiling; returns (coords, size0)."""
+        if isinstance(slide, ImageShard):
+            return self._tile_images(store, ref, slide, report)
+        tiles = tile_slide(slide, self.cfg.tiling)
+        if len(tiles.coords) == 0:
+            raise FeatstoreError(
+                f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "
+                "check with `featstore tiles`"
+            )
+        info = {
+            "source": str(ref.path), "fingerprint": slide.fingerprint(), "slide_mpp": float(tiles.slide_mpp),
+            "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
+            "dimensions": list(slide.dimensions), "vendor": slide.vendor,
+        }
+        store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
+        return tiles.coords, int(tiles.size0)
+
+    def _tile_images(self, store: Store, ref: ImageShardRef, shard: ImageShard,
+                     report: ExtractReport) -> tuple[np.ndarray, int]:
+        """Decode every image once; record the unreadable ones, write the rest as coords (i, 0)."""
+        kept, bad = shard.check()
+        for row, reason in bad.items():
+            self._fail_image(store, ref, row, reason, report)
+        if not kept:
+            raise FeatstoreError(f"{ref.path}: shard {ref.slide_id}: none of its {len(ref.images)} images is readable")
+        coords = np.stack([np.arange(len(kept)), np.zeros(len(kept))], axis=1).astype(np.int32)
+        store.write_tiling(ref.slide_id, coords, np.ones(len(kept), np.float32),
+                           shard_info(shard, kept, bad, ref.shard_size))
+        return coords, 0
+
+    def _fail_image(self, store: Store, ref: ImageShardRef, row: ImageRow, reason: str, report: ExtractReport) -> None:
+        """One unreadable image: one log line (file + reason), the failure log, the report."""
+        fid = image_failure_id(row)
+        log.error("%s", reason)
+        report.failed[fid] = reason
+        try:
+            store.record_failure(fid, reason, str(row.file(ref.path)))
+        except Exception as exc:  # noqa: BLE001 -- the failure log itself must not stop the batch
+            log.error("could not record failure of %s: %s", fid, exc)
+
+    def _report_skipped_images(self, store: Store, ref: ImageShardRef, info: dict, report: ExtractReport) -> None:
+        """A resumed shard's images skipped when it was tiled: still failures of this run."""
+        skipped = {image_failure_id(ImageRow.from_dict(d)): d for d in info.get("skipped", [])}
+        for fid, reason in skipped_failures(info).items():
+            if fid not in report.failed:
+                self._fail_image(store, ref, ImageRow.from_dict(skipped[fid]), reason, report)
+
+    def _store_tiling(self, refs: list[SlideRef], store: Store) -> dict:
+        """The store-level tiling of this run: the slide TilingConfig, or the image cohort's
+        record; images and slides never share a run or a store (one-line error)."""
+        shards = [r for r in refs if isinstance(r, ImageShardRef)]
+        if shards and len(shards) < len(refs):
+            raise FeatstoreError("one run extracts either image shards or slides, not both; use one store for each")
+        stored = store.tiling
+        if refs and stored is not None and is_images_tiling(stored) != bool(shards):
+            have, want = ("image shards", "slides") if is_images_tiling(stored) else ("slides", "images")
+            raise FeatstoreError(f"{store.path} holds {have}; {want} cannot share it, use a new store")
+        if not shards:
+            return self.cfg.tiling.to_dict()
+        sizes = sorted({r.shard_size for r in shards})
+        if len(sizes) > 1:
+            raise FeatstoreError(f"image shards of several shard sizes ({sizes}) in one run")
+        return images_tiling(sizes[0])
 
     # -------------------------------------------------------------- running
     def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: TileSource,
@@ -284,7 +388,7 @@ class Extractor:
             if job is None:  # already complete, or claimed by another process
                 progress.slide_finished(ref.slide_id, "skipped")
                 continue
-            readers.add(ref.slide_id, ref.path, job.size0, reader=job.reader)
+            readers.add(ref.slide_id, ref.path, job.size0, reader=job.reader, images=job.images)
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)
             while pos < n:
@@ -318,7 +422,7 @@ class Extractor:
         t0 = time.perf_counter()
         progress = progress or _NoProgress()
         store = store if isinstance(store, Store) else open_store(store, mode="a")
-        store.set_tiling(self.cfg.tiling.to_dict())
+        store.set_tiling(self._store_tiling(refs, store))
         report = ExtractReport()
         preprocessing = {**self.encoder.preprocessing(), "input_size": self.input_size}
         cuda = self.device.type == "cuda"

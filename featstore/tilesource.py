@@ -6,6 +6,9 @@ checks they are the ones that were tiled), reads patches with :meth:`Slide.read_
 the way the encoder's weights expect (``preprocessing["interpolation"]``) and normalises them
 as ``(rgb - 255 * mean) / (255 * std)``, NCHW float32.
 
+Image shards (:mod:`featstore.images`, ``featstore extract --images``) are read the same way:
+``add(..., images=rows)`` / ``from_store`` make patch ``(i, 0)`` of a shard its image ``i``.
+
 Thread safety: each thread keeps its own OpenSlide handles, and only the two slides it read
 last (the current and the next slide), so a reopen after a sticky OpenSlide error never races
 another thread's read.
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from featstore.errors import FeatstoreError, SlideChangedError, SlideNotFoundError
+from featstore.images import ImageRow, ImageShard, is_image_shard, shard_rows, stored_shard
 from featstore.native import READERS, NativeSlide, TileCache, open_slide
 from featstore.slide import Slide, resize_filter
 
@@ -104,6 +108,7 @@ class TileSource:
         self._readers: dict[str, str] = {}
         self._size0: dict[str, int] = {}
         self._mpp: dict[str, float | None] = {}
+        self._images: dict[str, tuple[ImageRow, ...]] = {}   # image shards: their rows, in patch order
         self._local = threading.local()
         self._opened: list[Slide] = []
         self._lock = threading.Lock()
@@ -117,9 +122,14 @@ class TileSource:
 
         With *check_fingerprint*, each file must be the one that was tiled
         (:class:`SlideChangedError` otherwise). Patch size and mpp come from ``slide_info``.
+        Image shards read their recorded root (or *slides*' folder / CSV folder) and images.
         """
-        paths = find_slide_files(store, slide_ids, slides)
+        infos = {s: store.slide_info(s) for s in slide_ids}
+        shards = [s for s in slide_ids if is_image_shard(infos[s])]
+        paths = find_slide_files(store, [s for s in slide_ids if s not in shards], slides)
         src = cls(preprocessing, workers=workers, pin=pin, reader=reader)
+        for s in shards:
+            src._add_shard(s, infos[s], store, slides, check_fingerprint)
         for s, p in paths.items():
             info = store.slide_info(s)
             if check_fingerprint and info.get("fingerprint"):
@@ -127,16 +137,41 @@ class TileSource:
             src.add(s, p, int(info["size0"]), info.get("slide_mpp"))
         return src
 
+    def _add_shard(self, slide_id: str, info: Mapping, store, slides: Sequence[str] | None, check: bool) -> None:
+        """Add one stored image shard (root from *slides* when given), its fingerprint checked."""
+        root = _image_root(slides) if slides else Path(info["root"])
+        if not root.is_dir():
+            raise SlideNotFoundError(f"image folder {root} of {store.path} shard {slide_id!r} not found; "
+                                     "pass --slides with its current location")
+        if check and info.get("fingerprint"):
+            check_fingerprint(stored_shard(info, root), info["fingerprint"], f"{store.path} as {slide_id!r}",
+                              "pass the original image folder")
+        self.add(slide_id, root, 0, images=shard_rows(info)[0])
+
     def add(self, slide_id: str, path: str | Path, size0: int, mpp: float | None = None,
-            reader: str | None = None) -> None:
-        """Make *slide_id* readable: its file, patch side in level-0 px, (optional) mpp and reader."""
+            reader: str | None = None, images: Sequence[ImageRow] | None = None) -> None:
+        """Make *slide_id* readable: its file, patch side in level-0 px, (optional) mpp and reader.
+
+        With *images*, *slide_id* is an image shard: *path* is its root folder and patch
+        ``(i, 0)`` is ``images[i]`` (size0, mpp and reader do not apply).
+        """
         self.paths[slide_id] = Path(path)
         self._size0[slide_id] = int(size0)
         self._mpp[slide_id] = mpp if mpp is not None else self.slide_mpp
         self._readers[slide_id] = reader or self.reader
+        if images is not None:
+            self._images[slide_id] = tuple(images)
+        else:
+            self._images.pop(slide_id, None)
 
-    def open(self, path: str | Path, mpp: float | None = None, reader: str | None = None) -> Slide:
-        """A new handle on *path* read with this source's reader (and tile cache); caller closes it."""
+    def open(self, path: str | Path, mpp: float | None = None, reader: str | None = None,
+             images: Sequence[ImageRow] | None = None) -> Slide | ImageShard:
+        """A new handle on *path* read with this source's reader (and tile cache); caller closes it.
+
+        With *images*, an :class:`~featstore.images.ImageShard` of those rows under root *path*.
+        """
+        if images is not None:
+            return ImageShard(path, images)
         return open_slide(path, mpp, reader=reader or self.reader, cache=self.cache)
 
     # ------------------------------------------------------------------ reading
@@ -148,17 +183,19 @@ class TileSource:
         cache = getattr(self._local, "slides", None)
         if cache is None:
             cache = self._local.slides = {}
-        if path not in cache:
+        images = self._images.get(slide_id)
+        key = path if images is None else (path, slide_id)   # shards share their root folder
+        if key not in cache:
             while len(cache) >= 2:
                 _, old = cache.popitem()
                 with self._lock:
                     self._opened.remove(old)
                 old.close()
-            slide = self.open(path, self._mpp.get(slide_id, self.slide_mpp), self._readers.get(slide_id))
-            cache[path] = slide
+            slide = self.open(path, self._mpp.get(slide_id, self.slide_mpp), self._readers.get(slide_id), images)
+            cache[key] = slide
             with self._lock:
                 self._opened.append(slide)
-        return cache[path]
+        return cache[key]
 
     def read_into(self, out: np.ndarray, slide_id: str, coords: np.ndarray) -> None:
         """Fill ``out`` (len(coords), S, S, 3) uint8 with *slide_id*'s patches at level-0 *coords*."""
@@ -269,6 +306,12 @@ class TileSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _image_root(slides: Sequence[str]) -> Path:
+    """The image root named by ``--slides``: the folder itself, or the folder of its CSV."""
+    p = Path(slides[0]).expanduser()
+    return p if p.is_dir() else p.parent
 
 
 def _check_file(path: Path, slide_id: str, info: Mapping, store) -> None:

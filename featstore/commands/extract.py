@@ -3,6 +3,7 @@
 The options are not declared here: they come from the fields of :class:`ExtractConfig` and
 :class:`TilingConfig` (each field carries its default and help; :mod:`core.config`). Tiling
 options are overrides: unset ones take the store's recorded tiling, else the declared default.
+``--images DIR|FILE.csv`` extracts an image cohort instead of slides (docs/images.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import typer
 from core.config import Options, config_command, help_of
 from core.ui import err_console, out_console, reason_table, slide_progress
 from featstore.config import ExtractConfig
+from featstore.errors import FeatstoreError
 from featstore.tiling import TilingConfig
+
+DEFAULT_SHARD_SIZE = 1024   # featstore.images.DEFAULT_SHARD_SIZE (not imported: keeps --help free of PIL)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
 _DEFAULT_LEVELS = ",".join(str(lv) for lv in _FIELDS["levels"].default)
@@ -30,25 +34,48 @@ def build_config(st, cfg: ExtractConfig, minus: str = _DEFAULT_LEVELS, tiling: d
     """The command's config completed: ``--minus`` parsed for its encoder, unset tiling options from the store."""
     from featstore.encoders import parse_levels
 
-    base = TilingConfig.from_dict(st.tiling) if st.tiling else TilingConfig()
+    from featstore.images import is_images_tiling
+
+    stored = st.tiling if st.tiling and not is_images_tiling(st.tiling) else None
+    base = TilingConfig.from_dict(stored) if stored else TilingConfig()
     return dataclasses.replace(cfg, levels=parse_levels(minus, cfg.encoder, weights=cfg.weights) or (),
                                tiling=dataclasses.replace(base, **(tiling or {})))
 
 
-def run_extract(slides: list[str], store: str, cfg: ExtractConfig, *, minus: str = _DEFAULT_LEVELS,
-                tiling: dict | None = None, show_progress: bool = True, storage_options: dict | None = None):
-    """The single-process command: complete the config (see :func:`build_config`), run, return the report."""
+def discover(slides: list[str] | None, images: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+             tiling: dict | None = None) -> tuple[list, str]:
+    """The run's refs and how to count them: SLIDES, or the shards of ``--images`` (never both)."""
     from featstore.cohort import discover_slides
+    from featstore.images import discover_images
+
+    if images is None:
+        if not slides:
+            raise FeatstoreError("give SLIDES (files, directories, globs, a CSV) or --images DIR|FILE.csv")
+        return discover_slides(slides), "slides"
+    if slides:
+        raise FeatstoreError(f"--images {images} and SLIDES ({slides[0]} ...) in one run; images and slides "
+                             "need separate stores")
+    if tiling:
+        raise FeatstoreError(f"--images: tiling options ({', '.join('--' + k.replace('_', '-') for k in tiling)}) "
+                             "apply to slides only")
+    refs = discover_images(images, shard_size)
+    return refs, f"images={sum(len(r.images) for r in refs)} shards"
+
+
+def run_extract(slides: list[str] | None, store: str, cfg: ExtractConfig, *, minus: str = _DEFAULT_LEVELS,
+                tiling: dict | None = None, show_progress: bool = True, storage_options: dict | None = None,
+                images: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE):
+    """The single-process command: complete the config (see :func:`build_config`), run, return the report."""
     from featstore.extract import Extractor
     from featstore.store import open_store_writer
 
-    refs = discover_slides(slides)
+    refs, what = discover(slides, images, shard_size, tiling)
     st = open_store_writer(store, storage_options=storage_options)
     ex = Extractor(build_config(st, cfg, minus, tiling))
     err_console.print(
         f"[bold]{ex.encoder.name}[/] weights={ex.encoder.weights_tag} levels={list(ex.levels)} "
         f"dims={[ex.encoder.dims[lv] for lv in ex.levels]} precision={ex.precision} device={ex.device} "
-        f"input={ex.input_size}px slides={len(refs)} -> {store}", highlight=False,
+        f"input={ex.input_size}px {what}={len(refs)} -> {store}", highlight=False,
     )
     if not show_progress:
         return ex.run(refs, st), ex
@@ -61,12 +88,11 @@ def run_distributed(slides: list[str], store: str, cfg: ExtractConfig, *, minus:
                     tiling: dict | None = None, cluster: str = "local:1", storage_options: dict | None = None,
                     show_progress: bool = True):
     """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report."""
-    from featstore.cohort import discover_slides
     from featstore.distributed import ClusterSpec, connect, extract_distributed
     from featstore.remote import remote_options, store_location
     from featstore.store import open_store_writer
 
-    refs = discover_slides(slides)
+    refs, _ = discover(slides)
     location = store_location(store)
     st = open_store_writer(location, storage_options=remote_options(location, storage_options))
     cfg = build_config(st, cfg, minus, tiling)
@@ -99,7 +125,6 @@ def print_report(report, store: str) -> None:
 
 @config_command(cfg=EXTRACT_OPTIONS, tiling=TILING_OPTIONS)
 def extract(
-    slides: Annotated[list[str], typer.Argument(help="Slide files, directories, globs, or a CSV with slide_id,path.")],
     store: Annotated[str, typer.Option("--store", "-s", help="Zarr store path or fsspec URL (created if missing).")],
     minus: Annotated[str, typer.Option(*_FIELDS["levels"].metadata["flags"],
                                        help=help_of(_FIELDS["levels"]))] = _DEFAULT_LEVELS,
@@ -109,15 +134,26 @@ def extract(
         help="Run slides on a dask.distributed scheduler ADDRESS or local:N.")] = None,
     storage_options: Annotated[Optional[str], typer.Option(
         help='JSON fsspec options for a remote store, e.g. \'{"endpoint_url": "http://host:9000"}\'.')] = None,
+    slides: Annotated[Optional[list[str]], typer.Argument(
+        help="Slide files, directories, globs, or a CSV with slide_id,path (none with --images).")] = None,
+    images: Annotated[Optional[str], typer.Option(
+        help="An image cohort instead of slides: a folder DIR/<class>/*.png|jpg|tif|bmp, or a CSV "
+             "path,label[,split][,group] (docs/images.md).")] = None,
+    shard_size: Annotated[int, typer.Option(
+        help="--images: images per shard (one store group each).")] = DEFAULT_SHARD_SIZE,
 ) -> None:
-    """Extract patch embeddings of every slide into a chunked Zarr store (resumable, crash-safe)."""
+    """Extract patch embeddings of every slide (or image of --images) into a chunked Zarr store (resumable, crash-safe)."""
     from featstore.remote import parse_storage_options
 
     so = parse_storage_options(storage_options)
+    if cluster and images is not None:
+        raise FeatstoreError("--images runs in one process; drop --cluster")
     if cluster:
-        report = run_distributed(slides, store, cfg, minus=minus, tiling=tiling, cluster=cluster, storage_options=so)
+        report = run_distributed(slides or [], store, cfg, minus=minus, tiling=tiling, cluster=cluster,
+                                 storage_options=so)
     else:
-        report, _ = run_extract(slides, store, cfg, minus=minus, tiling=tiling, storage_options=so)
+        report, _ = run_extract(slides, store, cfg, minus=minus, tiling=tiling, storage_options=so,
+                                images=images, shard_size=shard_size)
     print_report(report, store)
     if not report.ok:
         raise typer.Exit(1)
