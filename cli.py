@@ -57,6 +57,8 @@ def _guard(app: typer.Typer) -> typer.Typer:
                 raise typer.Exit(130) from None
 
         info.callback = wrapped
+    for group in app.registered_groups:   # sub-apps such as `mil patches`
+        _guard(group.typer_instance)
     return app
 
 
@@ -64,13 +66,16 @@ def _build() -> tuple[typer.Typer, typer.Typer]:
     import analysis.commands
     import featstore.commands
     import mil.commands
+    import patches.commands
     import study.commands
 
     fs = _make_app("Slides -> tissue tiles -> encoder embeddings in a chunked Zarr store.")
-    ml = _make_app("Attention-MIL over a featstore: train, predict, heatmaps, top-k fine-tuning.")
+    ml = _make_app("Tasks over a featstore: attention-MIL (train, predict, heatmaps, top-k fine-tuning), "
+                   "patch classification (`mil patches`).")
     featstore.commands.register(fs)
     mil.commands.register(ml)
     analysis.commands.register(fs, ml)
+    patches.commands.register(ml)
     study.commands.register(fs, ml)
     return _guard(fs), _guard(ml)
 

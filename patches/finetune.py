@@ -1,0 +1,240 @@
+"""End-to-end fine-tuning on labelled patches: a registry encoder (truncated at ``minus``) + a
+linear head, trained on the images' pixels (read back through featstore's TileSource).
+
+The encoder starts from any weights tag (random, ImageNet, a paper's, a `featstore pretrain`
+output, a fine-tuned file) and trains all the stages its level runs or only the last N
+(``train_blocks``). Epochs run through :func:`core.fit.fit`; the epoch with the lowest
+validation loss is kept. Training tiles are augmented the way pathology allows (flips, 90°
+rotations, mild colour jitter; :mod:`featstore.pretrain.augment`), each step seeded, so a seed
+gives the same weights on the CPU. The result carries the logits of the validation and test
+images, which the same metrics and calibration code as the probes then scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import fit as core_fit
+from core.config import Config, option
+from core.runtime import cpu_threads, deterministic, resolve_device
+from patches.errors import PatchError
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, int]      # (image shard id, row of the shard)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Config):
+    """How the encoder + head are fine-tuned (`mil patches finetune`)."""
+
+    epochs: int = option(10, "Maximum epochs (the best validation epoch is kept).")
+    patience: int = option(3, "Early stopping: epochs without a lower validation loss (0: never stop).")
+    batch_size: int = option(32, "Images per step.")
+    lr: float = option(1e-4, "Encoder learning rate.")
+    head_lr: float = option(1e-3, "Linear head learning rate.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    optimizer: str = option("adamw", "adamw | sgd (momentum 0.9; LP-FT's choice with --head-init probe).")
+    train_blocks: int = option(0, "Fine-tune only the last N blocks/stages of the truncated encoder (0: all).")
+    augment: bool = option(True, "Flips, 90° rotations and mild colour jitter on training images.")
+    head_init: str = option("random", "random | probe: start the head from the logistic-regression probe on the "
+                                      "stored features (LP-FT, Kumar et al. 2022; use with --freeze-bn).")
+    freeze_bn: bool = option(False, "Keep BatchNorm statistics fixed (eval mode) instead of training them.")
+    precision: str = option("auto", "auto | bf16 | fp16 | fp32 (autocast for the forward pass).")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    workers: int = option(2, "Image reader threads.")
+    threads: int = option(0, "CPU threads for torch (0: torch's default).")
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise PatchError(f"--optimizer {self.optimizer!r}: sgd or adamw")
+        if self.head_init not in ("probe", "random"):
+            raise PatchError(f"--head-init {self.head_init!r}: probe or random")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.train_blocks < 0:
+            raise PatchError("--epochs >= 1, --batch-size >= 1, --patience >= 0 and --train-blocks >= 0, please")
+
+
+class PatchModel(nn.Module):
+    """A featstore encoder returning one level and a linear classifier on its pooled embedding."""
+
+    def __init__(self, encoder, minus: int, n_classes: int):
+        super().__init__()
+        self.encoder, self.minus = encoder, int(minus)
+        self.head = nn.Linear(int(encoder.dims[self.minus]), int(n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[self.minus].float())
+
+    def train_mode(self, freeze_bn: bool = False) -> None:
+        """Train mode; with *freeze_bn* BatchNorm keeps its statistics (eval mode)."""
+        self.train()
+        if freeze_bn:
+            self.encoder.set_batchnorm_eval()
+
+
+@dataclass
+class FinetuneFit:
+    """The fine-tuned model and its logits on the validation and test images."""
+
+    model: PatchModel = field(repr=False)
+    logits: dict[str, np.ndarray]
+    history: dict
+    best_epoch: int
+    trained_modules: list[str]
+
+
+class _Reader:
+    """uint8 (B, 3, S, S) batches of :data:`Item` lists, read through a TileSource."""
+
+    def __init__(self, source, coords: dict[str, np.ndarray]):
+        self.source, self.coords = source, coords
+
+    def read(self, items: Sequence[Item]) -> torch.Tensor:
+        s = self.source.input_size
+        out = np.empty((len(items), s, s, 3), np.uint8)
+        by_shard: dict[str, list[int]] = {}
+        for pos, (sid, _) in enumerate(items):
+            by_shard.setdefault(sid, []).append(pos)
+        for sid, pos in by_shard.items():
+            rows = np.array([items[p][1] for p in pos])
+            out[pos] = self.source.read_rgb(sid, self.coords[sid][rows])
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _step_seed(seed: int, epoch: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + epoch * 104_729 + step * 7_919 + 29) % (2**63 - 1)
+
+
+def _batches(items: Sequence[Item], bs: int) -> list[list[Item]]:
+    return [list(items[i:i + bs]) for i in range(0, len(items), bs)]
+
+
+@dataclass
+class _Job:
+    model: PatchModel
+    reader: _Reader
+    normalise: Callable[[torch.Tensor], torch.Tensor]
+    settings: FinetuneSettings
+    device: torch.device
+    precision: str
+    seed: int
+    on_step: Callable[[str, int, int, float], None]
+
+    def logits(self, items: Sequence[Item]) -> np.ndarray:
+        """Logits (N, C) float64 of *items* in eval mode."""
+        from featstore.encoders import autocast
+
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for batch in _batches(items, max(self.settings.batch_size, 64)):
+                x = self.normalise(self.reader.read(batch))
+                with autocast(self.precision, self.device):
+                    out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, self.model.head.out_features))
+
+
+def _train_epoch(job: _Job, items: Sequence[Item], y: dict[Item, int],
+                 opt: torch.optim.Optimizer) -> Callable[[int], float]:
+    from featstore.encoders import autocast
+    from featstore.pretrain.augment import augmenter
+
+    cfg = job.settings
+    aug = augmenter("mae", job.reader.source.input_size) if cfg.augment else (lambda b: b)
+
+    def train_epoch(epoch: int) -> float:
+        order = np.random.default_rng([job.seed, epoch, 11]).permutation(len(items))
+        batches = _batches([items[i] for i in order], cfg.batch_size)
+
+        def steps():
+            for step, batch in enumerate(batches):
+                torch.manual_seed(_step_seed(job.seed, epoch, step))
+                x = job.normalise(aug(job.reader.read(batch)))
+                t = torch.tensor([y[it] for it in batch], device=job.device)
+                job.model.train_mode(cfg.freeze_bn)
+                opt.zero_grad(set_to_none=True)
+                with autocast(job.precision, job.device):
+                    logits = job.model(x)
+                loss = nn.functional.cross_entropy(logits.float(), t)
+                loss.backward()
+                opt.step()
+                yield float(loss.detach())
+
+        return core_fit.mean_loss(steps(), lambda done, mean: job.on_step("train", done, len(batches), mean))
+
+    return train_epoch
+
+
+def _evaluate(job: _Job, items: Sequence[Item], y: dict[Item, int]) -> Callable[[int], dict[str, float]] | None:
+    if not items:
+        return None
+    target = np.array([y[it] for it in items])
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        logits = torch.from_numpy(job.logits(items))
+        loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(target)))
+        acc = float((logits.argmax(1).numpy() == target).mean())
+        job.on_step("val", len(items), len(items), loss)
+        return {"val_loss": loss, "val_accuracy": acc}
+
+    return evaluate
+
+
+def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str, weights: str, minus: int,
+                     settings: FinetuneSettings, seed: int = 0, init_seed: int | None = None,
+                     preprocessing: Mapping | None = None, head: tuple[np.ndarray, np.ndarray] | None = None,
+                     slides: Sequence[str] | None = None,
+                     on_step: Callable[[str, int, int, float], None] | None = None) -> FinetuneFit:
+    """Fine-tune *encoder* (*weights*, level *minus*) + a linear head on ``split["train"]`` rows of
+    *table* (a :class:`featstore.images.ImageTable`), pick the epoch by ``split["val"]``; logits of
+    ``val`` and ``test`` rows come back in :attr:`FinetuneFit.logits`. *init_seed* seeds random
+    weights (default *seed*); *preprocessing* (the stored features' provenance) overrides the
+    encoder's own, so the images are read at the size the features were computed at. *head*
+    (W, b) starts the linear head (LP-FT: the probe's solution on the same features)."""
+    from featstore import TileSource, create_encoder
+    from featstore.encoders import resolve_precision
+
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    items = [(str(s), int(r)) for s, r in zip(table.slide_ids, table.rows)]
+    y = {it: int(c) for it, c in zip(items, table.y)}
+    pick = lambda name: [items[i] for i in split.get(name, [])]  # noqa: E731
+    with deterministic(seed, device), cpu_threads(settings.threads):
+        enc = create_encoder(encoder, weights, levels=(int(minus),), seed=seed if init_seed is None else init_seed)
+        enc.set_trainable(settings.train_blocks)
+        model = PatchModel(enc, minus, len(table.classes))
+        if head is not None:
+            with torch.no_grad():
+                model.head.weight.copy_(torch.as_tensor(head[0], dtype=torch.float32))
+                model.head.bias.copy_(torch.as_tensor(head[1], dtype=torch.float32))
+        model = model.to(device)
+        shards = sorted({s for s, _ in items})
+        pre = {**enc.preprocessing(), **{k: v for k, v in dict(preprocessing or {}).items() if v}}
+        with TileSource.from_store(store, shards, pre, slides=slides, workers=settings.workers,
+                                   pin=device.type == "cuda") as source:
+            job = _Job(model, _Reader(source, {s: store.coords(s) for s in shards}), source.normalise,
+                       settings, device, precision, seed, on_step or (lambda *a: None))
+            params = [p for p in enc.parameters() if p.requires_grad]
+            groups = [{"params": params, "lr": settings.lr}, {"params": model.head.parameters(), "lr": settings.head_lr}]
+            opt = (torch.optim.SGD(groups, momentum=0.9, weight_decay=settings.weight_decay)
+                   if settings.optimizer == "sgd" else torch.optim.AdamW(groups, weight_decay=settings.weight_decay))
+
+            def diverged(epoch: int, loss: float) -> PatchError:
+                return PatchError(f"fine-tuning diverged at epoch {epoch} (loss {loss}); lower --lr/--head-lr")
+
+            fit = core_fit.fit(model, _train_epoch(job, pick("train"), y, opt), _evaluate(job, pick("val"), y),
+                               epochs=settings.epochs, patience=settings.patience, monitor="val_loss_only",
+                               diverged=diverged)
+            logits = {name: job.logits(pick(name)) for name in ("val", "test")}
+    model.cpu().eval()
+    trained = [n for n, _ in enc.trainable_modules(settings.train_blocks)]
+    return FinetuneFit(model, logits, fit.as_dict(("val_loss", "val_accuracy")), fit.best_epoch, trained)
+
+
+__all__ = ["FinetuneSettings", "FinetuneFit", "PatchModel", "finetune_patches"]
