@@ -35,8 +35,8 @@ DEMO_STUDY = {
     "extract": {"batch_size": 32},
     "mil": {"epochs": 40, "patience": 10, "lr": 5e-4},
     "finetune": {"enabled": True, "k": 8, "epochs": 2, "eval_tiles": "topk"},
-    # resnet18 pretrained with SimCLR on the demo's own tiles, on 25 % and on all of them
-    "pretrain": {"fractions": [0.25, 1.0], "epochs": 2, "batch_size": 32, "lr": 5e-4},
+    # resnet18 pretrained with SimCLR on the demo's own tiles (one epoch: the 10-minute budget), on 25 % and on all of them
+    "pretrain": {"fractions": [0.25, 1.0], "epochs": 1, "batch_size": 32, "lr": 5e-4},
     "cka": True,
     "heatmaps": 3,
 }
@@ -60,6 +60,7 @@ def quiet_package_logs(names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]
 
 
 def _run_study(cfg) -> None:
+    from study.patchstudy import PatchStudy, PatchStudyConfig
     from study.study import Study, StudyEvent
 
     with quiet_package_logs(), progress_bar(TextColumn("{task.fields[item]}")) as p:
@@ -70,7 +71,8 @@ def _run_study(cfg) -> None:
                 tasks[e.stage] = p.add_task(e.stage, total=e.total, item="")
             p.update(tasks[e.stage], completed=e.done, total=e.total, item=e.text[:60])
 
-        result = Study(cfg, on_event).run()
+        runner = PatchStudy if isinstance(cfg, PatchStudyConfig) else Study
+        result = runner(cfg, on_event).run()
     out = out_console
     if result.failures:
         out.print(f"[yellow]{len(result.failures)} item(s) failed[/]; they are listed in the report")
@@ -81,12 +83,12 @@ def _run_study(cfg) -> None:
 def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
     @featstore_app.command("study")
     def study_cmd(
-        study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...).")],
+        study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...; task: patch for labelled images).")],
     ) -> None:
         """Run a whole transfer-learning study and write report/report.md (reruns do only what is missing)."""
-        from study.study import StudyConfig
+        from study.patchstudy import load_study
 
-        _run_study(StudyConfig.from_yaml(study_file))
+        _run_study(load_study(study_file))
 
     @featstore_app.command("demo")
     def demo_cmd(

@@ -178,3 +178,44 @@ def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft
     path = rep_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _calibration_rows(records: Sequence[dict]) -> list[str]:
+    rows = ["| run | accuracy | ECE | T | ECE after T |", "|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["encoder"], str(r["weights"]), r["minus"], r["method"], -r["fraction"])):
+        if r["seed"] != min(x["seed"] for x in records) or r["fraction"] != max(x["fraction"] for x in records):
+            continue
+        rows.append(f"| {r['encoder']}:{r['weights']}:minus{r['minus']} {r['method']} | {_f(r.get('accuracy'))} | "
+                    f"{_f(r.get('ece'))} | {_f(r.get('temperature'), '.2f')} | {_f(r.get('ece_after_temperature'))} |")
+    return rows
+
+
+def write_patch_report(study, files: dict, seconds: float) -> Path:
+    """``<out>/report/report.md`` of a ``task: patch`` study (study.patchstudy)."""
+    cfg, rep_dir = study.cfg, study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Patch-classification study: {cfg.name}", "",
+             f"Images `{cfg.images}` in `{cfg.store}`; encoders "
+             f"{', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; methods {cfg.methods}"
+             f"{' + finetune' if cfg.finetune.get('enabled') else ''}; seeds {cfg.seeds}; training fractions "
+             f"{cfg.train_fractions}. This run took {seconds:.0f} s and did: {study.new_work}.", ""]
+    if files.get("table_md"):
+        table = Path(files["table_md"]).read_text().splitlines()
+        lines += ["## Table I: every configuration (test split; mean ± sd over seeds, Welch p against random init)",
+                  "", *[ln for ln in table if not ln.startswith("# ")], ""]
+        for metric in ("balanced_accuracy", "ece"):
+            if files.get(f"{metric}_plot"):
+                lines += [f"![{metric} vs training fraction]({_rel(Path(files[f'{metric}_plot']), rep_dir)})", ""]
+        lines += ["## Calibration (largest fraction, first seed): ECE before and after temperature scaling", "",
+                  *_calibration_rows(study.records), "",
+                  "Each run's reliability diagram, confidence histograms and confusion matrix are in "
+                  "`../patches/runs/<run>/`.", ""]
+    lines += ["## Failures", ""]
+    if study.failures:
+        lines += ["| stage | item | error |", "|---|---|---|"] + [
+            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in study.failures]
+    else:
+        lines += ["None."]
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

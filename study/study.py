@@ -119,16 +119,10 @@ class StudyConfig:
         """Build every nested config once, so a bad key or value fails now, not in each run."""
         from analysis.compare import parse_baseline
         from featstore.config import ExtractConfig
-        from featstore.encoders import get_spec
         from featstore.tiling import TilingConfig
         from mil.config import FinetuneConfig, TrainConfig
 
-        if not self.encoders or not self.seeds:
-            raise StudyError("encoders and seeds need at least one entry each")
-        for i, plan in enumerate(self.encoders):
-            spec = _at(f"encoders[{i}].name", get_spec, plan.name)
-            for lv in plan.levels:
-                _at(f"encoders[{i}].levels", spec.check_level, lv)
+        check_plans(self.encoders, self.seeds)
         from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
         self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
         self.train_config(self.seeds[0])
@@ -190,6 +184,29 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_plans(encoders: list[EncoderPlan], seeds: list[int]) -> None:
+    """Every plan names a known encoder and levels it has; at least one plan and one seed."""
+    from featstore.encoders import get_spec
+
+    if not encoders or not seeds:
+        raise StudyError("encoders and seeds need at least one entry each")
+    for i, plan in enumerate(encoders):
+        spec = _at(f"encoders[{i}].name", get_spec, plan.name)
+        for lv in plan.levels:
+            _at(f"encoders[{i}].levels", spec.check_level, lv)
+
+
+def weights_request(enc: str, w: str) -> str:
+    """A plan's weights as the extractor takes them: ``imagenet-or-random`` becomes ``imagenet``
+    where the file is on this machine, else ``random``; anything else is returned as is."""
+    if w == "imagenet-or-random":
+        from featstore.encoders import find_weights, get_spec
+
+        ws = get_spec(enc).weights.get("imagenet")
+        return "imagenet" if ws is not None and find_weights(ws) is not None else "random"
+    return w
 
 
 def _expand_shorthand(d: dict) -> dict:
@@ -269,13 +286,7 @@ class Study:
         self.failures.append({"stage": stage, "item": item, "error": msg})
 
     def _weights(self, enc: str, w: str) -> str:
-        if w == "imagenet-or-random":
-            from featstore.encoders import find_weights, get_spec
-
-            spec = get_spec(enc)
-            ws = spec.weights.get("imagenet")
-            return "imagenet" if ws is not None and find_weights(ws) is not None else "random"
-        return w
+        return weights_request(enc, w)
 
     def plans(self) -> list[tuple[str, str, list[int]]]:
         """(encoder, weights, levels) to extract and train; ``pretrain`` stands for the encoder's
