@@ -67,15 +67,17 @@ def _build() -> tuple[typer.Typer, typer.Typer]:
     import featstore.commands
     import mil.commands
     import patches.commands
+    import seg.commands
     import study.commands
 
     fs = _make_app("Slides -> tissue tiles -> encoder embeddings in a chunked Zarr store.")
     ml = _make_app("Tasks over a featstore: attention-MIL (train, predict, heatmaps, top-k fine-tuning), "
-                   "patch classification (`mil patches`).")
+                   "patch classification (`mil patches`), segmentation (`mil seg`).")
     featstore.commands.register(fs)
     mil.commands.register(ml)
     analysis.commands.register(fs, ml)
     patches.commands.register(ml)
+    seg.commands.register(ml)
     study.commands.register(fs, ml)
     return _guard(fs), _guard(ml)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "featstore", "mil", "analysis", "patches", "study", "cli")
+LAYERS = ("core", "featstore", "mil", "analysis", "patches", "seg", "study", "cli")
 RANK = {name: i for i, name in enumerate(LAYERS)}
 PACKAGES = LAYERS[:-1]
 MAX_FUNCTION_LINES = 80

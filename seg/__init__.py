@@ -1,0 +1,14 @@
+"""Segmentation transfer: pixel-level tasks on image/mask pairs (docs/segmentation.md).
+
+Modules:
+
+- ``seg.errors``   SegError, the one exception type of the package
+- ``seg.data``     image/mask pair discovery, exact mask loading and validation (binary,
+  multiclass, instance), SegData
+- ``seg.metrics``  Dice, IoU, pixel accuracy; GlaS object Dice and AJI on instance masks;
+  per-image means with bootstrap CIs
+- ``seg.model``    segmentation models on the toolkit's encoders (segmentation-models-pytorch)
+- ``seg.train``    training and evaluation of those models
+
+Synthetic gland images with exact instance masks come from ``featstore.synth.gland_image``.
+"""

@@ -1,0 +1,81 @@
+"""`mil seg train`: a segmentation transfer run on image/mask folders (docs/segmentation.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from core.config import Options, config_command
+from core.ui import out_console
+from seg.train import SegConfig
+
+
+def _load(images: Path, masks: Optional[Path], cfg: SegConfig):
+    from seg.data import discover_pairs, load_dataset, semantic_masks
+
+    data = load_dataset(discover_pairs(images, masks), mask_kind=cfg.mask_kind,
+                        n_classes=None if cfg.mask_kind == "instance" else cfg.classes)
+    return data, semantic_masks(data.masks, cfg.mask_kind)
+
+
+def _score(cfg: SegConfig, preds, data, idx, truths) -> dict:
+    from seg.metrics import segmentation_metrics
+
+    inst = [data.masks[i] for i in idx] if cfg.mask_kind == "instance" else None
+    m = segmentation_metrics(preds, [truths[i] for i in idx], instance_targets=inst, n_classes=cfg.classes,
+                             n_boot=cfg.n_boot, seed=cfg.seed)
+    return {k: v for k, v in m.items() if k != "per_image"}
+
+
+def run_segmentation(cfg: SegConfig, images: Path, masks: Optional[Path], out: Path,
+                     test_images: list[Path] | None = None) -> dict:
+    """Train on *images*, score the held-out test split and every out-of-domain folder; write *out*."""
+    from seg.pictures import write_overlays
+    from seg.train import evaluate_on, train_segmenter, write_run
+
+    data, truths = _load(images, masks, cfg)
+    run = train_segmenter(cfg, data.images, truths)
+    test = run.split["test"]
+    run.metrics["test"] = _score(cfg, run.predictions["test"], data, test, truths)
+    write_overlays(out / "pictures" / "test", [data.names[i] for i in test], [data.images[i] for i in test],
+                   run.predictions["test"], [truths[i] for i in test])
+    for folder in test_images or []:
+        ood, ood_truths = _load(folder, None, cfg)
+        preds = evaluate_on(run, ood.images, run.encoder.preprocessing(), cfg.device if cfg.device != "auto" else "cpu")
+        run.metrics[f"ood:{folder.name}"] = _score(cfg, preds, ood, range(len(ood)), ood_truths)
+        write_overlays(out / "pictures" / f"ood-{folder.name}", ood.names, ood.images, preds, ood_truths)
+    write_run(out, cfg, run, {"images": str(images), "skipped": data.skipped,
+                              "test_images": [str(t) for t in test_images or []]})
+    return run.metrics
+
+
+@config_command(cfg=Options(SegConfig))
+def train(
+    images: Annotated[Path, typer.Option("--images", help="Folder of images (masks in the sibling masks/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model.pt, metrics.json, pictures/.")],
+    cfg: SegConfig,
+    masks: Annotated[Optional[Path], typer.Option(help="Masks folder (default: images/../masks).")] = None,
+    test_images: Annotated[Optional[list[Path]], typer.Option(
+        help="Out-of-domain image folders to score without retraining (repeatable).")] = None,
+) -> None:
+    """Train a U-Net / U-Net++ with a registry encoder; score in-domain and out-of-domain test images."""
+    metrics = run_segmentation(cfg, images, masks, out, test_images)
+    table = Table(title=f"{out}: {cfg.arch} on {cfg.encoder} ({cfg.weights})")
+    for col in ("set", "n", "Dice", "IoU", "pixel acc.", "object Dice", "AJI"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, m in metrics.items():
+        table.add_row(name, str(m.get("n")), fmt(m.get("dice")), fmt(m.get("iou")), fmt(m.get("pixel_accuracy")),
+                      fmt(m.get("object_dice")), fmt(m.get("aji")))
+    out_console.print(table)
+
+
+def register(mil_app: typer.Typer) -> None:
+    """Add the `seg` group to the mil app."""
+    app = typer.Typer(help="Segmentation transfer: U-Net / U-Net++ on registry encoders.", no_args_is_help=True,
+                      add_completion=False, pretty_exceptions_enable=False)
+    app.command("train")(train)
+    mil_app.add_typer(app, name="seg")
