@@ -73,9 +73,24 @@ def train(
     out_console.print(table)
 
 
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="`mil seg train` run folders, or folders holding them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for table.md, table.csv, dice_vs_fraction.png.")],
+    baseline: Annotated[Optional[str], typer.Option(help="Init to test against (default: imagenet, else random).")] = None,
+) -> None:
+    """Init x architecture x fraction (in-domain and out-of-domain sets): mean ± sd over seeds, Welch p."""
+    from seg.compare import compare_seg, read_seg_records
+
+    files = compare_seg(read_seg_records(runs), out, baseline)
+    out_console.print(Path(files["table_md"]).read_text(), highlight=False, markup=False)
+    for name, path in files.items():
+        out_console.print(f"{name}: {path}", highlight=False)
+
+
 def register(mil_app: typer.Typer) -> None:
     """Add the `seg` group to the mil app."""
     app = typer.Typer(help="Segmentation transfer: U-Net / U-Net++ on registry encoders.", no_args_is_help=True,
                       add_completion=False, pretty_exceptions_enable=False)
     app.command("train")(train)
+    app.command("compare")(compare)
     mil_app.add_typer(app, name="seg")
