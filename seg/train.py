@@ -210,10 +210,10 @@ def train_segmenter(cfg: SegConfig, images: Sequence[np.ndarray], masks: Sequenc
     return run
 
 
-def evaluate_on(run: SegRun, images: Sequence[np.ndarray], pre: dict, device="cpu") -> list[np.ndarray]:
-    """Predictions of a trained run on other images (out-of-domain: no retraining)."""
+def evaluate_on(model: nn.Module, images: Sequence[np.ndarray], pre: dict, device="cpu") -> list[np.ndarray]:
+    """Predictions of a trained model on other images (out-of-domain: no retraining)."""
     data = _Data(images, [np.zeros(im.shape[:2], np.int64) for im in images], pre)
-    return predict(run.model, data, range(len(images)), torch.device(device))
+    return predict(model, data, range(len(images)), torch.device(device))
 
 
 def write_run(out: Path, cfg: SegConfig, run: SegRun, extra: dict | None = None) -> Path:

@@ -44,7 +44,7 @@ def run_segmentation(cfg: SegConfig, images: Path, masks: Optional[Path], out: P
                    run.predictions["test"], [truths[i] for i in test])
     for folder in test_images or []:
         ood, ood_truths = _load(folder, None, cfg)
-        preds = evaluate_on(run, ood.images, run.encoder.preprocessing(), cfg.device if cfg.device != "auto" else "cpu")
+        preds = evaluate_on(run.model, ood.images, run.encoder.preprocessing(), cfg.device if cfg.device != "auto" else "cpu")
         run.metrics[f"ood:{folder.name}"] = _score(cfg, preds, ood, range(len(ood)), ood_truths)
         write_overlays(out / "pictures" / f"ood-{folder.name}", ood.names, ood.images, preds, ood_truths)
     write_run(out, cfg, run, {"images": str(images), "skipped": data.skipped,
@@ -73,6 +73,21 @@ def train(
     out_console.print(table)
 
 
+def predict(
+    run: Annotated[Path, typer.Option("--run", help="A `mil seg train` run folder (config.json, model.pt).")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of images to segment.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>_pred.png masks and overlays.")],
+) -> None:
+    """Segment a folder of images with a trained run (masks beside them in ../masks are scored too)."""
+    from seg.predict import predict_folder
+
+    metrics, n = predict_folder(run, images, out)
+    out_console.print(f"{n} images segmented into {out}", highlight=False)
+    if metrics:
+        out_console.print(f"Dice {metrics['dice']:.3f}  IoU {metrics['iou']:.3f}  (masks found beside the images)",
+                          highlight=False)
+
+
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="`mil seg train` run folders, or folders holding them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for table.md, table.csv, dice_vs_fraction.png.")],
@@ -92,5 +107,6 @@ def register(mil_app: typer.Typer) -> None:
     app = typer.Typer(help="Segmentation transfer: U-Net / U-Net++ on registry encoders.", no_args_is_help=True,
                       add_completion=False, pretty_exceptions_enable=False)
     app.command("train")(train)
+    app.command("predict")(predict)
     app.command("compare")(compare)
     mil_app.add_typer(app, name="seg")

@@ -74,3 +74,22 @@ def test_no_pairs_is_one_line_and_exit_1(tmp_path):
     r = CliRunner().invoke(mil_app, ["seg", "train", "--images", str(tmp_path / "images"), "--encoder", "resnet18",
                                      "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and "error" in r.output
+
+
+def test_predict_rebuilds_the_run_and_scores_masks_found_beside_the_images(glands, tmp_path):
+    from cli import mil_app
+    from seg.errors import SegError
+    from seg.predict import load_run
+
+    runner = CliRunner()
+    r = runner.invoke(mil_app, ["seg", "train", "--images", str(glands / "dark" / "images"), "--encoder", "resnet18",
+                                "--epochs", "1", "--crop", "64", "--n-boot", "0", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(mil_app, ["seg", "predict", "--run", str(tmp_path / "run"), "--images",
+                                str(glands / "dark" / "images"), "--out", str(tmp_path / "pred")])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 12 and "Dice" in r.output
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"kind": "segmentation"}')
+    with pytest.raises(SegError, match="not a finished"):
+        load_run(tmp_path / "bad")
