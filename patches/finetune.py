@@ -1,5 +1,6 @@
 """End-to-end fine-tuning on labelled patches: a registry encoder (truncated at ``minus``) + a
-linear head, trained on the images' pixels (read back through featstore's TileSource).
+linear head, trained on the images' pixels (read back through featstore's TileSource, batched by
+the same TileFeed pretraining uses).
 
 The encoder starts from any weights tag (random, ImageNet, a paper's, a `featstore pretrain`
 output, a fine-tuned file) and trains all the stages its level runs or only the last N
@@ -89,24 +90,6 @@ class FinetuneFit:
     trained_modules: list[str]
 
 
-class _Reader:
-    """uint8 (B, 3, S, S) batches of :data:`Item` lists, read through a TileSource."""
-
-    def __init__(self, source, coords: dict[str, np.ndarray]):
-        self.source, self.coords = source, coords
-
-    def read(self, items: Sequence[Item]) -> torch.Tensor:
-        s = self.source.input_size
-        out = np.empty((len(items), s, s, 3), np.uint8)
-        by_shard: dict[str, list[int]] = {}
-        for pos, (sid, _) in enumerate(items):
-            by_shard.setdefault(sid, []).append(pos)
-        for sid, pos in by_shard.items():
-            rows = np.array([items[p][1] for p in pos])
-            out[pos] = self.source.read_rgb(sid, self.coords[sid][rows])
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
-
-
 def _step_seed(seed: int, epoch: int, step: int) -> int:
     return (int(seed) * 1_000_003 + epoch * 104_729 + step * 7_919 + 29) % (2**63 - 1)
 
@@ -118,7 +101,7 @@ def _batches(items: Sequence[Item], bs: int) -> list[list[Item]]:
 @dataclass
 class _Job:
     model: PatchModel
-    reader: _Reader
+    reader: object                             # featstore.pretrain.data.TileFeed
     normalise: Callable[[torch.Tensor], torch.Tensor]
     settings: FinetuneSettings
     device: torch.device
@@ -146,7 +129,7 @@ def _train_epoch(job: _Job, items: Sequence[Item], y: dict[Item, int],
     from featstore.pretrain.augment import augmenter
 
     cfg = job.settings
-    aug = augmenter("mae", job.reader.source.input_size) if cfg.augment else (lambda b: b)
+    aug = augmenter("mae", job.reader.size) if cfg.augment else (lambda b: b)
 
     def train_epoch(epoch: int) -> float:
         order = np.random.default_rng([job.seed, epoch, 11]).permutation(len(items))
@@ -197,7 +180,8 @@ def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str
     weights (default *seed*); *preprocessing* (the stored features' provenance) overrides the
     encoder's own, so the images are read at the size the features were computed at. *head*
     (W, b) starts the linear head (LP-FT: the probe's solution on the same features)."""
-    from featstore import TileSource, create_encoder
+    from featstore import create_encoder
+    from featstore.pretrain.data import TileFeed
     from featstore.encoders import resolve_precision
 
     device = resolve_device(settings.device)
@@ -216,10 +200,10 @@ def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str
         model = model.to(device)
         shards = sorted({s for s, _ in items})
         pre = {**enc.preprocessing(), **{k: v for k, v in dict(preprocessing or {}).items() if v}}
-        with TileSource.from_store(store, shards, pre, slides=slides, workers=settings.workers,
-                                   pin=device.type == "cuda") as source:
-            job = _Job(model, _Reader(source, {s: store.coords(s) for s in shards}), source.normalise,
-                       settings, device, precision, seed, on_step or (lambda *a: None))
+        feed = TileFeed(store, shards, pre, slides=slides, workers=settings.workers, pin=device.type == "cuda")
+        try:
+            job = _Job(model, feed, feed.source.normalise, settings, device, precision, seed,
+                       on_step or (lambda *a: None))
             params = [p for p in enc.parameters() if p.requires_grad]
             groups = [{"params": params, "lr": settings.lr}, {"params": model.head.parameters(), "lr": settings.head_lr}]
             opt = (torch.optim.SGD(groups, momentum=0.9, weight_decay=settings.weight_decay)
@@ -232,6 +216,8 @@ def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str
                                epochs=settings.epochs, patience=settings.patience, monitor="val_loss_only",
                                diverged=diverged)
             logits = {name: job.logits(pick(name)) for name in ("val", "test")}
+        finally:
+            feed.close()
     model.cpu().eval()
     trained = [n for n, _ in enc.trainable_modules(settings.train_blocks)]
     return FinetuneFit(model, logits, fit.as_dict(("val_loss", "val_accuracy")), fit.best_epoch, trained)

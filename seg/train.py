@@ -179,8 +179,10 @@ class SegRun:
     predictions: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
 
 
-def train_segmenter(cfg: SegConfig, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> SegRun:
-    """Split, train on the (fraction of the) training images, keep the best validation epoch."""
+def train_segmenter(cfg: SegConfig, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                    on_epoch: Callable[[core_fit.EpochRecord], None] | None = None) -> SegRun:
+    """Split, train on the (fraction of the) training images, keep the best validation epoch;
+    ``on_epoch`` after every epoch (a command's progress bar)."""
     from seg.model import build_segmenter
 
     device = resolve_device(cfg.device)
@@ -204,7 +206,7 @@ def train_segmenter(cfg: SegConfig, images: Sequence[np.ndarray], masks: Sequenc
 
         fit = core_fit.fit(model, _train_epoch(model, data, split["train"], cfg, opt, loss_fn, device),
                            _evaluate(model, data, split["val"], loss_fn, device), epochs=cfg.epochs,
-                           patience=cfg.patience, monitor="val_loss_only", diverged=diverged)
+                           patience=cfg.patience, monitor="val_loss_only", diverged=diverged, on_epoch=on_epoch)
         run = SegRun(model, enc, split, fit.as_dict(("val_loss",)))
         run.predictions["test"] = predict(model, data, split["test"], device)
     return run

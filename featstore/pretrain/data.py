@@ -39,11 +39,15 @@ def store_fingerprint(store, counts: dict[str, int]) -> str:
 
 
 class TileFeed:
-    """Batches of uint8 (B, 3, S, S) tiles for lists of :data:`Item`, read by a thread pool."""
+    """Batches of uint8 (B, 3, S, S) tiles for lists of :data:`Item`, read by a thread pool.
 
-    def __init__(self, store, slide_ids: Sequence[str], preprocessing, *, slides=None, workers: int = 1):
+    Any trainer that samples (slide, tile) items uses it: pretraining, and the patch fine-tuner
+    over image shards (an image is tile (i, 0) of its shard)."""
+
+    def __init__(self, store, slide_ids: Sequence[str], preprocessing, *, slides=None, workers: int = 1,
+                 pin: bool = False):
         self.source = TileSource.from_store(store, list(slide_ids), preprocessing, slides=slides,
-                                            workers=workers)
+                                            workers=workers, pin=pin)
         self.coords = {s: store.coords(s) for s in slide_ids}
         self.size = self.source.input_size
 

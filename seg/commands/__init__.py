@@ -31,13 +31,13 @@ def _score(cfg: SegConfig, preds, data, idx, truths) -> dict:
 
 
 def run_segmentation(cfg: SegConfig, images: Path, masks: Optional[Path], out: Path,
-                     test_images: list[Path] | None = None) -> dict:
+                     test_images: list[Path] | None = None, on_epoch=None) -> dict:
     """Train on *images*, score the held-out test split and every out-of-domain folder; write *out*."""
     from seg.pictures import write_overlays
     from seg.train import evaluate_on, train_segmenter, write_run
 
     data, truths = _load(images, masks, cfg)
-    run = train_segmenter(cfg, data.images, truths)
+    run = train_segmenter(cfg, data.images, truths, on_epoch)
     test = run.split["test"]
     run.metrics["test"] = _score(cfg, run.predictions["test"], data, test, truths)
     write_overlays(out / "pictures" / "test", [data.names[i] for i in test], [data.images[i] for i in test],
@@ -62,7 +62,18 @@ def train(
         help="Out-of-domain image folders to score without retraining (repeatable).")] = None,
 ) -> None:
     """Train a U-Net / U-Net++ with a registry encoder; score in-domain and out-of-domain test images."""
-    metrics = run_segmentation(cfg, images, masks, out, test_images)
+    from rich.progress import TextColumn
+
+    from core.ui import progress_bar
+
+    with progress_bar(TextColumn("{task.fields[note]}"), console=out_console) as bar:
+        task = bar.add_task(f"{cfg.arch} {cfg.encoder}", total=cfg.epochs, note="")
+
+        def on_epoch(r) -> None:
+            bar.update(task, completed=r.epoch, note=f"loss {r.train_loss:.3f} val {r.metrics.get('val_loss', float('nan')):.3f}")
+
+        metrics = run_segmentation(cfg, images, masks, out, test_images, on_epoch)
+        bar.update(task, total=bar.tasks[0].completed)
     table = Table(title=f"{out}: {cfg.arch} on {cfg.encoder} ({cfg.weights})")
     for col in ("set", "n", "Dice", "IoU", "pixel acc.", "object Dice", "AJI"):
         table.add_column(col)
