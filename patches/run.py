@@ -40,6 +40,7 @@ class Cohort:
     split: dict[str, np.ndarray]
     tags: dict[int, str]
     provenance: dict[int, dict] = field(default_factory=dict)
+    groups: np.ndarray | None = None           # group ids when every image has one (grouped splits)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def load_cohort(store, cfg: PatchConfig) -> Cohort:
     groups = table.groups if (table.groups != "").all() else None
     splits = table.splits if (table.splits != "").all() else None
     split = split_indices(table.y, groups, splits, val=cfg.val, test=cfg.test, seed=cfg.split_seed)
-    return Cohort(st, table, split, tags, prov)
+    return Cohort(st, table, split, tags, prov, groups)
 
 
 def run_name(cfg: PatchConfig, tag: str, minus: int, fraction: float, seed: int) -> str:
@@ -84,23 +85,22 @@ def _logits_probe(cohort: Cohort, cfg: PatchConfig, X: np.ndarray, train: np.nda
     return fit.logits(X[sp["val"]]), fit.logits(X[sp["test"]]), {"probe": fit.to_dict()}, None
 
 
-def _probe_head(cohort: Cohort, cfg: PatchConfig, minus: int, train: np.ndarray, seed: int):
-    """LP-FT's start: the logreg probe on the stored features of the same training images."""
+def _probe_head(cohort: Cohort, X: np.ndarray, train: np.ndarray, seed: int):
+    """LP-FT's start: the logreg probe on the stored features *X* of the same training images."""
     from patches.probe import fit_probe
 
-    X = cohort.table.features(cohort.store, cfg.encoder, minus, cohort.tags[minus])
     y, val = cohort.table.y, cohort.split["val"]
     return fit_probe("logreg", X[train], y[train], X[val], y[val], n_classes=len(cohort.table.classes),
                      seed=seed).linear_head()
 
 
-def _logits_finetune(cohort: Cohort, cfg: PatchConfig, minus: int, train: np.ndarray, seed: int, settings,
+def _logits_finetune(cohort: Cohort, cfg: PatchConfig, minus: int, X, train: np.ndarray, seed: int, settings,
                      slides):
     from featstore.tags import WeightsTag
     from patches.finetune import FinetuneSettings, finetune_patches
 
     settings = settings or FinetuneSettings()
-    head = _probe_head(cohort, cfg, minus, train, seed) if settings.head_init == "probe" else None
+    head = _probe_head(cohort, X, train, seed) if settings.head_init == "probe" else None
     tag = WeightsTag.parse(cohort.tags[minus])
     weights, init_seed = ("random", tag.seed) if tag.kind == "random" else (cfg.weights or str(tag), None)
     if tag.kind in ("file", "pretrain") and not (cfg.weights and Path(cfg.weights).is_file()):
@@ -179,12 +179,17 @@ def _one(cohort: Cohort, cfg: PatchConfig, out: Path, minus: int, X, fraction: f
     if cfg.method in PROBES:
         lv, lt, extra, model = _logits_probe(cohort, cfg, X, train, seed)
     else:
-        lv, lt, extra, model = _logits_finetune(cohort, cfg, minus, train, seed, settings, slides)
+        lv, lt, extra, model = _logits_finetune(cohort, cfg, minus, X, train, seed, settings, slides)
     metrics, arrays = evaluate(cohort, cfg, lv, lt, seed)
     rec = _record(doc, metrics)
     write_run(path, cohort, doc, metrics, arrays, extra, rec,
               model.encoder if model is not None and cfg.keep_encoder else None)
     return rec
+
+
+def _needs_features(cfg: PatchConfig, settings) -> bool:
+    """Probes read the stored features; so does fine-tuning whose head starts from the probe."""
+    return cfg.method in PROBES or getattr(settings, "head_init", "random") == "probe"
 
 
 def run_patches(cfg: PatchConfig, store, out: str | Path, *, settings=None, slides: Sequence[str] | None = None,
@@ -197,13 +202,13 @@ def run_patches(cfg: PatchConfig, store, out: str | Path, *, settings=None, slid
     out = Path(out)
     cohort = load_cohort(store, cfg)
     t = cohort.table
-    groups = t.groups if (t.groups != "").all() else None
     total = len(cfg.levels) * len(cfg.seeds) * len(cfg.fractions)
     records: list[dict] = []
     for minus in cfg.levels:
-        X = t.features(cohort.store, cfg.encoder, minus, cohort.tags[minus]) if cfg.method in PROBES else None
+        X = t.features(cohort.store, cfg.encoder, minus, cohort.tags[minus]) if _needs_features(cfg, settings) \
+            else None
         for seed in cfg.seeds:
-            subsets = nested_fractions(cohort.split["train"], t.y, cfg.fractions, groups=groups, seed=seed)
+            subsets = nested_fractions(cohort.split["train"], t.y, cfg.fractions, groups=cohort.groups, seed=seed)
             for fraction in cfg.fractions:
                 records.append(_one(cohort, cfg, out, minus, X, fraction, seed, subsets[fraction], settings, slides))
                 if on_run is not None:

@@ -123,3 +123,14 @@ def test_cli_probe_and_compare(digits_store, tmp_path):
 def test_image_table_of_the_digits(digits_store):
     t = image_table(open_store(digits_store))
     assert len(t) == 10 * N_PER_CLASS and t.classes == [str(c) for c in range(10)]
+
+
+def test_lp_ft_starts_exactly_where_the_probe_ends(digits_store, tmp_path):
+    """--head-init probe with frozen BatchNorm and zero learning rates scores like the probe itself:
+    the probe's head, standardisation folded in, sits on the encoder that made the stored features."""
+    probe = run_patches(_cfg(levels=(3,), fractions=(1.0,), seeds=(0,), n_boot=0), digits_store, tmp_path / "lp")
+    ft = run_patches(_cfg(levels=(3,), fractions=(1.0,), seeds=(0,), n_boot=0, method="finetune"), digits_store,
+                     tmp_path / "lpft", settings=FinetuneSettings(epochs=1, lr=0.0, head_lr=0.0, head_init="probe",
+                                                                  freeze_bn=True, precision="fp32", augment=False,
+                                                                  workers=1))
+    assert ft.records[0]["accuracy"] == pytest.approx(probe.records[0]["accuracy"], abs=1 / 300)
