@@ -254,12 +254,16 @@ class StainStyle:
 
 
 # Styles by name. "he" is the default palette of this module (STROMA, NUCLEUS); "he-dark" is a
-# second site: darker, bluer haematoxylin and a more saturated, purplish eosin (out-of-domain tests).
+# second site: darker, bluer haematoxylin and a more saturated, purplish eosin; "he-faded" a third,
+# harsher one: under-stained, faded haematoxylin on a yellowish, low-contrast scan, where the rim of
+# nuclei is barely darker than the stroma (out-of-domain tests).
 STAIN_STYLES: dict[str, StainStyle] = {
     "he": StainStyle(stroma=STROMA, nucleus=NUCLEUS, epithelium=(200.0, 130.0, 190.0),
                      lumen=(244.0, 236.0, 242.0)),
     "he-dark": StainStyle(stroma=(206.0, 112.0, 170.0), nucleus=(48.0, 30.0, 112.0),
                           epithelium=(160.0, 96.0, 168.0), lumen=(228.0, 220.0, 236.0)),
+    "he-faded": StainStyle(stroma=(226.0, 196.0, 170.0), nucleus=(160.0, 136.0, 150.0),
+                           epithelium=(214.0, 184.0, 176.0), lumen=(240.0, 236.0, 214.0)),
 }
 
 
@@ -339,6 +343,15 @@ def _style(style: str) -> StainStyle:
 def render_glands(labels: np.ndarray, rng: np.random.Generator, style: str = "he") -> np.ndarray:
     """Colour an instance map as H&E-like RGB uint8: fibrous pink stroma with sparse nuclei,
     each gland a rim (3-5.5 px) of crowded dark nuclei on purple cytoplasm around a pale lumen."""
+    return _render_glands(labels, rng, style)[0]
+
+
+#: Classes of a ``mask="parts"`` gland mask (a three-class semantic task).
+GLAND_PARTS = {0: "stroma", 1: "epithelium (rim)", 2: "lumen"}
+
+
+def _render_glands(labels: np.ndarray, rng: np.random.Generator, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, parts map uint8 of :data:`GLAND_PARTS`) of :func:`render_glands`."""
     st = _style(style)
     h, w = labels.shape
     inside = labels > 0
@@ -357,38 +370,47 @@ def render_glands(labels: np.ndarray, rng: np.random.Generator, style: str = "he
     mucus = smooth_noise((h, w), 8.0, rng)[..., None]
     lum = np.asarray(st.lumen, np.float32) * (0.97 + 0.03 * mucus)
     img[lumen] = lum[lumen]
-    return np.clip(img, 8, 247).astype(np.uint8)
+    parts = np.zeros((h, w), np.uint8)
+    parts[rim], parts[lumen] = 1, 2
+    return np.clip(img, 8, 247).astype(np.uint8), parts
 
 
 def gland_image(rng: np.random.Generator, size: tuple[int, int] = (128, 128), *,
-                n_glands: tuple[int, int] = (2, 5), style: str = "he") -> tuple[np.ndarray, np.ndarray]:
+                n_glands: tuple[int, int] = (2, 5), style: str = "he",
+                mask: str = "instance") -> tuple[np.ndarray, np.ndarray]:
     """An H&E-like image with colon-gland-like objects and its exact instance mask.
 
     Returns (RGB (H, W, 3) uint8, instance mask (H, W) uint16: 0 stroma, 1..n one id per gland,
     the gland being rim + lumen) for *size* (width, height). Glands never overlap or touch
     (:func:`gland_labels`); *style* names a :data:`STAIN_STYLES` palette ("he", "he-dark").
     Used by the seg tests and as a toy segmentation data set; ~5 ms per 128x128 image.
+    ``mask="parts"`` returns the three-class map of :data:`GLAND_PARTS` (stroma, rim, lumen)
+    instead of the instance ids: a multi-class task on the same pixels (same draws for a seed).
     """
     _style(style)   # a bad name fails before any drawing
+    if mask not in ("instance", "parts"):
+        raise ValueError(f"gland_image: mask must be 'instance' or 'parts', got {mask!r}")
     labels = gland_labels(rng, size, n_glands)
-    return add_grain(render_glands(labels, rng, style), rng, amplitude=6), labels
+    rgb, parts = _render_glands(labels, rng, style)
+    return add_grain(rgb, rng, amplitude=6), (labels if mask == "instance" else parts)
 
 
 def write_gland_dataset(out_dir: str | Path, n: int, *, seed: int = 0, size: tuple[int, int] = (128, 128),
-                        style: str = "he") -> Path:
+                        style: str = "he", mask: str = "instance") -> Path:
     """Write *n* :func:`gland_image` pairs: ``images/gland_0000.png`` (RGB) and
     ``masks/gland_0000.png`` (16-bit grayscale instance mask); returns *out_dir*.
 
     Deterministic for *seed* (one generator drawn in order). The masks are PNG mode ``I;16``, so
-    ids up to 65535 survive exactly (``seg.data.load_pair(..., mask_kind="instance")`` reads them).
+    ids up to 65535 survive exactly (``seg.data.load_pair(..., mask_kind="instance")`` reads them);
+    ``mask="parts"`` writes the :data:`GLAND_PARTS` classes instead (``mask_kind="multiclass"``, 3).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        rgb, mask = gland_image(rng, size, style=style)
+        rgb, m = gland_image(rng, size, style=style, mask=mask)
         Image.fromarray(rgb, "RGB").save(out / "images" / f"gland_{i:04d}.png")
-        Image.fromarray(mask.astype(np.uint16)).save(out / "masks" / f"gland_{i:04d}.png")
+        Image.fromarray(m.astype(np.uint16)).save(out / "masks" / f"gland_{i:04d}.png")
     log.debug("wrote %d gland pairs to %s (seed %d, style %s)", n, out, seed, style)
     return out

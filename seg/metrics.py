@@ -68,10 +68,15 @@ def dice(pred, target, n_classes: int = 2, ignore_background: bool = True) -> fl
     target counts as 1.0 (nothing to find, nothing found), so a correctly empty prediction
     scores 1 (Dice, Ecology 1945; as in MONAI's ``ignore_empty=False``).
     """
+    return float(class_dice(pred, target, n_classes, ignore_background).mean())
+
+
+def class_dice(pred, target, n_classes: int = 2, ignore_background: bool = True) -> np.ndarray:
+    """Dice of each scored class (classes 1..n_classes-1, or 0.. with ``ignore_background=False``);
+    :func:`dice` is their mean. Same empty-class rule."""
     inter, n_pred, n_true = _class_counts(pred, target, n_classes, ignore_background)
     denom = n_pred + n_true
-    per_class = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
-    return float(per_class.mean())
+    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
 
 
 def iou(pred, target, n_classes: int = 2, ignore_background: bool = True) -> float:
@@ -185,7 +190,11 @@ def _per_image(preds: Sequence, targets: Sequence, instance_targets: Sequence | 
     """Each metric of each image, as arrays over images."""
     out: dict[str, list[float]] = {m: [] for m in SEMANTIC_METRICS}
     for p, t in zip(preds, targets):
-        out["dice"].append(dice(p, t, n_classes))
+        per_class = class_dice(p, t, n_classes)
+        out["dice"].append(float(per_class.mean()))
+        if n_classes > 2:                      # multi-class: each class's Dice too (dice_c1, dice_c2, ...)
+            for c, v in enumerate(per_class, start=1):
+                out.setdefault(f"dice_c{c}", []).append(float(v))
         out["iou"].append(iou(p, t, n_classes))
         out["pixel_accuracy"].append(pixel_accuracy(p, t))
     if instance_targets is not None:
@@ -225,5 +234,5 @@ def segmentation_metrics(preds: Sequence, targets: Sequence, *, instance_targets
     return out
 
 
-__all__ = ["INSTANCE_METRICS", "SEMANTIC_METRICS", "aggregated_jaccard_index", "dice", "iou",
+__all__ = ["INSTANCE_METRICS", "SEMANTIC_METRICS", "aggregated_jaccard_index", "class_dice", "dice", "iou",
            "label_instances", "object_dice", "pixel_accuracy", "segmentation_metrics"]

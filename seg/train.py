@@ -75,15 +75,19 @@ def _pad_to(x: torch.Tensor, multiple: int = 32, value: float = 0.0) -> tuple[to
 
 
 class _Data:
-    """Images as normalised float tensors and semantic masks as int64, kept in memory."""
+    """Images as uint8 (3, H, W) tensors and semantic masks as int64, kept in memory once;
+    :meth:`x` normalises one image when it is predicted (a float copy of every image would
+    take 4x the memory)."""
 
     def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], pre: dict):
-        mean = torch.tensor(pre["mean"]).view(3, 1, 1) * 255.0
-        std = torch.tensor(pre["std"]).view(3, 1, 1) * 255.0
-        self.x = [(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() - mean) / std for im in images]
-        self.raw = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
-        self.y = [torch.from_numpy(np.asarray(m, np.int64)) for m in masks]
-        self.mean, self.std = mean, std
+        self.mean = torch.tensor(pre["mean"]).view(3, 1, 1) * 255.0
+        self.std = torch.tensor(pre["std"]).view(3, 1, 1) * 255.0
+        self.raw = [torch.tensor(np.asarray(im, np.uint8)).permute(2, 0, 1) for im in images]
+        self.y = [torch.tensor(np.asarray(m, np.int64)) for m in masks]
+
+    def x(self, i: int) -> torch.Tensor:
+        """Image *i* normalised with the encoder's mean and std, (3, H, W) float32."""
+        return (self.raw[i].float() - self.mean) / self.std
 
     def crop(self, i: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         img, msk = self.raw[i], self.y[i]
@@ -145,7 +149,7 @@ def predict(model, data: _Data, idx: Sequence[int], device) -> list[np.ndarray]:
     model.eval()
     out = []
     for i in idx:
-        x, (h, w) = _pad_to(data.x[int(i)][None])
+        x, (h, w) = _pad_to(data.x(int(i))[None])
         out.append(model(x.to(device))[0, :, :h, :w].argmax(0).cpu().numpy())
     return out
 
@@ -159,7 +163,7 @@ def _evaluate(model, data: _Data, idx: np.ndarray, loss_fn, device) -> Callable[
         model.eval()
         losses = []
         for i in idx:
-            x, (h, w) = _pad_to(data.x[int(i)][None])
+            x, (h, w) = _pad_to(data.x(int(i))[None])
             logits = model(x.to(device))[:, :, :h, :w]
             losses.append(float(loss_fn(logits, data.y[int(i)][None].to(device))))
         return {"val_loss": float(np.mean(losses))}

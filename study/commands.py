@@ -61,6 +61,7 @@ def quiet_package_logs(names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]
 
 def _run_study(cfg) -> None:
     from study.patchstudy import PatchStudy, PatchStudyConfig
+    from study.segstudy import SegStudy, SegStudyConfig
     from study.study import Study, StudyEvent
 
     with quiet_package_logs(), progress_bar(TextColumn("{task.fields[item]}")) as p:
@@ -71,7 +72,7 @@ def _run_study(cfg) -> None:
                 tasks[e.stage] = p.add_task(e.stage, total=e.total, item="")
             p.update(tasks[e.stage], completed=e.done, total=e.total, item=e.text[:60])
 
-        runner = PatchStudy if isinstance(cfg, PatchStudyConfig) else Study
+        runner = {PatchStudyConfig: PatchStudy, SegStudyConfig: SegStudy}.get(type(cfg), Study)
         result = runner(cfg, on_event).run()
     out = out_console
     if result.failures:
@@ -83,7 +84,7 @@ def _run_study(cfg) -> None:
 def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
     @featstore_app.command("study")
     def study_cmd(
-        study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...; task: patch for labelled images).")],
+        study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...; task: patch for labelled images, task: segmentation for image/mask pairs).")],
     ) -> None:
         """Run a whole transfer-learning study and write report/report.md (reruns do only what is missing)."""
         from study.patchstudy import load_study

@@ -187,7 +187,8 @@ class PatchStudy:
 
 
 def load_study(path: str | Path):
-    """The study of a YAML file: :class:`PatchStudyConfig` for ``task: patch``, else the slide study."""
+    """The study of a YAML file: :class:`PatchStudyConfig` for ``task: patch``,
+    :class:`study.segstudy.SegStudyConfig` for ``task: segmentation``, else the slide study."""
     import yaml
 
     from study.study import StudyConfig
@@ -198,8 +199,17 @@ def load_study(path: str | Path):
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError:
             data = None
-        if isinstance(data, dict) and data.get("task") == "patch":
+        if isinstance(data, dict) and isinstance(data.get("tasks"), str) and "task" not in data:
+            data["task"] = data.pop("tasks")        # the issue's spelling, `tasks: segmentation`
+        form = data.get("task") if isinstance(data, dict) else None
+        if form == "patch":
             return PatchStudyConfig.from_dict(data, path.parent.resolve(), source=str(path))
+        if form == "segmentation":
+            from study.segstudy import SegStudyConfig
+
+            return SegStudyConfig.from_dict(data, path.parent.resolve(), source=str(path))
+        if form is not None:
+            raise StudyError(f"{path}: task: {form!r}; choose patch or segmentation (leave it out for slides)")
     return StudyConfig.from_yaml(path)
 
 

@@ -210,12 +210,56 @@ def write_patch_report(study, files: dict, seconds: float) -> Path:
                   *_calibration_rows(study.records), "",
                   "Each run's reliability diagram, confidence histograms and confusion matrix are in "
                   "`../patches/runs/<run>/`.", ""]
-    lines += ["## Failures", ""]
-    if study.failures:
-        lines += ["| stage | item | error |", "|---|---|---|"] + [
-            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in study.failures]
-    else:
-        lines += ["None."]
+    lines += _failures(study.failures)
     path = rep_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _failures(failures: Sequence[dict]) -> list[str]:
+    lines = ["## Failures", ""]
+    if failures:
+        return lines + ["| stage | item | error |", "|---|---|---|"] + [
+            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in failures]
+    return lines + ["None."]
+
+
+def write_seg_report(study, seconds: float) -> Path:
+    """``<out>/report/report.md`` of a ``task: segmentation`` study (study.segstudy): the init
+    table (in-domain beside out-of-domain), Dice vs fraction, the run folders, failures."""
+    from seg.compare import compare_seg, read_seg_records
+
+    cfg, rep_dir = study.cfg, study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    ood = ", ".join(f"`{d.source}` (ood:{d.name}, {len(d)} images)" for d in study.ood_sets) or "none"
+    lines = [f"# Segmentation-transfer study: {cfg.name}", "",
+             f"Trained on `{cfg.images}` ({len(study.train_set)} pairs, {len(study.train_set.data.skipped)} "
+             f"skipped); out-of-domain sets {ood}. Encoders "
+             f"{', '.join(f'{e.name}:{w}' for e in cfg.encoders for w in e.weights)}; architectures {cfg.archs}; "
+             f"training fractions {cfg.train_fractions}; seeds {cfg.seeds}; seg settings {cfg.seg or 'defaults'}. "
+             f"This run took {seconds:.0f} s and did: {study.new_work}.", ""]
+    if study.run_dirs:
+        records = read_seg_records(study.run_dirs)
+        files = compare_seg(records, rep_dir, cfg.baseline)
+        table_rows = _csv(files["table_csv"])
+        base = next((r["weights"] for r in table_rows if r.get("baseline") == "baseline"), None)
+        table = Path(files["table_md"]).read_text().splitlines()
+        lines += [f"## Table I: init x architecture x evaluation set x fraction (mean ± sd over seeds, Welch p "
+                  f"against {base or 'no baseline'})", "",
+                  "`test` is the held-out split of the training images (in-domain); `ood:<name>` the same "
+                  "models on another set without retraining.", "",
+                  *[ln for ln in table if not ln.startswith("# ")], "",
+                  f"![Dice vs training fraction]({_rel(Path(files['dice_plot']), rep_dir)})", "",
+                  "Each run's folder (model.pt, config.json, metrics.json with bootstrap CIs over images, overlays "
+                  "in pictures/) is under `../seg/runs/`.", ""]
+    lines += _failures(study.failures)
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -13,45 +13,6 @@ from core.ui import out_console
 from seg.train import SegConfig
 
 
-def _load(images: Path, masks: Optional[Path], cfg: SegConfig):
-    from seg.data import discover_pairs, load_dataset, semantic_masks
-
-    data = load_dataset(discover_pairs(images, masks), mask_kind=cfg.mask_kind,
-                        n_classes=None if cfg.mask_kind == "instance" else cfg.classes)
-    return data, semantic_masks(data.masks, cfg.mask_kind)
-
-
-def _score(cfg: SegConfig, preds, data, idx, truths) -> dict:
-    from seg.metrics import segmentation_metrics
-
-    inst = [data.masks[i] for i in idx] if cfg.mask_kind == "instance" else None
-    m = segmentation_metrics(preds, [truths[i] for i in idx], instance_targets=inst, n_classes=cfg.classes,
-                             n_boot=cfg.n_boot, seed=cfg.seed)
-    return {k: v for k, v in m.items() if k != "per_image"}
-
-
-def run_segmentation(cfg: SegConfig, images: Path, masks: Optional[Path], out: Path,
-                     test_images: list[Path] | None = None, on_epoch=None) -> dict:
-    """Train on *images*, score the held-out test split and every out-of-domain folder; write *out*."""
-    from seg.pictures import write_overlays
-    from seg.train import evaluate_on, train_segmenter, write_run
-
-    data, truths = _load(images, masks, cfg)
-    run = train_segmenter(cfg, data.images, truths, on_epoch)
-    test = run.split["test"]
-    run.metrics["test"] = _score(cfg, run.predictions["test"], data, test, truths)
-    write_overlays(out / "pictures" / "test", [data.names[i] for i in test], [data.images[i] for i in test],
-                   run.predictions["test"], [truths[i] for i in test])
-    for folder in test_images or []:
-        ood, ood_truths = _load(folder, None, cfg)
-        preds = evaluate_on(run.model, ood.images, run.encoder.preprocessing(), cfg.device if cfg.device != "auto" else "cpu")
-        run.metrics[f"ood:{folder.name}"] = _score(cfg, preds, ood, range(len(ood)), ood_truths)
-        write_overlays(out / "pictures" / f"ood-{folder.name}", ood.names, ood.images, preds, ood_truths)
-    write_run(out, cfg, run, {"images": str(images), "skipped": data.skipped,
-                              "test_images": [str(t) for t in test_images or []]})
-    return run.metrics
-
-
 @config_command(cfg=Options(SegConfig))
 def train(
     images: Annotated[Path, typer.Option("--images", help="Folder of images (masks in the sibling masks/).")],
@@ -72,7 +33,10 @@ def train(
         def on_epoch(r) -> None:
             bar.update(task, completed=r.epoch, note=f"loss {r.train_loss:.3f} val {r.metrics.get('val_loss', float('nan')):.3f}")
 
-        metrics = run_segmentation(cfg, images, masks, out, test_images, on_epoch)
+        from seg.run import load_folder, run_segmentation
+
+        ood = [load_folder(folder, None, cfg) for folder in test_images or []]
+        metrics = run_segmentation(cfg, load_folder(images, masks, cfg), out, ood, on_epoch)
         bar.update(task, total=bar.tasks[0].completed)
     table = Table(title=f"{out}: {cfg.arch} on {cfg.encoder} ({cfg.weights})")
     for col in ("set", "n", "Dice", "IoU", "pixel acc.", "object Dice", "AJI"):

@@ -11,7 +11,7 @@ from scipy import stats
 from featstore import create_encoder
 from featstore.checkpoint import save_encoder
 from featstore.synth import write_gland_dataset
-from seg.commands import run_segmentation
+from seg.run import load_folder, run_segmentation
 from seg.compare import compare_seg, read_seg_records
 from seg.train import SegConfig
 
@@ -25,14 +25,14 @@ def test_init_table_with_welch_p_from_three_seeds(tmp_path):
         for seed in (0, 1, 2):
             cfg = SegConfig(encoder="resnet18", weights=weights, epochs=1, crop=64, batch_size=4, seed=seed,
                             n_boot=0, val=0.2, test=0.25)
-            run_segmentation(cfg, tmp_path / "he" / "images", None, tmp_path / "runs" / f"{len(weights)}-{seed}",
-                             [tmp_path / "dark" / "images"])
+            run_segmentation(cfg, load_folder(tmp_path / "he" / "images", None, cfg),
+                             tmp_path / "runs" / f"{len(weights)}-{seed}", [load_folder(tmp_path / "dark" / "images", None, cfg)])
     records = read_seg_records([tmp_path / "runs"])
-    assert len(records) == 12 and {r["method"] for r in records} == {"unet test", "unet ood:images"}
+    assert len(records) == 12 and {r["method"] for r in records} == {"unet test", "unet ood:dark"}
     files = compare_seg(records, tmp_path / "cmp")
     rows = list(csv.DictReader(open(files["table_csv"])))
     assert len(rows) == 4            # 2 inits x 2 evaluation sets
-    for method in ("unet test", "unet ood:images"):
+    for method in ("unet test", "unet ood:dark"):
         base = [r["dice"] for r in records if r["method"] == method and r["weights"] == "random"]
         alt = [r["dice"] for r in records if r["method"] == method and r["weights"] != "random"]
         row = next(r for r in rows if r["method"] == method and r["weights"] != "random")

@@ -45,6 +45,11 @@ def test_multiclass_equals_per_class_numpy_and_absent_class_counts_one():
     assert dice(p, t, n_classes=4) == pytest.approx((_numpy_dice(p, t, [1]) + _numpy_dice(p, t, [2]) + 1) / 3)
     inter = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in (1, 2)]
     assert iou(p, t, n_classes=3) == pytest.approx(np.mean(inter))
+    from seg.metrics import class_dice, segmentation_metrics
+
+    assert class_dice(p, t, n_classes=4) == pytest.approx([_numpy_dice(p, t, [1]), _numpy_dice(p, t, [2]), 1.0])
+    m = segmentation_metrics([p, t], [t, t], n_classes=3, n_boot=0)
+    assert m["dice_c2"] == pytest.approx((_numpy_dice(p, t, [2]) + 1) / 2) and "dice_c3" not in m
 
 
 def test_perfect_and_empty_cases():

@@ -42,13 +42,14 @@ def test_n_glands_bounds_and_unknown_style():
 
 def test_rims_are_darker_than_stroma_and_lumens_paler():
     for style in STAIN_STYLES:
+        rim_margin = 12 if style == "he-faded" else 25      # the faded style is low-contrast by design
         for rgb, mask in _images(2, 4, style):
             gray = rgb.astype(np.float64).mean(axis=2)
             gland = mask > 0
             rim = gland & ~ndimage.binary_erosion(gland, iterations=2)
             lumen = ndimage.binary_erosion(gland, iterations=6)
             stroma = ~ndimage.binary_dilation(gland, iterations=2)
-            assert gray[rim].mean() < gray[stroma].mean() - 25, style
+            assert gray[rim].mean() < gray[stroma].mean() - rim_margin, style
             if lumen.any():
                 assert gray[lumen].mean() > gray[stroma].mean() + 20, style
 

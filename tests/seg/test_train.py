@@ -20,6 +20,7 @@ def glands(tmp_path_factory):
     root = tmp_path_factory.mktemp("glands")
     write_gland_dataset(root / "he", 60, seed=0, style="he")
     write_gland_dataset(root / "dark", 12, seed=1, style="he-dark")
+    write_gland_dataset(root / "faded", 12, seed=2, style="he-faded")
     return root
 
 
@@ -34,13 +35,17 @@ def test_unet_reaches_dice_085_on_held_out_glands_and_scores_out_of_domain(gland
     r = CliRunner().invoke(mil_app, ["seg", "train", "--images", str(glands / "he" / "images"), "--encoder",
                                      "resnet18", "--epochs", "12", "--patience", "0", "--crop", "128",
                                      "--test", "0.25", "--val", "0.15", "--n-boot", "100", "--out",
-                                     str(tmp_path / "run"), "--test-images", str(glands / "dark" / "images")])
+                                     str(tmp_path / "run"), "--test-images", str(glands / "dark" / "images"),
+                                     "--test-images", str(glands / "faded" / "images")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["test"]["dice"] >= 0.85, m["test"]
     assert m["test"]["dice_ci"][0] <= m["test"]["dice"] <= m["test"]["dice_ci"][1]
     assert 0 <= m["test"]["aji"] <= 1 and 0 <= m["test"]["object_dice"] <= 1
-    assert m["ood:images"]["n"] == 12 and 0 <= m["ood:images"]["dice"] <= 1
+    assert m["ood:dark"]["n"] == 12 and 0 <= m["ood:dark"]["dice"] <= 1
+    # the harsher style (faded haematoxylin, yellow cast) costs Dice without retraining:
+    # measured 0.976 in-domain, 0.971 he-dark, 0.903 he-faded
+    assert m["ood:faded"]["dice"] < m["test"]["dice"] - 0.03, m
     assert any((tmp_path / "run" / "pictures" / "test").glob("*_pred.png"))
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["encoder_provenance"]["weights"] == "random-s0" and cfg["arch"] == "unet"
@@ -93,3 +98,16 @@ def test_predict_rebuilds_the_run_and_scores_masks_found_beside_the_images(gland
     (tmp_path / "bad" / "config.json").write_text('{"kind": "segmentation"}')
     with pytest.raises(SegError, match="not a finished"):
         load_run(tmp_path / "bad")
+
+
+def test_multiclass_masks_train_and_report_each_class(tmp_path):
+    """Three classes (stroma, gland rim, lumen): mean Dice over rim and lumen, and each class's."""
+    from seg.run import load_folder, run_segmentation
+
+    write_gland_dataset(tmp_path / "parts", 40, seed=3, mask="parts")
+    cfg = _cfg(mask_kind="multiclass", classes=3, epochs=10)
+    m = run_segmentation(cfg, load_folder(tmp_path / "parts" / "images", None, cfg), tmp_path / "run")["test"]
+    # measured: Dice 0.89 (rim 0.80, lumen 0.98), pixel accuracy 0.97
+    assert m["dice"] >= 0.8 and m["dice_c1"] >= 0.65 and m["dice_c2"] >= 0.9, m
+    assert m["dice"] == pytest.approx((m["dice_c1"] + m["dice_c2"]) / 2)
+    assert "object_dice" not in m          # instance metrics only for instance masks
