@@ -414,3 +414,26 @@ def write_gland_dataset(out_dir: str | Path, n: int, *, seed: int = 0, size: tup
         Image.fromarray(m.astype(np.uint16)).save(out / "masks" / f"gland_{i:04d}.png")
     log.debug("wrote %d gland pairs to %s (seed %d, style %s)", n, out, seed, style)
     return out
+
+
+def write_gland_slides(out_dir: str | Path, n: int, *, seed: int = 0, style: str = "he", grid: int = 4,
+                       tile: int = 96, mpp: float = 0.5) -> tuple[Path, Path]:
+    """Write *n* small pyramidal slides ``slides/case<i>.tiff`` (``grid`` x ``grid`` gland images
+    of *tile* px at *mpp*) and their label TIFFs ``labels/case<i>.tif`` (the :data:`GLAND_PARTS`
+    classes, uint8, same size): a whole-slide segmentation cohort for `mil seg train --slides`.
+    Returns (slides folder, labels folder)."""
+    import tifffile
+
+    out = Path(out_dir)
+    slides, labels = out / "slides", out / "labels"
+    slides.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        tiles = [gland_image(rng, (tile, tile), style=style, mask="parts") for _ in range(grid * grid)]
+        rows = range(grid)
+        rgb = np.vstack([np.hstack([tiles[r * grid + c][0] for c in rows]) for r in rows])
+        parts = np.vstack([np.hstack([tiles[r * grid + c][1] for c in rows]) for r in rows])
+        write_pyramid_tiff(slides / f"case{i}.tiff", rgb, mpp, tile=128, compression="deflate")
+        tifffile.imwrite(labels / f"case{i}.tif", parts.astype(np.uint8))
+    return slides, labels

@@ -7,8 +7,12 @@ Modules:
   multiclass, instance), SegData
 - ``seg.metrics``  Dice, IoU, pixel accuracy; GlaS object Dice and AJI on instance masks;
   per-image means with bootstrap CIs
+- ``seg.wsi``      whole slides with QuPath GeoJSON or label-TIFF annotations, cut into patches
+  at a target mpp (WsiSegData)
 - ``seg.model``    segmentation models on the toolkit's encoders (segmentation-models-pytorch)
-- ``seg.train``    training and evaluation of those models
+- ``seg.train``    training and evaluation of those models (splits by slide for WSI patches)
+- ``seg.run``      one run end to end (datasets, train, in- and out-of-domain scores, run folder)
+- ``seg.compare``, ``seg.predict``, ``seg.pictures``  tables, applying a run, overlays
 
 Synthetic gland images with exact instance masks come from ``featstore.synth.gland_image``.
 """

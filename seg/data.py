@@ -13,7 +13,7 @@ indices, TIFF), or RGB whose three channels are equal. A mask is one of three ki
 A bad pair raises :class:`SegError` (one line: the file and the problem); :func:`load_dataset`
 logs and skips it instead, so one broken file does not stop a cohort.
 
-TODO: whole-slide images with GeoJSON (QuPath) annotations rasterised to masks per tile.
+Whole slides with annotations (QuPath GeoJSON, label TIFFs): seg.wsi.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import Config, option
 from seg.data import SegData
+from seg.errors import SegError
 from seg.train import SegConfig
 
 
@@ -24,16 +26,62 @@ class SegDataset:
     truths: list[np.ndarray] = field(repr=False)
     name: str
     source: str
+    groups: list[str] | None = None          # the slide of each WSI patch: splits keep a slide on one side
 
     def __len__(self) -> int:
         return len(self.data)
 
 
 def dataset_of(data: SegData, name: str, source: str) -> SegDataset:
-    """A loaded :class:`SegData` with its semantic targets."""
+    """A loaded :class:`SegData` with its semantic targets (and, for WSI patches, their slides)."""
     from seg.data import semantic_masks
 
-    return SegDataset(data, semantic_masks(data.masks, data.mask_kind), name, source)
+    sources = getattr(data, "sources", None)
+    groups = [str(src[0]) for src in sources] if sources else None
+    return SegDataset(data, semantic_masks(data.masks, data.mask_kind), name, source, groups)
+
+
+@dataclass(frozen=True)
+class WsiSource(Config):
+    """Whole slides with annotations as a segmentation dataset (docs/segmentation.md,
+    "Whole-slide datasets"): patches of ``patch`` px at ``mpp``."""
+
+    config_error = SegError
+
+    slides: str | None = option(None, "Folder of slides (any OpenSlide format) paired by name with "
+                                      "X.geojson / X.json (QuPath) or a label TIFF X.tif.")
+    annotations: str | None = option(None, "Folder of the annotation files (default: the slides' folder).")
+    mpp: float = option(1.0, "Patch resolution in µm/px (0.5 ~ 20x, 1.0 ~ 10x).")
+    patch: int = option(256, "Patch side in px at --mpp.")
+    stride: int | None = option(None, "Grid step in px at --mpp (default: --patch).")
+    min_annotated: float = option(0.05, "Keep a patch when at least this share of its pixels is annotated.")
+    max_patches: int | None = option(None, "At most this many patches per slide (seeded subsample).")
+    class_names: str | None = option(None, "GeoJSON class names in id order, comma-separated (ids 1..n; "
+                                           "others not drawn). Default: every name, sorted.")
+    default_class: str | None = option(None, "Class of unclassified GeoJSON objects (default: skip them).")
+    slide_mpp: float | None = option(None, "Override the slides' µm/px (files without it).")
+
+    def class_map(self) -> dict[str, int] | None:
+        names = [n.strip() for n in (self.class_names or "").split(",") if n.strip()]
+        return {n: i for i, n in enumerate(names, start=1)} or None
+
+
+def load_wsi(src: WsiSource, cfg: SegConfig, name: str | None = None) -> SegDataset:
+    """The patches of *src*'s slides; a multiclass mask needs ``cfg.classes`` > its largest id."""
+    from seg.wsi import pair_by_stem, wsi_dataset
+
+    if not src.slides:
+        raise SegError("a whole-slide dataset needs slides (a folder of slides and annotations)")
+    slides, anns = pair_by_stem(src.slides, src.annotations)
+    data = wsi_dataset(slides, anns, mpp=src.mpp, patch=src.patch, stride=src.stride, classes=src.class_map(),
+                       mask_kind=cfg.mask_kind, min_annotated=src.min_annotated,
+                       max_patches_per_slide=src.max_patches, seed=cfg.seed, slide_mpp=src.slide_mpp,
+                       default_class=src.default_class)
+    if cfg.mask_kind == "multiclass" and (data.n_classes or 2) > cfg.classes:
+        names = ", ".join(f"{i} {n}" for n, i in sorted(data.classes.items(), key=lambda kv: kv[1]))
+        raise SegError(f"{src.slides}: the annotations hold {data.n_classes} classes with background "
+                       f"(0 background, {names}); pass --classes {data.n_classes}")
+    return dataset_of(data, name or _set_name(Path(src.slides)), str(src.slides))
 
 
 def load_folder(images: str | Path, masks: str | Path | None, cfg: SegConfig) -> SegDataset:
@@ -43,8 +91,13 @@ def load_folder(images: str | Path, masks: str | Path | None, cfg: SegConfig) ->
     images = Path(images)
     data = load_dataset(discover_pairs(images, masks), mask_kind=cfg.mask_kind,
                         n_classes=None if cfg.mask_kind == "instance" else cfg.classes)
-    name = images.parent.name if images.name == "images" and images.parent.name else images.name
-    return dataset_of(data, name, str(images))
+    return dataset_of(data, _set_name(images), str(images))
+
+
+def _set_name(folder: Path) -> str:
+    """A dataset's name in the metrics (``ood:<name>``): the folder's, or its parent's when the
+    folder is a generic ``images`` / ``slides``."""
+    return folder.parent.name if folder.name in ("images", "slides") and folder.parent.name else folder.name
 
 
 def score(cfg: SegConfig, preds: Sequence[np.ndarray], ds: SegDataset, idx: Sequence[int]) -> dict:
@@ -66,7 +119,7 @@ def run_segmentation(cfg: SegConfig, train: SegDataset, out: str | Path, ood: Se
 
     out = Path(out)
     data = train.data
-    run = train_segmenter(cfg, data.images, train.truths, on_epoch)
+    run = train_segmenter(cfg, data.images, train.truths, on_epoch, groups=train.groups)
     test = run.split["test"]
     run.metrics["test"] = score(cfg, run.predictions["test"], train, test)
     write_overlays(out / "pictures" / "test", [data.names[i] for i in test], [data.images[i] for i in test],
@@ -76,9 +129,12 @@ def run_segmentation(cfg: SegConfig, train: SegDataset, out: str | Path, ood: Se
         preds = evaluate_on(run.model, ds.data.images, run.encoder.preprocessing(), device)
         run.metrics[f"ood:{ds.name}"] = score(cfg, preds, ds, range(len(ds)))
         write_overlays(out / "pictures" / f"ood-{ds.name}", ds.data.names, ds.data.images, preds, ds.truths)
+    names = getattr(data, "classes", None)
     write_run(out, cfg, run, {"images": train.source, "skipped": data.skipped,
-                              "test_images": [d.source for d in ood], **(extra or {})})
+                              "test_images": [d.source for d in ood],
+                              **({"class_ids": names, "mpp": data.mpp} if names is not None else {}),
+                              **(extra or {})})
     return run.metrics
 
 
-__all__ = ["SegDataset", "dataset_of", "load_folder", "run_segmentation", "score"]
+__all__ = ["SegDataset", "WsiSource", "dataset_of", "load_folder", "load_wsi", "run_segmentation", "score"]

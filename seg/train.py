@@ -57,14 +57,36 @@ class SegConfig(Config):
             raise SegError("--epochs >= 1, --batch-size >= 1, --crop >= 32 and --classes >= 2, please")
 
 
-def split_images(n: int, cfg: SegConfig) -> dict[str, np.ndarray]:
+def split_images(n: int, cfg: SegConfig, groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Seeded test / val / train indices; the training part is cut to ``fraction`` as a prefix of
-    one seeded order, so the subsets of one seed are nested."""
-    order = np.random.default_rng([cfg.seed, 17]).permutation(n)
-    n_test, n_val = max(1, round(cfg.test * n)), round(cfg.val * n)
-    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-    if len(train) < 1:
-        raise SegError(f"{n} images leave none for training with --test {cfg.test} --val {cfg.val}")
+    one seeded order, so the subsets of one seed are nested.
+
+    With *groups* (one name per image: the slide a WSI patch came from) whole groups go to one
+    side: the test and validation shares are shares of the groups, so patches of one slide are
+    never both trained on and tested on."""
+    if groups is None:
+        order = np.random.default_rng([cfg.seed, 17]).permutation(n)
+        n_test, n_val = max(1, round(cfg.test * n)), round(cfg.val * n)
+        test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        if len(train) < 1:
+            raise SegError(f"{n} images leave none for training with --test {cfg.test} --val {cfg.val}")
+    else:
+        if len(groups) != n:
+            raise SegError(f"{len(groups)} group names for {n} images")
+        names = sorted(set(groups))
+        g_order = [names[i] for i in np.random.default_rng([cfg.seed, 17]).permutation(len(names))]
+        n_test, n_val = max(1, round(cfg.test * len(names))), round(cfg.val * len(names))
+        if cfg.val > 0:
+            n_val = max(1, n_val)
+        if len(names) - n_test - n_val < 1:
+            raise SegError(f"{len(names)} slide(s) leave none for training with --test {cfg.test} --val {cfg.val}; "
+                           f"patches are split by slide, so at least {n_test + n_val + 1} slides are needed")
+        rank = {g: i for i, g in enumerate(g_order)}
+        within = np.random.default_rng([cfg.seed, 18]).permutation(n)   # image order inside a group
+        order = np.asarray(sorted(range(n), key=lambda i: (rank[groups[i]], within[i])))
+        side = np.asarray([rank[groups[i]] for i in order])
+        test, val, train = order[side < n_test], order[(side >= n_test) & (side < n_test + n_val)], \
+            order[side >= n_test + n_val]
     return {"train": train[:max(1, round(cfg.fraction * len(train)))], "val": val, "test": test}
 
 
@@ -184,13 +206,14 @@ class SegRun:
 
 
 def train_segmenter(cfg: SegConfig, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                    on_epoch: Callable[[core_fit.EpochRecord], None] | None = None) -> SegRun:
-    """Split, train on the (fraction of the) training images, keep the best validation epoch;
-    ``on_epoch`` after every epoch (a command's progress bar)."""
+                    on_epoch: Callable[[core_fit.EpochRecord], None] | None = None,
+                    groups: Sequence[str] | None = None) -> SegRun:
+    """Split (by *groups* when given: :func:`split_images`), train on the (fraction of the)
+    training images, keep the best validation epoch; ``on_epoch`` after every epoch."""
     from seg.model import build_segmenter
 
     device = resolve_device(cfg.device)
-    split = split_images(len(images), cfg)
+    split = split_images(len(images), cfg, groups)
     with deterministic(cfg.seed, device), cpu_threads(cfg.threads):
         model, enc = build_segmenter(cfg.arch, cfg.encoder, cfg.weights, classes=cfg.classes, seed=cfg.seed)
         model = model.to(device)

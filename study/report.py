@@ -233,7 +233,7 @@ def write_seg_report(study, seconds: float) -> Path:
     rep_dir.mkdir(parents=True, exist_ok=True)
     ood = ", ".join(f"`{d.source}` (ood:{d.name}, {len(d)} images)" for d in study.ood_sets) or "none"
     lines = [f"# Segmentation-transfer study: {cfg.name}", "",
-             f"Trained on `{cfg.images}` ({len(study.train_set)} pairs, {len(study.train_set.data.skipped)} "
+             f"Trained on `{study.train_set.source}` ({len(study.train_set)} pairs, {len(study.train_set.data.skipped)} "
              f"skipped); out-of-domain sets {ood}. Encoders "
              f"{', '.join(f'{e.name}:{w}' for e in cfg.encoders for w in e.weights)}; architectures {cfg.archs}; "
              f"training fractions {cfg.train_fractions}; seeds {cfg.seeds}; seg settings {cfg.seg or 'defaults'}. "

@@ -4,8 +4,9 @@ seed papers' init table (Welch p against ImageNet, else random), in-domain besid
 out-of-domain scores, and Dice against the training fraction.
 
     task: segmentation
-    images: glands-he/images        # masks in the sibling masks/ (or masks: DIR)
-    test_images: [glands-dark/images]   # out-of-domain sets, scored without retraining
+    images: glands-he/images        # masks in the sibling masks/ (or masks: DIR);
+                                    # or annotated slides: {slides: DIR, mpp: 1.0, patch: 256, ...}
+    test_images: [glands-dark/images]   # out-of-domain sets (folders or slide mappings), no retraining
     encoders:
       - {name: resnet18, weights: [random, imagenet-or-random, pretrain-out/f1/pretrain-simclr-resnet18-f1.pt]}
     archs: [unet, unetplusplus]
@@ -29,7 +30,7 @@ from typing import Callable
 from core.config import coerce_fields, from_dict
 from core.errors import CoreError
 from study.errors import StudyError
-from study.study import EncoderPlan, StudyEvent, _at, _resolve, check_plans, weights_request
+from study.study import EncoderPlan, StudyEvent, _at, _expand_shorthand, _resolve, check_plans, weights_request
 
 #: SegConfig fields the study sets itself (from encoders, archs, train_fractions, seeds).
 STUDY_SETS = ("encoder", "weights", "arch", "fraction", "seed")
@@ -43,11 +44,11 @@ def _looks_like_file(w: str) -> bool:
 class SegStudyConfig:
     """The ``task: segmentation`` YAML, validated (paths relative to the YAML's folder)."""
 
-    images: str
+    images: str | dict
     encoders: list[EncoderPlan]
     task: str = "segmentation"
     masks: str | None = None
-    test_images: list[str] = field(default_factory=list)
+    test_images: list[str | dict] = field(default_factory=list)
     out: str = "study"
     name: str = "segmentation study"
     archs: list[str] = field(default_factory=lambda: ["unet"])
@@ -59,7 +60,7 @@ class SegStudyConfig:
     @classmethod
     def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "SegStudyConfig":
         try:
-            d = dict(d)
+            d = _expand_shorthand(d)          # an encoder by name, weights: tag
             if isinstance(d.get("test_images"), str):
                 d["test_images"] = [d["test_images"]]
             if isinstance(d.get("archs"), str):
@@ -69,11 +70,11 @@ class SegStudyConfig:
             if missing:
                 raise StudyError(f"missing keys {missing}")
             kw["encoders"] = [_plan(e, i) for i, e in enumerate(kw["encoders"])]
-            for k, default in (("images", None), ("out", "study")):
-                kw[k] = _resolve(root, kw.get(k, default))
+            kw["images"] = _source(root, kw["images"], "images")
+            kw["out"] = _resolve(root, kw.get("out", "study"))
             if kw.get("masks"):
                 kw["masks"] = _resolve(root, kw["masks"])
-            kw["test_images"] = [_resolve(root, t) for t in kw.get("test_images", [])]
+            kw["test_images"] = [_source(root, t, f"test_images[{i}]") for i, t in enumerate(kw.get("test_images", []))]
             for plan in kw["encoders"]:
                 plan.weights[:] = [_resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
             cfg = cls(**kw)
@@ -106,6 +107,20 @@ class SegStudyConfig:
         kw = coerce_fields(SegConfig, self.seg, where="seg", exclude=STUDY_SETS, error=StudyError)
         return from_dict(SegConfig, {**kw, "encoder": encoder, "weights": weights, "arch": arch,
                                      "fraction": float(fraction), "seed": int(seed)}, where="seg", error=StudyError)
+
+
+def _source(root: Path, spec: str | dict, where: str) -> str | dict:
+    """A dataset entry with its paths resolved: a folder, or a :class:`seg.run.WsiSource` mapping
+    (checked here, so a bad key fails before any training)."""
+    if isinstance(spec, str):
+        return _resolve(root, spec)
+    from seg.run import WsiSource
+
+    spec = {**spec, **{k: _resolve(root, spec[k]) for k in ("slides", "annotations") if spec.get(k)}}
+    src = from_dict(WsiSource, spec, where=where, error=StudyError)
+    if not src.slides:
+        raise StudyError(f"{where}: a slide dataset needs slides: DIR")
+    return spec
 
 
 def _plan(e, i: int) -> EncoderPlan:
@@ -160,15 +175,22 @@ class SegStudy:
         return same and (run / "metrics.json").is_file() and (run / "model.pt").is_file()
 
     def datasets(self, cfg):
-        from seg.run import load_folder
+        """The training set and the out-of-domain sets, each loaded once (a bad out-of-domain set
+        is a listed failure; a bad training set stops the study)."""
+        from seg.run import WsiSource, load_folder, load_wsi
 
-        train = load_folder(self.cfg.images, self.cfg.masks, cfg)
+        def load(spec, masks=None):
+            if isinstance(spec, str):
+                return load_folder(spec, masks, cfg)
+            return load_wsi(from_dict(WsiSource, spec, error=StudyError), cfg)
+
+        train = load(self.cfg.images, self.cfg.masks)
         ood = []
-        for folder in self.cfg.test_images:
+        for spec in self.cfg.test_images:
             try:
-                ood.append(load_folder(folder, None, cfg))
+                ood.append(load(spec))
             except CoreError as exc:
-                self._fail("load", folder, exc)
+                self._fail("load", spec if isinstance(spec, str) else spec["slides"], exc)
         names = [d.name for d in ood]
         if len(set(names)) < len(names):
             raise StudyError(f"test_images: two out-of-domain sets are both called {names}; rename a folder")

@@ -1,4 +1,5 @@
-"""`mil seg train`: a segmentation transfer run on image/mask folders (docs/segmentation.md)."""
+"""`mil seg train|predict|compare`: segmentation transfer on image/mask folders or annotated slides
+(docs/segmentation.md)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,38 @@ from rich.table import Table
 
 from core.config import Options, config_command
 from core.ui import out_console
+from seg.run import WsiSource
 from seg.train import SegConfig
 
 
-@config_command(cfg=Options(SegConfig))
+@config_command(cfg=Options(SegConfig), wsi=Options(WsiSource))
 def train(
-    images: Annotated[Path, typer.Option("--images", help="Folder of images (masks in the sibling masks/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model.pt, metrics.json, pictures/.")],
     cfg: SegConfig,
+    wsi: WsiSource,
+    images: Annotated[Optional[Path], typer.Option(
+        "--images", help="Folder of images (masks in the sibling masks/); or --slides.")] = None,
     masks: Annotated[Optional[Path], typer.Option(help="Masks folder (default: images/../masks).")] = None,
     test_images: Annotated[Optional[list[Path]], typer.Option(
         help="Out-of-domain image folders to score without retraining (repeatable).")] = None,
+    test_slides: Annotated[Optional[list[Path]], typer.Option(
+        help="Out-of-domain slide folders (with their annotations, cut like --slides), repeatable.")] = None,
 ) -> None:
-    """Train a U-Net / U-Net++ with a registry encoder; score in-domain and out-of-domain test images."""
+    """Train a U-Net / U-Net++ with a registry encoder on image/mask folders or annotated slides;
+    score in-domain and out-of-domain test sets."""
+    from dataclasses import replace
+
     from rich.progress import TextColumn
 
     from core.ui import progress_bar
+    from seg.errors import SegError
+    from seg.run import load_folder, load_wsi, run_segmentation
+
+    if (images is None) == (wsi.slides is None):
+        raise SegError("give either --images (image/mask folders) or --slides (annotated slides), not both or neither")
+    train_set = load_folder(images, masks, cfg) if images is not None else load_wsi(wsi, cfg)
+    ood = [load_folder(folder, None, cfg) for folder in test_images or []]
+    ood += [load_wsi(replace(wsi, slides=str(f), annotations=None), cfg) for f in test_slides or []]
 
     with progress_bar(TextColumn("{task.fields[note]}"), console=out_console) as bar:
         task = bar.add_task(f"{cfg.arch} {cfg.encoder}", total=cfg.epochs, note="")
@@ -33,10 +50,7 @@ def train(
         def on_epoch(r) -> None:
             bar.update(task, completed=r.epoch, note=f"loss {r.train_loss:.3f} val {r.metrics.get('val_loss', float('nan')):.3f}")
 
-        from seg.run import load_folder, run_segmentation
-
-        ood = [load_folder(folder, None, cfg) for folder in test_images or []]
-        metrics = run_segmentation(cfg, load_folder(images, masks, cfg), out, ood, on_epoch)
+        metrics = run_segmentation(cfg, train_set, out, ood, on_epoch)
         bar.update(task, total=bar.tasks[0].completed)
     table = Table(title=f"{out}: {cfg.arch} on {cfg.encoder} ({cfg.weights})")
     for col in ("set", "n", "Dice", "IoU", "pixel acc.", "object Dice", "AJI"):

@@ -85,3 +85,25 @@ def test_sweep_report_and_rerun(cohort):
                                         seg={"epochs": 2, "crop": 64, "batch_size": 4, "n_boot": 0,
                                              "test": 0.25}))).run()
     assert changed.new_work == {"seg_runs": 2, "reused_runs": 0}   # another epochs value is another run
+
+
+def test_slides_as_the_training_set_and_a_bad_key_in_their_mapping(tmp_path):
+    from featstore.synth import write_gland_slides
+
+    slides, labels = write_gland_slides(tmp_path / "site-a", 3, seed=0)
+    src = {"slides": "site-a/slides", "annotations": "site-a/labels", "mpp": 1.0, "patch": 96}
+    doc = {"task": "segmentation", "images": src, "encoders": ["resnet18"], "out": "out",
+           "seg": {"epochs": 1, "crop": 96, "mask_kind": "multiclass", "classes": 3, "n_boot": 0, "test": 0.34,
+                   "val": 0.0}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**doc, "images": {**src, "zoom": 2}}))
+    with pytest.raises(StudyError, match=r"images.*zoom"):
+        load_study(path)
+    path.write_text(yaml.safe_dump(doc))
+    res = SegStudy(load_study(path)).run()
+    assert res.failures == [] and res.new_work["seg_runs"] == 1
+    cfg = json.loads((tmp_path / "out" / "seg" / "runs" / "resnet18-random-unet-f1-s0" / "config.json").read_text())
+    assert cfg["images"] == str(slides) and cfg["class_ids"] == {"1": 1, "2": 2}
+    # patches are split by slide: the test slide's 4 patches, none of them trained on
+    test, train = cfg["split"]["test"], cfg["split"]["train"]     # 3 slides x 4 patches, in slide order
+    assert len(test) == 4 and len({i // 4 for i in test}) == 1 and not {i // 4 for i in test} & {i // 4 for i in train}
