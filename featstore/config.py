@@ -34,6 +34,11 @@ class ExtractConfig(Config):
     reader: str = option("auto", "Patch reader: auto | native | openslide (auto: the slide's own JPEG tiles, decoded "
                                  "in batches, where the file is a tiled JPEG TIFF/SVS; OpenSlide otherwise).")
     slide_mpp: float | None = option(None, "Microns per pixel of slides whose files do not record it.")
+    stain: str = option("none", "Stain normalisation of every tile before the encoder: none | macenko | reinhard "
+                                "(features keyed <weights>-stain-<method>-<hash>, beside the raw ones).")
+    stain_reference: str | None = option(None, "Reference for --stain: a tile image, or a slide whose tissue "
+                                               "tiles are sampled.")
+    stain_tiles: int = option(32, "Tissue tiles sampled from a reference slide for --stain.")
     seed: int = option(0, "Seed for random weights.")
     allow_download: bool = option(False, "Allow fetching weights from the internet (off: offline caches only).")
     strict_weights: bool = option(True, "Refuse weights files with missing/unexpected keys.")
@@ -47,5 +52,13 @@ class ExtractConfig(Config):
 
         if self.reader not in READERS:
             raise FeatstoreError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
+        from featstore.tags import STAIN_METHODS
+
+        if self.stain not in ("none", *STAIN_METHODS):
+            raise FeatstoreError(f"--stain {self.stain!r}: use one of none, {', '.join(STAIN_METHODS)}")
+        if self.stain != "none" and not self.stain_reference:
+            raise FeatstoreError(f"--stain {self.stain} needs --stain-reference (a reference tile image or a slide)")
+        if self.stain_tiles < 1:
+            raise FeatstoreError("--stain-tiles must be >= 1")
         if self.batch_size < 1 or self.workers < 0:
             raise FeatstoreError("--batch-size must be >= 1 and --workers >= 0 (0 = auto)")

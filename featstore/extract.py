@@ -33,6 +33,7 @@ from featstore.images import (RESIZE_NOTE, ImageRow, ImageShard, ImageShardRef, 
                               is_image_shard, is_images_tiling, provenance_fields, shard_info, shard_rows,
                               skipped_failures)
 from featstore.prefetch import in_thread
+from featstore.stain import stained_tag
 from featstore.native import reader_of
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import tile_slide
@@ -143,7 +144,7 @@ class _Writer:
 
 
 def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: str, input_size: int,
-                reader: str = "openslide") -> dict:
+                reader: str = "openslide", stain: dict | None = None) -> dict:
     from featstore import __version__
     import timm
 
@@ -163,6 +164,7 @@ def _provenance(encoder, level: int, tiling: dict, slide_info: dict, precision: 
         },
         "precision": precision,
         "reader": reader,
+        "stain": stain or {"method": "none"},
         "tiling": tiling,
         "slide": {
             "source": slide_info["source"],
@@ -202,6 +204,22 @@ class Extractor:
         self.input_size = int(cfg.input_size or encoder.input_size)
         self.workers = cfg.workers or self.auto_workers(self.device)
         self.levels = tuple(sorted(set(int(k) for k in cfg.levels)))
+        self.stain = self._fit_stain(cfg)
+        #: the features' weights tag: the encoder's, plus ``-stain-<method>-<sha8>`` with --stain
+        self.feature_tag = stained_tag(self.encoder.weights_tag, self.stain)
+
+    def _fit_stain(self, cfg: ExtractConfig):
+        """The stain normaliser of --stain, fitted once to --stain-reference (None for none)."""
+        if cfg.stain == "none":
+            return None
+        from featstore.stainref import fit_normaliser
+
+        pre = self.encoder.preprocessing()
+        norm = fit_normaliser(cfg.stain, cfg.stain_reference, tiles=cfg.stain_tiles, tiling=cfg.tiling,
+                              input_size=self.input_size, slide_mpp=cfg.slide_mpp,
+                              interpolation=str(pre.get("interpolation") or "bilinear"))
+        log.info("stain: %s fitted to %s", cfg.stain, norm.source_)
+        return norm
 
     @staticmethod
     def auto_workers(device: torch.device) -> int:
@@ -219,7 +237,7 @@ class Extractor:
 
     # -------------------------------------------------------------- planning
     def _keys(self) -> dict[int, FeatureKey]:
-        return {lv: FeatureKey(self.encoder.name, self.encoder.weights_tag, lv) for lv in self.levels}
+        return {lv: FeatureKey(self.encoder.name, self.feature_tag, lv) for lv in self.levels}
 
     def _todo(self, store: Store, ref: SlideRef) -> dict[int, FeatureKey]:
         return {lv: k for lv, k in self._keys().items()
@@ -251,7 +269,7 @@ class Extractor:
             job = _Job(ref, coords, size0, todo, lock, reader=reader, images=images)
             for lv, key in todo.items():
                 prov = _provenance(self.encoder, lv, self.cfg.tiling.to_dict(), info, self.precision,
-                                   self.input_size, reader)
+                                   self.input_size, reader, self.stain.fingerprint() if self.stain else None)
                 prov = _shard_provenance(prov, info) if images is not None else prov
                 job.writers[lv] = store.begin_features(ref.slide_id, key, self.encoder.dims[lv], prov)
             return job
@@ -427,7 +445,8 @@ class Extractor:
         preprocessing = {**self.encoder.preprocessing(), "input_size": self.input_size}
         cuda = self.device.type == "cuda"
         readers = TileSource(preprocessing, workers=self.workers, pin=cuda, slide_mpp=self.cfg.slide_mpp,
-                             reader=self.cfg.reader, decode_device=self.device if cuda else None)
+                             reader=self.cfg.reader, decode_device=self.device if cuda else None,
+                             stain=self.stain)
         try:
             with tuned_malloc(self.cfg.tune_malloc and self.device.type == "cpu"):
                 self._run(refs, store, readers, report, progress)

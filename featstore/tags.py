@@ -7,7 +7,11 @@ A tag names the weights that produced a set of features, and is a Zarr node name
 * ``file-<stem>-<sha256[:8]>``: an explicit weights file (the short hash keeps two files with
   the same name apart);
 * ``pretrain-<name>-<sha256[:8]>``: an encoder `featstore pretrain` wrote (its file is
-  ``pretrain-<name>.pt``).
+  ``pretrain-<name>.pt``);
+* any of these + ``-stain-<method>-<sha8>``: features of stain-normalised tiles
+  (``imagenet-stain-macenko-1a2b3c4d``; the hash is the fitted normaliser's), so raw and
+  normalised features of one encoder coexist. A request ``imagenet-stain-macenko`` finds the
+  one stored fit; ``imagenet`` finds only the raw features.
 
 No torch import here: the store reads tags without loading the encoder stack.
 """
@@ -25,6 +29,10 @@ _TAG_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _RANDOM = re.compile(r"^random-s(\d+)$")
 _FILE = re.compile(r"^file-(.+)-([0-9a-f]{8})$")
 _PRETRAIN = re.compile(r"^pretrain-(.+)-([0-9a-f]{8})$")
+#: Stain normalisers a tag can name (featstore.stain.NORMALISERS minus "none"); a closed list, so a
+#: file stem containing "-stain-" is never mistaken for one.
+STAIN_METHODS = ("macenko", "reinhard")
+_STAIN = re.compile(rf"^(.+)-stain-((?:{'|'.join(STAIN_METHODS)})(?:-[0-9a-f]{{8}})?)$")
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -50,6 +58,7 @@ class WeightsTag:
     name: str                   # "random", "imagenet", "ciga-simclr", or the file stem
     seed: int | None = None     # random only (None: any seed, as asked with ``random``)
     sha8: str | None = None     # file only
+    stain: str | None = None    # "macenko-1a2b3c4d" (a fit), "macenko" (a request: any fit), None (raw tiles)
 
     @classmethod
     def random(cls, seed: int) -> "WeightsTag":
@@ -81,6 +90,11 @@ class WeightsTag:
     def parse(cls, text: str) -> "WeightsTag":
         """``random-s3`` -> random seed 3, ``random`` -> random any seed, ``file-x-1a2b3c4d``, else named."""
         text = str(text).strip()
+        m = _STAIN.match(text)
+        if m:
+            from dataclasses import replace
+
+            return replace(cls.parse(m.group(1)), stain=m.group(2))
         if text == "random":
             return cls("random", "random")
         m = _RANDOM.match(text)
@@ -95,18 +109,36 @@ class WeightsTag:
         return cls.named(text)
 
     def __str__(self) -> str:
+        return self.weights + (f"-stain-{self.stain}" if self.stain else "")
+
+    @property
+    def weights(self) -> str:
+        """The encoder's weights tag without the stain part (what ``create_encoder`` takes)."""
         if self.kind == "random":
             return "random" if self.seed is None else f"random-s{self.seed}"
         if self.kind in ("file", "pretrain"):
             return f"{self.kind}-{self.name}-{self.sha8}"
         return self.name
 
+    def with_stain(self, stain: str | None) -> "WeightsTag":
+        """This tag for features of tiles normalised by *stain* (``macenko-<sha8>``; None: raw)."""
+        from dataclasses import replace
+
+        return replace(self, stain=stain)
+
     def matches(self, requested: str | "WeightsTag") -> bool:
-        """Whether a request finds this tag: ``random`` finds any ``random-s<N>``, else equality."""
+        """Whether a request finds this tag: ``random`` finds any ``random-s<N>``, a stain method
+        without its hash any fit of that method, else equality; raw never answers a stain request
+        nor the reverse."""
         req = requested if isinstance(requested, WeightsTag) else WeightsTag.parse(requested)
+        if (req.stain is None) != (self.stain is None):
+            return False
+        if req.stain is not None and req.stain != self.stain and not (
+                "-" not in req.stain and str(self.stain).split("-")[0] == req.stain):
+            return False
         if req.kind == "random" and req.seed is None:
             return self.kind == "random"
-        return str(req) == str(self)
+        return req.weights == self.weights
 
 
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -128,4 +160,4 @@ def requested_tag(text: str) -> str:
     return _file_tag(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
-__all__ = ["WeightsTag", "file_sha256", "requested_tag"]
+__all__ = ["STAIN_METHODS", "WeightsTag", "file_sha256", "requested_tag"]

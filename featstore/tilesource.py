@@ -84,12 +84,14 @@ class TileSource:
     the threads, so a tile two neighbouring patches need is decoded once. With *decode_device*
     (the extractor passes its CUDA device), batches come back as tensors on it: native slides'
     tiles are decoded there by nvJPEG (:mod:`featstore.devicedecode`; ``"cpu"`` runs the same code).
+    *stain* (a :mod:`featstore.stain` normaliser) is applied to every uint8 batch before the
+    mean/std scaling, on the batch's device (:meth:`stained`).
     """
 
     def __init__(self, preprocessing: Mapping, *, workers: int = 1, pin: bool = False,
                  slide_mpp: float | None = None, thread_name_prefix: str = "reader",
                  reader: str = "auto", cache_bytes: int = 256 << 20,
-                 decode_device: str | torch.device | None = None):
+                 decode_device: str | torch.device | None = None, stain=None):
         self.input_size = int(preprocessing["input_size"])
         self.interpolation = str(preprocessing.get("interpolation") or "bilinear")
         self.resize_size = preprocessing.get("resize_size")    # resize, then centre-crop input_size
@@ -97,6 +99,7 @@ class TileSource:
         self.mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.pin = bool(pin)
+        self.stain = stain if stain is not None and getattr(stain, "name", "none") != "none" else None
         self.slide_mpp = slide_mpp
         if reader not in READERS:
             raise FeatstoreError(f"--reader {reader!r}: use one of {', '.join(READERS)}")
@@ -117,17 +120,19 @@ class TileSource:
     @classmethod
     def from_store(cls, store, slide_ids: Sequence[str], preprocessing: Mapping, *,
                    slides: Sequence[str] | None = None, check_fingerprint: bool = True,
-                   workers: int = 1, pin: bool = False, reader: str = "auto") -> "TileSource":
+                   workers: int = 1, pin: bool = False, reader: str = "auto", stain=None) -> "TileSource":
         """A source over *store*'s slides: files from *slides* or each slide's recorded source.
 
         With *check_fingerprint*, each file must be the one that was tiled
         (:class:`SlideChangedError` otherwise). Patch size and mpp come from ``slide_info``.
         Image shards read their recorded root (or *slides*' folder / CSV folder) and images.
+        *stain*: the normaliser the features were extracted with (``featstore.stain.normaliser_of``
+        of their provenance), so tiles read again look as they did then.
         """
         infos = {s: store.slide_info(s) for s in slide_ids}
         shards = [s for s in slide_ids if is_image_shard(infos[s])]
         paths = find_slide_files(store, [s for s in slide_ids if s not in shards], slides)
-        src = cls(preprocessing, workers=workers, pin=pin, reader=reader)
+        src = cls(preprocessing, workers=workers, pin=pin, reader=reader, stain=stain)
         for s in shards:
             src._add_shard(s, infos[s], store, slides, check_fingerprint)
         for s, p in paths.items():
@@ -223,13 +228,18 @@ class TileSource:
         rgb = torch.from_numpy(self.read_rgb(slide_id, coords)).permute(0, 3, 1, 2)
         return rgb.to(self.decode_device)
 
+    def stained(self, rgb: Tensor) -> Tensor:
+        """(B, 3, S, S) uint8 through the stain normaliser (unchanged without one)."""
+        return rgb if self.stain is None or not len(rgb) else self.stain(rgb)
+
     def normalise(self, rgb: np.ndarray | Tensor) -> Tensor:
-        """(B, S, S, 3) uint8 array, or a (B, 3, S, S) uint8 tensor, -> normalised (B, 3, S, S)
-        float32 on the tensor's device (CPU arrays pinned when feeding CUDA)."""
+        """(B, S, S, 3) uint8 array, or a (B, 3, S, S) uint8 tensor, -> stain-normalised (when the
+        source has a normaliser), then mean/std-normalised (B, 3, S, S) float32 on the tensor's
+        device (CPU arrays pinned when feeding CUDA)."""
         if isinstance(rgb, Tensor):
             mean, std = self.mean.to(rgb.device), self.std.to(rgb.device)
-            return rgb.float().sub_(mean).div_(std).contiguous()
-        t = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+            return self.stained(rgb).float().sub_(mean).div_(std).contiguous()
+        t = self.stained(torch.from_numpy(rgb).permute(0, 3, 1, 2)).float()
         t = t.sub_(self.mean).div_(self.std).contiguous()
         return t.pin_memory() if self.pin else t
 

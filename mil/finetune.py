@@ -97,9 +97,11 @@ def _open_tiles(parent: Parent, slides, preprocessing: Mapping, workers: int, pi
     """The TileSource over the parent's slides; the files must be the ones that were tiled."""
     from featstore.tilesource import TileSource
 
-    try:
+    from featstore.stain import normaliser_of
+
+    try:   # tiles are stain-normalised again as they were for the run's features
         return TileSource.from_store(parent.store, parent.slide_ids, preprocessing, slides=slides,
-                                     workers=workers, pin=pin)
+                                     workers=workers, pin=pin, stain=normaliser_of(parent.run.provenance))
     except FeatstoreError as exc:
         raise MilError(str(exc)) from None
 

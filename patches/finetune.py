@@ -172,7 +172,7 @@ def _evaluate(job: _Job, items: Sequence[Item], y: dict[Item, int]) -> Callable[
 def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str, weights: str, minus: int,
                      settings: FinetuneSettings, seed: int = 0, init_seed: int | None = None,
                      preprocessing: Mapping | None = None, head: tuple[np.ndarray, np.ndarray] | None = None,
-                     slides: Sequence[str] | None = None,
+                     slides: Sequence[str] | None = None, stain=None,
                      on_step: Callable[[str, int, int, float], None] | None = None) -> FinetuneFit:
     """Fine-tune *encoder* (*weights*, level *minus*) + a linear head on ``split["train"]`` rows of
     *table* (a :class:`featstore.images.ImageTable`), pick the epoch by ``split["val"]``; logits of
@@ -200,7 +200,8 @@ def finetune_patches(store, table, split: dict[str, np.ndarray], *, encoder: str
         model = model.to(device)
         shards = sorted({s for s, _ in items})
         pre = {**enc.preprocessing(), **{k: v for k, v in dict(preprocessing or {}).items() if v}}
-        feed = TileFeed(store, shards, pre, slides=slides, workers=settings.workers, pin=device.type == "cuda")
+        feed = TileFeed(store, shards, pre, slides=slides, workers=settings.workers, pin=device.type == "cuda",
+                        stain=stain)
         try:
             job = _Job(model, feed, feed.source.normalise, settings, device, precision, seed,
                        on_step or (lambda *a: None))

@@ -96,19 +96,21 @@ def _probe_head(cohort: Cohort, X: np.ndarray, train: np.ndarray, seed: int):
 
 def _logits_finetune(cohort: Cohort, cfg: PatchConfig, minus: int, X, train: np.ndarray, seed: int, settings,
                      slides):
+    from featstore.stain import normaliser_of
     from featstore.tags import WeightsTag
     from patches.finetune import FinetuneSettings, finetune_patches
 
     settings = settings or FinetuneSettings()
     head = _probe_head(cohort, X, train, seed) if settings.head_init == "probe" else None
     tag = WeightsTag.parse(cohort.tags[minus])
-    weights, init_seed = ("random", tag.seed) if tag.kind == "random" else (cfg.weights or str(tag), None)
+    weights, init_seed = ("random", tag.seed) if tag.kind == "random" else (cfg.weights or tag.weights, None)
     if tag.kind in ("file", "pretrain") and not (cfg.weights and Path(cfg.weights).is_file()):
         raise PatchError(f"--method finetune starts from the features' weights {tag}: pass that weights file "
                          "as --weights so the encoder can be built")
     fit = finetune_patches(cohort.store, cohort.table, {**cohort.split, "train": train}, encoder=cfg.encoder,
                            weights=weights, minus=minus, settings=settings, seed=seed, init_seed=init_seed,
-                           preprocessing=cohort.provenance[minus].get("preprocessing"), head=head, slides=slides)
+                           preprocessing=cohort.provenance[minus].get("preprocessing"), head=head, slides=slides,
+                           stain=normaliser_of(cohort.provenance[minus]))
     extra = {"finetune": {"best_epoch": fit.best_epoch, "history": fit.history,
                           "trained_modules": fit.trained_modules}}
     return fit.logits["val"], fit.logits["test"], extra, fit.model

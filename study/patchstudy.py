@@ -145,7 +145,7 @@ class PatchStudy:
             except Exception as exc:  # noqa: BLE001 -- one encoder failing must not stop the study
                 self._fail("extract", f"{enc}:{w}", exc)
                 continue
-            tags[(enc, w)] = ex.encoder.weights_tag
+            tags[(enc, w)] = ex.feature_tag
             self.new_work["extracted_images"] += rep.tiles
             self.failures += [{"stage": "extract", "item": f"{enc}:{w} {sid}", "error": why}
                               for sid, why in rep.failed.items()]

@@ -315,7 +315,7 @@ class Study:
             self.progress(StudyEvent("extract", i, len(plans), f"{enc} {self.labels.get((enc, w), w)} levels {levels}"))
             try:
                 ex = Extractor(self.cfg.extract_config(enc, w, levels, tiling))
-                self.weights_used[(enc, w)] = ex.encoder.weights_tag
+                self.weights_used[(enc, w)] = ex.feature_tag
                 rep = ex.run(refs, store)
             except Exception as exc:  # noqa: BLE001 -- one encoder failing must not stop the study
                 self._fail("extract", f"{enc}:{w}", exc)
@@ -452,7 +452,7 @@ class Study:
             self._fail("extract fine-tuned", encoder, exc)
             return None
         self.progress(StudyEvent("extract fine-tuned", 1, 1, encoder))
-        return ex.encoder.weights_tag
+        return ex.feature_tag
 
     def cka(self, encoder: str, frozen_w: str, ft_w: str) -> dict[str, Path]:
         from analysis.blockwise import blockwise_cka

@@ -73,7 +73,7 @@ def run_extract(slides: list[str] | None, store: str, cfg: ExtractConfig, *, min
     st = open_store_writer(store, storage_options=storage_options)
     ex = Extractor(build_config(st, cfg, minus, tiling))
     err_console.print(
-        f"[bold]{ex.encoder.name}[/] weights={ex.encoder.weights_tag} levels={list(ex.levels)} "
+        f"[bold]{ex.encoder.name}[/] weights={ex.feature_tag} levels={list(ex.levels)} "
         f"dims={[ex.encoder.dims[lv] for lv in ex.levels]} precision={ex.precision} device={ex.device} "
         f"input={ex.input_size}px {what}={len(refs)} -> {store}", highlight=False,
     )

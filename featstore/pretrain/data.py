@@ -39,15 +39,16 @@ def store_fingerprint(store, counts: dict[str, int]) -> str:
 
 
 class TileFeed:
-    """Batches of uint8 (B, 3, S, S) tiles for lists of :data:`Item`, read by a thread pool.
+    """Batches of uint8 (B, 3, S, S) tiles for lists of :data:`Item`, read by a thread pool
+    (through *stain*, a :mod:`featstore.stain` normaliser, when given).
 
     Any trainer that samples (slide, tile) items uses it: pretraining, and the patch fine-tuner
     over image shards (an image is tile (i, 0) of its shard)."""
 
     def __init__(self, store, slide_ids: Sequence[str], preprocessing, *, slides=None, workers: int = 1,
-                 pin: bool = False):
+                 pin: bool = False, stain=None):
         self.source = TileSource.from_store(store, list(slide_ids), preprocessing, slides=slides,
-                                            workers=workers, pin=pin)
+                                            workers=workers, pin=pin, stain=stain)
         self.coords = {s: store.coords(s) for s in slide_ids}
         self.size = self.source.input_size
 
@@ -60,7 +61,7 @@ class TileFeed:
         for sid, positions in by_slide.items():
             idx = np.array([items[p][1] for p in positions])
             out[positions] = self.source.read_rgb(sid, self.coords[sid][idx])
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
+        return self.source.stained(torch.from_numpy(out).permute(0, 3, 1, 2))
 
     def submit(self, items: Sequence[Item]) -> Future:
         """Start reading *items* on a reader thread."""
