@@ -44,6 +44,7 @@ class FinetuneSettings(Config):
     optimizer: str = option("adamw", "adamw | sgd (momentum 0.9; LP-FT's choice with --head-init probe).")
     train_blocks: int = option(0, "Fine-tune only the last N blocks/stages of the truncated encoder (0: all).")
     augment: bool = option(True, "Flips, 90° rotations and mild colour jitter on training images.")
+    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
     head_init: str = option("random", "random | probe: start the head from the logistic-regression probe on the "
                                       "stored features (LP-FT, Kumar et al. 2022; use with --freeze-bn).")
     freeze_bn: bool = option(False, "Keep BatchNorm statistics fixed (eval mode) instead of training them.")
@@ -129,7 +130,7 @@ def _train_epoch(job: _Job, items: Sequence[Item], y: dict[Item, int],
     from featstore.pretrain.augment import augmenter
 
     cfg = job.settings
-    aug = augmenter("mae", job.reader.size) if cfg.augment else (lambda b: b)
+    aug = augmenter("light", job.reader.size, cfg.hed_jitter) if cfg.augment else (lambda b: b)
 
     def train_epoch(epoch: int) -> float:
         order = np.random.default_rng([job.seed, epoch, 11]).permutation(len(items))

@@ -45,6 +45,7 @@ class SegConfig(Config):
     lr: float = option(1e-3, "Decoder learning rate (AdamW).")
     encoder_lr: float = option(1e-4, "Encoder learning rate (AdamW; 0 freezes the encoder).")
     augment: bool = option(True, "Flips, 90° rotations (image and mask), colour jitter (image).")
+    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
     seed: int = option(0, "Seed: split, subset, decoder init, augmentations, batch order.")
     n_boot: int = option(1000, "Bootstrap resamples (over images) for the metrics' CIs.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
@@ -138,7 +139,10 @@ def _loss_fn(classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 def _train_epoch(model, data: _Data, idx: np.ndarray, cfg: SegConfig, opt, loss_fn, device) -> Callable[[int], float]:
     from torchvision.transforms import v2
 
+    from featstore.pretrain.augment import stain_jitter
+
     jitter = v2.RandomApply([v2.ColorJitter(0.15, 0.15, 0.1, 0.02)], p=0.8) if cfg.augment else (lambda t: t)
+    stain = stain_jitter(cfg.hed_jitter if cfg.augment else 0.0)
 
     def train_epoch(epoch: int) -> float:
         rng = np.random.default_rng([cfg.seed, epoch, 5])
@@ -151,7 +155,7 @@ def _train_epoch(model, data: _Data, idx: np.ndarray, cfg: SegConfig, opt, loss_
                 pairs = [data.crop(int(i), cfg.crop, rng) for i in b]
                 if cfg.augment:
                     pairs = [_augment(im, m, jitter) for im, m in pairs]
-                x = (torch.stack([p[0] for p in pairs]).float() - data.mean) / data.std
+                x = (stain(torch.stack([p[0] for p in pairs])).float() - data.mean) / data.std
                 y = torch.stack([p[1] for p in pairs])
                 model.train()
                 opt.zero_grad(set_to_none=True)

@@ -48,6 +48,7 @@ class PretrainConfig(Config):
     decoder_depth: int = option(4, "MAE: decoder blocks.")
     decoder_heads: int = option(8, "MAE: decoder attention heads.")
     temperature: float = option(0.1, "SimCLR: NT-Xent temperature.")
+    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
     holdout: int = option(8, "Tiles kept out of training: held-out loss and the MAE reconstruction picture.")
     checkpoint_every: int = option(50, "Steps between resumable checkpoints (a killed run resumes from the last).")
     seed: int = option(0, "Seed: tile subsets, order, augmentations, masks, random init.")

@@ -114,7 +114,7 @@ class _Trainer:
         bs = min(cfg.batch_size, len(subset))
         self.bs, self.per_epoch = bs, max(1, len(subset) // bs)
         self.total = cfg.epochs * self.per_epoch
-        self.augment = augmenter(self.model.augmentation, run.feed.size)
+        self.augment = augmenter(self.model.augmentation, run.feed.size, cfg.hed_jitter)
         self.normalise = _normaliser(self.encoder.preprocessing(), run.device)
         self.losses: list[float] = []
         self.holdout_start: float | None = None

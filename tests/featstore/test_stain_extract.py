@@ -90,3 +90,28 @@ def test_bad_stain_settings_are_one_line(sites, tmp_path):
     with pytest.raises(FeatstoreError) as e:
         Extractor(ExtractConfig(**ENC, stain="macenko", stain_reference=str(white)))
     assert "white.png" in str(e.value) or "tissue" in str(e.value)
+
+
+def test_stain_qc_uses_the_recorded_normaliser_and_refuses_raw_features(sites, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import featstore_app
+
+    ref_slide, other = sites
+    store = tmp_path / "q.zarr"
+    refs = discover_slides([other])
+    Extractor(ExtractConfig(**ENC)).run(refs, store)
+    Extractor(ExtractConfig(**ENC, stain="macenko", stain_reference=str(ref_slide), stain_tiles=9)).run(refs, store)
+    r = CliRunner().invoke(featstore_app, ["stain-qc", "--store", str(store), "--encoder", "resnet18", "--weights",
+                                           "random-s0-stain-macenko", "--out", str(tmp_path / "qc.png")])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "qc.png").size[1] > 2 * 96     # two slides' rows
+    from featstore.stainqc import stain_qc
+
+    qc = stain_qc(featstore.open_store(store), "resnet18", 0, "random-s0-stain-macenko")
+    assert len(qc.angles) == 2 and all(before > 8 and after < 4 for before, after in qc.angles.values()), qc.angles
+    r = CliRunner().invoke(featstore_app, ["stain-qc", "--store", str(store), "--encoder", "resnet18", "--weights",
+                                           "random-s0", "--out", str(tmp_path / "raw.png")])
+    assert r.exit_code == 1 and "raw tiles" in r.output
