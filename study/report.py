@@ -123,6 +123,37 @@ def _answers(study: "Study", rows: Sequence, best, ft_run: Path | None) -> list[
     return a
 
 
+def stain_note(extract: dict) -> str:
+    """One sentence on the stain setting of a study's ``extract:`` section."""
+    method = (extract or {}).get("stain", "none")
+    if method == "none":
+        return "Stain: raw tiles (no stain normalisation)."
+    return (f"Stain: **{method}** normalisation of every tile before the encoder, fitted to "
+            f"`{extract.get('stain_reference')}` ({extract.get('stain_tiles', 32)} tissue tiles if a slide); "
+            "features keyed `<weights>-stain-<method>-<hash>`.")
+
+
+def _stain_section(study, store, rep_dir: Path) -> list[str]:
+    """The stain note and, with normalisation, the QC picture of the first encoder's features."""
+    lines = [stain_note(study.cfg.extract), ""]
+    if (study.cfg.extract or {}).get("stain", "none") == "none" or not getattr(study, "weights_used", None):
+        return lines
+    from featstore.stainqc import stain_qc
+
+    (enc, _), tag = next(iter(study.weights_used.items()))
+    level = next(lv for e, w, lv in study.plans() if e == enc)[0]
+    try:
+        qc = stain_qc(store, enc, level, tag, rep_dir / "stain-qc.png")
+    except Exception as exc:  # noqa: BLE001 -- the QC picture must not cost the report
+        study.failures.append({"stage": "stain QC", "item": tag, "error": str(exc).splitlines()[0]})
+        return lines
+    if qc.picture is not None:
+        lines += [f"![tiles before and after {qc.method}]({_rel(qc.picture, rep_dir)})", ""]
+    lines += ["| slide | angle to the reference's H/E vectors before (°) | after (°) |", "|---|---|---|",
+              *[f"| {sid} | {a:.1f} | {b:.1f} |" for sid, (a, b) in qc.angles.items()], ""]
+    return lines
+
+
 def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft_run: Path | None,
                  cka_files: dict, heatmaps: list, seconds: float) -> Path:
     """Write ``<out>/report/report.md`` and return its path."""
@@ -138,6 +169,7 @@ def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft
              f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; seeds {cfg.seeds}; "
              f"{'%d-fold CV' % cfg.folds if cfg.folds else 'hold-out split'}; train fractions {cfg.train_fractions}. "
              f"This run took {seconds:.0f} s and did: {study.new_work}.", "",
+             *_stain_section(study, store, rep_dir),
              "## Answers", "", *_answers(study, rows, best, ft_run), ""]
     base = next((r for r in rows if r.is_baseline), None)
     lines += ["## Table I: every frozen configuration (attention MIL on stored features)", "",
@@ -198,7 +230,8 @@ def write_patch_report(study, files: dict, seconds: float) -> Path:
              f"Images `{cfg.images}` in `{cfg.store}`; encoders "
              f"{', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; methods {cfg.methods}"
              f"{' + finetune' if cfg.finetune.get('enabled') else ''}; seeds {cfg.seeds}; training fractions "
-             f"{cfg.train_fractions}. This run took {seconds:.0f} s and did: {study.new_work}.", ""]
+             f"{cfg.train_fractions}. This run took {seconds:.0f} s and did: {study.new_work}.", "",
+             stain_note(cfg.extract), ""]
     if files.get("table_md"):
         table = Path(files["table_md"]).read_text().splitlines()
         lines += ["## Table I: every configuration (test split; mean ± sd over seeds, Welch p against random init)",
