@@ -1,0 +1,336 @@
+"""External validation: score a second cohort (another site or scanner) with every fold head of a run.
+
+The external cohort is read like `mil train` reads its own (``read_labels`` + ``match_store``),
+its store must hold features of the same provenance as the run's (encoder, weights, level, dim,
+preprocessing and tiling: tile size, target mpp, overlap; the slide reader may differ), and the
+metrics are the run's own (:func:`mil.metrics.fold_metrics`: AUC, macro one-vs-rest for
+multiclass, a seeded stratified bootstrap CI, balanced accuracy and F1 at argmax), so internal and
+external numbers can be set side by side. Used by `mil evaluate` and by the study layer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from core.runtime import resolve_device
+from core.stats import auc
+from featstore.errors import StoreError
+from featstore.store import FeatureKey, Store, open_store
+from mil.data import load_bags
+from mil.errors import MilError
+from mil.labels import Labels, match_store, read_labels
+from mil.metrics import fold_metrics
+from mil.predict import check_store, run_key
+from mil.run import Run, load_run, read_predictions, write_json
+from mil.scoring import score_bags
+
+log = logging.getLogger(__name__)
+
+#: tiling fields that change what a feature vector sees; min_tissue/mask only select tiles
+TILING_MUST_MATCH = ("patch_size", "mpp", "overlap")
+EXTERNAL_DIR = "external"
+FILES = ("metrics.json", "predictions.csv", "summary.md")
+
+
+@dataclass
+class ExternalResult:
+    """Scores and metrics of one run on one external cohort; :meth:`write` saves them."""
+
+    run_path: Path
+    name: str
+    classes: list[str]
+    slide_ids: list[str]
+    patients: list[str]
+    y: np.ndarray                                  # (n,) index into classes (the run's)
+    fold_probs: dict[str, np.ndarray] = field(repr=False)   # fold -> (n, C)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Ensemble probabilities (n, C): the mean over folds, as `mil predict` gives."""
+        return np.mean(np.stack(list(self.fold_probs.values())), axis=0)
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.classes[i] for i in self.probs.argmax(1)]
+
+    def default_dir(self) -> Path:
+        return self.run_path / EXTERNAL_DIR / self.name
+
+    def write(self, out: str | Path | None = None) -> Path:
+        """metrics.json, predictions.csv, summary.md in *out* (default RUN/external/NAME), each atomically."""
+        out = Path(out) if out is not None else self.default_dir()
+        if out.exists() and not out.is_dir():
+            raise MilError(f"--out {out} is a file; choose a directory path")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "metrics.json", self.metrics)
+        _write_text(out / "predictions.csv", self.predictions_csv())
+        _write_text(out / "summary.md", summary_markdown(self.metrics))
+        return out
+
+    def predictions_csv(self) -> str:
+        """slide_id,patient_id,label,prob_<class>...,predicted,<fold>_prob_<class>..."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        folds = list(self.fold_probs)
+        w.writerow(["slide_id", "patient_id", "label", *(f"prob_{c}" for c in self.classes), "predicted",
+                    *(f"{f}_prob_{c}" for f in folds for c in self.classes)])
+        probs = self.probs
+        for i, sid in enumerate(self.slide_ids):
+            per_fold = [f"{v:.6f}" for f in folds for v in self.fold_probs[f][i]]
+            w.writerow([sid, self.patients[i], self.classes[self.y[i]], *(f"{v:.6f}" for v in probs[i]),
+                        self.predicted[i], *per_fold])
+        return buf.getvalue()
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def run_tiling(run: Run) -> dict | None:
+    """The tiling the run's features were cut with (their provenance; older runs: the training store's)."""
+    tiling = run.provenance.get("tiling") or (run.config.get("provenance") or {}).get("tiling")
+    if tiling:
+        return dict(tiling)
+    src = run.config.get("store")
+    if src and Path(src).exists():
+        try:
+            return dict(open_store(src).tiling or {}) or None
+        except (StoreError, OSError):
+            return None
+    return None
+
+
+def store_tiling(store: Store, slide_id: str, key: FeatureKey) -> dict | None:
+    """The tiling of one features array (its provenance), else the store-level tiling."""
+    prov = store.provenance(slide_id, key.encoder, key.minus, key.weights)
+    return dict(prov.get("tiling") or store.tiling or {}) or None
+
+
+def check_tiling(run: Run, store: Store, key: FeatureKey, slide_id: str) -> None:
+    """MilError naming each tiling field (tile size, mpp, overlap) that differs, with both values."""
+    a, b = run_tiling(run), store_tiling(store, slide_id, key)
+    if not a or not b:
+        log.warning("tiling of %s not recorded for %s; tile size and mpp are not checked",
+                    "run " + str(run.path) if not a else "store " + str(store.path), key)
+        return
+    diff = [f"tiling.{k}: run {a[k]!r} vs store {b[k]!r}" for k in TILING_MUST_MATCH
+            if k in a and k in b and not _same(a[k], b[k])]
+    if diff:
+        raise MilError(f"{store.path}: features {key} were tiled differently from run {run.path}'s "
+                       f"({'; '.join(diff)}); re-extract with the run's tiling")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def run_labels(labels: Labels, classes: Sequence[str]) -> np.ndarray:
+    """Labels' y re-indexed into the run's classes; MilError naming a class the run lacks."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in labels.classes if c not in index]
+    if unknown:
+        raise MilError(f"{labels.path}: class(es) {', '.join(map(repr, unknown))} not among the run's classes "
+                       f"({', '.join(classes)}); relabel or drop those slides")
+    y = np.array([index[labels.classes[i]] for i in labels.y], dtype=np.int64)
+    if len(np.unique(y)) < 2:
+        raise MilError(f"{labels.path}: only class {classes[int(y[0])]!r} present; AUC needs two classes")
+    return y
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def internal_metrics(run: Run, *, n_boot: int, seed: int) -> dict:
+    """The run's own CV numbers (metrics.json) and the pooled out-of-fold AUC with the same bootstrap CI."""
+    m = run.metrics
+    if m is None:
+        raise MilError(f"{run.path} has no metrics.json; rerun `mil train`")
+    out = {"folds": {f: {k: v.get(k) for k in ("n", "auc", "auc_ci", "balanced_accuracy")}
+                     for f, v in m["folds"].items()},
+           "mean": {k: m["mean"].get(k) for k in ("auc", "balanced_accuracy")},
+           "std": {k: m["std"].get(k) for k in ("auc", "balanced_accuracy")},
+           "pooled": _pooled_oof(run, n_boot=n_boot, seed=seed)}
+    return out
+
+
+def _pooled_oof(run: Run, *, n_boot: int, seed: int) -> dict | None:
+    """AUC and CI of every out-of-fold test prediction of the run pooled (None when not recorded)."""
+    path = run.path / "predictions.csv"
+    if not path.is_file():
+        return None
+    rows = read_predictions(path)
+    classes = list(run.classes)
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows if r.get("label") in index]
+    if not rows:
+        return None
+    y = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+    if len(classes) == 2:
+        p1 = np.array([float(r["probability"]) for r in rows])
+        probs = np.stack([1 - p1, p1], 1)
+    else:
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    if len(np.unique(y)) < 2:
+        return None
+    m = fold_metrics(y, probs, n_boot=n_boot, seed=seed)
+    return {k: m[k] for k in ("n", "auc", "auc_ci", "balanced_accuracy")}
+
+
+def per_class(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """Per class of the run: slides, recall at argmax, one-vs-rest AUC (None when undefined)."""
+    pred = probs.argmax(1)
+    out = {}
+    for c, name in enumerate(classes):
+        pos = y == c
+        n = int(pos.sum())
+        ovr = float(auc(pos.astype(np.int64), probs[:, c])) if 0 < n < len(y) else None
+        out[name] = {"n": n, "recall": float((pred[pos] == c).mean()) if n else None, "auc_ovr": ovr}
+    return out
+
+
+# ------------------------------------------------------------------------------ the evaluation
+
+
+def _score_folds(run: Run, store: Store, key: FeatureKey, ids: list[str], device: str,
+                 progress: Callable[[str], None] | None) -> dict[str, np.ndarray]:
+    """(n, C) probabilities of every fold head on *ids* (bags read once)."""
+    dev = resolve_device(device)
+    bags = load_bags(store, ids, key, expected_dim=int(run.model_config["in_dim"]))
+    out = {}
+    for fold in run.folds:
+        out[fold], _ = score_bags(run.model(fold).to(dev), bags, ids, dev)
+        if progress is not None:
+            progress(fold)
+    return out
+
+
+def _training_overlap(run: Run, ids: Sequence[str]) -> list[str]:
+    """External slides that the run also saw (any split of any fold): a leak worth a warning."""
+    seen = {s for sp in (run.config.get("splits") or {}).values() for k in ("train", "val", "test")
+            for s in sp.get(k, [])}
+    return [s for s in ids if s in seen]
+
+
+def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | Path | Labels, *,
+                      name: str | None = None, allow_missing: bool = False, device: str = "cpu",
+                      n_boot: int = 1000, progress: Callable[[str], None] | None = None) -> ExternalResult:
+    """Score every labelled slide of *store* with each fold head of *run*; metrics internal vs external.
+
+    ``metrics`` = {"run", "store", "labels", "name", "classes", "n_slides", "n_patients",
+    "ci_method", "internal", "external": {"folds", "ensemble", "per_class"}}.
+    """
+    resolve_device(device)   # a bad device fails before any work
+    run = run if isinstance(run, Run) else load_run(run)
+    st = store if isinstance(store, Store) else open_store(store)
+    lab = labels if isinstance(labels, Labels) else read_labels(labels)
+    name = name or Path(str(st.path).rstrip("/")).stem
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise MilError(f"--name {name!r} must be a plain folder name")
+    classes = list(run.classes)
+    run_labels(lab, classes)     # unknown classes fail before the store is read
+    key = run_key(run)
+    try:
+        st.resolve_key(key.encoder, key.minus, key.weights)
+        have = [s for s in lab.slide_ids if st.has_features(s, key.encoder, key.minus, key.weights)]
+    except StoreError as exc:
+        raise MilError(f"{st.path} cannot serve run {run.path}: {exc}") from None
+    lab = match_store(lab, have, allow_missing=allow_missing, store_name=f"{st.path} ({key})")
+    y = run_labels(lab, classes)
+    ids = list(lab.slide_ids)
+    check_tiling(run, st, key, ids[0])
+    check_store(run, st, key, ids)
+    overlap = _training_overlap(run, ids)
+    if overlap:
+        log.warning("%d external slide(s) were also used by run %s (e.g. %s): not an independent cohort",
+                    len(overlap), run.path, overlap[0])
+    fold_probs = _score_folds(run, st, key, ids, device, progress)
+    seed = int(run.config.get("seed", 0))
+    res = ExternalResult(run.path, name, classes, ids, list(lab.patients), y, fold_probs)
+    ens = fold_metrics(y, res.probs, n_boot=n_boot, seed=seed)
+    res.metrics = {
+        "run": str(run.path), "store": str(st.path), "labels": str(lab.path), "name": name,
+        "classes": classes, "n_slides": len(ids), "n_patients": len(set(lab.patients)),
+        "n_training_overlap": len(overlap),
+        "threshold": "argmax of class probabilities (as mil train)",
+        "auc": "binary: P(classes[1]); multiclass: macro one-vs-rest over the classes present",
+        "ci_method": f"stratified percentile bootstrap, {n_boot} resamples, seed {seed} (as mil train)",
+        "internal": internal_metrics(run, n_boot=n_boot, seed=seed),
+        "external": {
+            "folds": {f: fold_metrics(y, p, n_boot=n_boot, seed=seed) for f, p in fold_probs.items()},
+            "ensemble": ens,
+            "per_class": per_class(y, res.probs, classes),
+        },
+    }
+    fa = [m["auc"] for m in res.metrics["external"]["folds"].values() if m["auc"] is not None]
+    res.metrics["external"]["fold_mean"] = {"auc": float(np.mean(fa)) if fa else None,
+                                            "auc_std": float(np.std(fa, ddof=1)) if len(fa) > 1 else 0.0}
+    return res
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ci(ci) -> str:
+    return "-" if not ci or ci[0] is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
+def summary_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
+    """(row, n, AUC, 95% CI, balanced accuracy) for internal vs external; shared by table and markdown."""
+    i, e = metrics["internal"], metrics["external"]
+    rows = [(f"internal {f}", str(m["n"]), _f(m["auc"]), _ci(m["auc_ci"]), _f(m["balanced_accuracy"]))
+            for f, m in i["folds"].items()]
+    if len(i["folds"]) > 1:
+        rows.append(("internal mean ± sd", "", f"{_f(i['mean']['auc'])} ± {_f(i['std']['auc'])}", "",
+                     f"{_f(i['mean']['balanced_accuracy'])} ± {_f(i['std']['balanced_accuracy'])}"))
+    if i.get("pooled"):
+        p = i["pooled"]
+        rows.append(("internal pooled out-of-fold", str(p["n"]), _f(p["auc"]), _ci(p["auc_ci"]),
+                     _f(p["balanced_accuracy"])))
+    rows += [(f"external {f}", str(m["n"]), _f(m["auc"]), _ci(m["auc_ci"]), _f(m["balanced_accuracy"]))
+             for f, m in e["folds"].items()]
+    en = e["ensemble"]
+    rows.append(("external ensemble", str(en["n"]), _f(en["auc"]), _ci(en["auc_ci"]), _f(en["balanced_accuracy"])))
+    return rows
+
+
+def summary_markdown(metrics: dict) -> str:
+    """summary.md: what was evaluated and the internal-vs-external table."""
+    lines = [f"# External validation: {metrics['name']}", "",
+             f"- run: `{metrics['run']}`", f"- store: `{metrics['store']}`", f"- labels: `{metrics['labels']}`",
+             f"- classes: {', '.join(metrics['classes'])}",
+             f"- external cohort: {metrics['n_slides']} slides, {metrics['n_patients']} patients",
+             f"- AUC: {metrics['auc']}; threshold: {metrics['threshold']}",
+             f"- 95% CI: {metrics['ci_method']}", "",
+             "| | n | AUC | 95% CI | balanced accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in summary_rows(metrics)]
+    lines += ["", "| class | n | recall | one-vs-rest AUC |", "|---|---|---|---|"]
+    lines += [f"| {c} | {m['n']} | {_f(m['recall'])} | {_f(m['auc_ovr'])} |"
+              for c, m in metrics["external"]["per_class"].items()]
+    if metrics.get("n_training_overlap"):
+        lines += ["", f"**Warning:** {metrics['n_training_overlap']} external slide(s) were used by the run."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ExternalResult", "evaluate_external", "check_tiling", "run_tiling", "store_tiling",
+           "internal_metrics", "summary_rows", "summary_markdown", "TILING_MUST_MATCH", "FILES"]
