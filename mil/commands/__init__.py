@@ -6,7 +6,7 @@ import typer
 
 from featstore.commands import command_modules
 
-_MODULES = ("train", "finetune")
+_MODULES = ("train", "finetune", "evaluate")
 
 
 def register(app: typer.Typer) -> None:
