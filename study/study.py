@@ -46,6 +46,19 @@ class EncoderPlan(Config):
     levels: list[int] = option(default_factory=lambda: [0, 1, 2, 3], help="Truncation levels (minus K).")
 
 
+@dataclass(frozen=True)
+class ExternalCohort(Config):
+    """A second cohort (another site or scanner) every frozen run is scored on without retraining."""
+
+    config_error = StudyError
+
+    name: str = option(help="Its name in the report and in each run's external/<name>/ folder.")
+    slides: list[str] = option(help="Slide folders (or one folder).")
+    labels: str = option(help="Labels CSV slide_id,label[,patient_id][,site].")
+    store: str | None = option(None, "Its feature store (default: <name>.zarr beside the study file).")
+    allow_missing: bool = option(True, "Skip labelled slides its store lacks (e.g. a corrupt file).")
+
+
 #: ExtractConfig fields a study sets itself (per encoder plan, and the tiling from ``tiling:``).
 STUDY_SETS_EXTRACT = ("encoder", "levels", "weights", "tiling")
 
@@ -79,6 +92,7 @@ class StudyConfig:
     heatmaps: int = 3
     baseline: str | None = None
     imagenet_if_cached: bool = False  # use imagenet weights where the file is on this machine
+    external: list[ExternalCohort] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "StudyConfig":
@@ -96,6 +110,7 @@ class StudyConfig:
             kw["labels"] = _resolve(root, kw["labels"])
             kw["store"] = _resolve(root, kw.get("store", "cohort.zarr"))
             kw["out"] = _resolve(root, kw.get("out", "study"))
+            kw["external"] = [_external(root, e, i) for i, e in enumerate(kw.get("external", []))]
             cfg = cls(**kw)
             cfg.validate()
         except CoreError as exc:
@@ -186,6 +201,14 @@ class StudyConfig:
         return asdict(self)
 
 
+def _external(root: Path, c: "ExternalCohort", i: int) -> "ExternalCohort":
+    """An ``external:`` entry checked, with its paths resolved against the study file's folder."""
+    if not c.name or "/" in c.name or c.name in (".", ".."):
+        raise StudyError(f"external[{i}].name: {c.name!r} must be a plain folder name")
+    return replace(c, slides=[_resolve(root, x) for x in c.slides], labels=_resolve(root, c.labels),
+                   store=_resolve(root, c.store or f"{c.name}.zarr"))
+
+
 def check_plans(encoders: list[EncoderPlan], seeds: list[int]) -> None:
     """Every plan names a known encoder and levels it has; at least one plan and one seed."""
     from featstore.encoders import get_spec
@@ -214,6 +237,9 @@ def _expand_shorthand(d: dict) -> dict:
     d = dict(d)
     if isinstance(d.get("slides"), str):
         d["slides"] = [d["slides"]]
+    if isinstance(d.get("external"), list):
+        d["external"] = [{**e, "slides": [e["slides"]]} if isinstance(e, dict) and isinstance(e.get("slides"), str)
+                         else e for e in d["external"]]
     if isinstance(d.get("encoders"), list):
         encs = [{"name": e} if isinstance(e, str) else e for e in d["encoders"]]
         d["encoders"] = [{**e, "weights": [e["weights"]]} if isinstance(e, dict) and isinstance(e.get("weights"), str)
@@ -497,6 +523,63 @@ class Study:
         self.progress(StudyEvent("heatmaps", min(n, len(preds)), min(n, len(preds))))
         return out
 
+    def external(self) -> list[dict]:
+        """Extract every plan into each external cohort's store (the main store's tiling, the same
+        extract settings) and score every finished frozen run at the full training fraction on it
+        (`mil evaluate`; a run already scored on a cohort is read back). One record per run x cohort."""
+        if not self.cfg.external:
+            return []
+        from featstore.cohort import discover_slides
+        from featstore.extract import Extractor
+        from featstore.store import open_store
+        from featstore.tiling import TilingConfig
+        from mil.evaluate import evaluate_external
+
+        main = open_store(self.cfg.store)
+        tiling = TilingConfig.from_dict({**(main.tiling or {}), **self.cfg.tiling}, where="tiling")
+        records = []
+        runs = [r for r in self.frozen_runs() if r[5] == 1.0 and (r[0] / "metrics.json").exists()]
+        for k, coh in enumerate(self.cfg.external):
+            try:
+                refs = discover_slides(coh.slides)
+                store = open_store(coh.store, mode="a")
+            except Exception as exc:  # noqa: BLE001 -- a bad external cohort must not stop the study
+                self._fail("external", coh.name, exc)
+                continue
+            for i, (enc, w, levels) in enumerate(self.plans()):
+                self.progress(StudyEvent(f"extract {coh.name}", i, len(self.plans()), f"{enc} {w}"))
+                try:
+                    rep = Extractor(self.cfg.extract_config(enc, w, levels, tiling)).run(refs, store)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(f"extract {coh.name}", f"{enc}:{w}", exc)
+                    continue
+                self.new_work["extracted_tiles"] += rep.tiles
+                self.failures += [{"stage": f"extract {coh.name}", "item": f"{enc}:{w} slide {sid}", "error": why}
+                                  for sid, why in rep.failed.items()]
+            for i, (path, enc, w, lv, seed, _) in enumerate(runs):
+                self.progress(StudyEvent(f"evaluate {coh.name}", i, len(runs), path.name))
+                done = path / "external" / coh.name / "metrics.json"
+                try:
+                    if done.is_file():
+                        m = json.loads(done.read_text())
+                    else:
+                        res = evaluate_external(path, store, coh.labels, name=coh.name,
+                                                allow_missing=coh.allow_missing)
+                        res.write()
+                        m = res.metrics
+                        self.new_work["external_evaluations"] = self.new_work.get("external_evaluations", 0) + 1
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(f"evaluate {coh.name}", path.name, exc)
+                    continue
+                records.append({"cohort": coh.name, "run": str(path), "encoder": enc,
+                                "weights": self.labels.get((enc, w), w), "minus": lv, "seed": seed,
+                                "internal_auc": (m["internal"]["mean"] or {}).get("auc"),
+                                "external_auc": m["external"]["ensemble"]["auc"],
+                                "external_ci": m["external"]["ensemble"].get("auc_ci"),
+                                "n_external": m.get("n_slides")})
+            self.progress(StudyEvent(f"evaluate {coh.name}", len(runs), len(runs)))
+        return records
+
     # ------------------------------------------------------------------ everything
     def run(self) -> StudyResult:
         from study.report import write_report
@@ -520,6 +603,7 @@ class Study:
                     cka_files = self.cka(best.key.encoder, best.key.weights, tag)
         best_dir = self.run_of(best) if best is not None else None
         heat = self.heatmaps(best_dir) if best_dir is not None else []
+        self.external_records = self.external()
         self.progress(StudyEvent("report", 0, 1))
         report = write_report(self, rows, best, best_dir, ft_run, cka_files, heat, time.perf_counter() - t0)
         self.progress(StudyEvent("report", 1, 1))
