@@ -98,13 +98,16 @@ class RunSpec(Config):
     """Where a run's data comes from and where it goes (the non-hyper-parameter options)."""
 
     store: str = option(help="Feature store (path or fsspec URL) made by `featstore extract`.")
-    labels: str = option(help="CSV slide_id,label[,patient_id][,split|fold].")
+    labels: str = option(help="CSV slide_id,label[,patient_id][,site][,split|fold].")
     out: str = option(help="Run directory to write, e.g. runs/densenet121-m1.")
     encoder: str = option(help="Encoder whose features to use, e.g. densenet121.")
     minus: int = option(0, "Truncation level K (features of stage last-K).")
     weights: str | None = option(None, "Weights tag; needed only if the store holds several.")
     folds: int | None = option(None, "K-fold CV (patient-grouped, stratified). Default: the labels' split/fold "
                                      "column, else one 80/20 hold-out.")
+    split: str = option("patient", "How folds are made: patient (grouped by patient, stratified) | site "
+                                   "(leave-one-site-out) | site-preserved (each site in one of --folds K "
+                                   "folds, default 3, classes balanced). site modes need a 'site' column.")
     train_fraction: float = option(1.0, "Use this share of the training patients (stratified), for data-size "
                                         "studies.")
     allow_missing: bool = option(False, "Skip labelled slides the store lacks (with a warning).")

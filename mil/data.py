@@ -1,7 +1,8 @@
 """Patient-grouped stratified splits of a labels table, and bags of embeddings read from a store.
 
 The labels table itself is :mod:`mil.labels`. Splits never put one patient's slides on both
-sides of a train/test (or train/val) boundary. Bags come from the store's public read API only
+sides of a train/test (or train/val) boundary; the site modes (leave-one-site-out,
+site-preserved K-fold) also keep each site on one side of train/test. Bags come from the store's public read API only
 (``Store.features``) and are cached in memory when the cohort fits.
 """
 
@@ -34,8 +35,13 @@ class Split:
     test: np.ndarray
 
     def to_dict(self, labels: Labels) -> dict:
+        """Slide ids per side; with a site column also ``sites``: the sites on each side."""
         ids = labels.slide_ids
-        return {k: [ids[i] for i in getattr(self, k)] for k in ("train", "val", "test")}
+        out: dict = {k: [ids[i] for i in getattr(self, k)] for k in ("train", "val", "test")}
+        if labels.site is not None:
+            out["sites"] = {k: sort_classes(labels.site[i] for i in getattr(self, k))
+                            for k in ("train", "val", "test")}
+        return out
 
 
 def _group_pick(idx: np.ndarray, y: np.ndarray, groups: Sequence[str], frac: float,
@@ -81,9 +87,15 @@ def subsample_train(train: np.ndarray, labels: Labels, fraction: float, seed: in
     return _group_pick(train, labels.y, labels.patients, fraction, rng, min_per_class=1, leave_per_class=0)
 
 
+SPLIT_MODES = ("patient", "site", "site-preserved")
+SITE_PRESERVED_FOLDS = 3   # K of --split site-preserved when --folds is not given
+
+
 def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_fraction: float = 0.2,
-                train_fraction: float = 1.0, test_fraction: float = 0.2) -> list[Split]:
+                train_fraction: float = 1.0, test_fraction: float = 0.2, split: str = "patient") -> list[Split]:
     """Folds for a labels table.
+
+    ``split="patient"`` (the default):
 
     * ``folds=K``: patient-grouped stratified K-fold (``fold0..fold{K-1}``);
     * a ``split`` column: one fold ``test`` (rows marked val are the validation set, else it is
@@ -91,12 +103,39 @@ def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_
     * a ``fold`` column: one fold per value, named ``fold<value>``;
     * otherwise one patient-grouped stratified hold-out of ~``test_fraction`` named ``test``.
 
+    ``split="site"``: leave-one-site-out, one fold ``site-<name>`` per value of the site column.
+    ``split="site-preserved"``: K folds (``folds``, default 3) ``fold0..``, each site wholly in
+    one fold, class counts balanced across folds by :func:`assign_sites`.
+
     The validation set is carved from the training patients first, then ``train_fraction``
     subsamples what is left, so val and test stay the same across fractions for one seed.
     """
+    if split not in SPLIT_MODES:
+        raise MilError(f"--split {split!r}: choose {', '.join(SPLIT_MODES)}")
+    raw = _patient_folds(labels, folds, seed, test_fraction) if split == "patient" else \
+        _site_folds(labels, split, folds, seed)
+    out = []
+    for name, tr, va, te in raw:
+        tr = np.sort(tr)
+        if va is None:
+            tr, va = carve_val(tr, labels, val_fraction, seed)
+        tr = subsample_train(tr, labels, train_fraction, seed)
+        if len(set(labels.y[tr].tolist())) < 2:
+            raise LabelsError(f"{labels.path}: fold {name} has training slides of one class only; "
+                              "add slides of the rarer class or use fewer folds")
+        out.append(Split(name, tr, np.sort(va), np.sort(te)))
+    _check_no_leak(out, labels, by_site=split != "patient")
+    return out
+
+
+_RawFold = tuple[str, np.ndarray, "np.ndarray | None", np.ndarray]   # name, train, val (None: carve), test
+
+
+def _patient_folds(labels: Labels, folds: int | None, seed: int, test_fraction: float) -> list[_RawFold]:
+    """The folds of ``split="patient"``: a split/fold column, K-fold or one hold-out, by patient."""
     n = len(labels)
     all_idx = np.arange(n)
-    raw: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]] = []
+    raw: list[_RawFold] = []
     if folds is not None and (labels.split is not None or labels.fold is not None):
         col = "split" if labels.split is not None else "fold"
         raise LabelsError(f"{labels.path} has a '{col}' column and --folds {folds} was given; use one of them")
@@ -128,22 +167,142 @@ def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_
             raw.append(("test", tr, None, te))
         else:
             raw.extend((f"fold{i}", tr, None, te) for i, (tr, te) in enumerate(parts))
-    out = []
-    for name, tr, va, te in raw:
-        tr = np.sort(tr)
-        if va is None:
-            tr, va = carve_val(tr, labels, val_fraction, seed)
-        tr = subsample_train(tr, labels, train_fraction, seed)
-        if len(set(labels.y[tr].tolist())) < 2:
-            raise LabelsError(f"{labels.path}: fold {name} has training slides of one class only; "
-                              "add slides of the rarer class or use fewer folds")
-        out.append(Split(name, tr, np.sort(va), np.sort(te)))
-    _check_no_leak(out, labels)
-    return out
+    return raw
 
 
-def _check_no_leak(splits: Sequence[Split], labels: Labels) -> None:
-    """A patient must sit on one side only; a split column that breaks this is a user error."""
+def _site_folds(labels: Labels, split: str, folds: int | None, seed: int) -> list[_RawFold]:
+    """The folds of ``split="site"`` (one per site) or ``"site-preserved"`` (K, sites kept whole)."""
+    if labels.site is None:
+        raise LabelsError(f"{labels.path}: --split {split} needs a 'site' column (each slide's hospital or "
+                          "tissue-source site); add one")
+    if labels.split is not None or labels.fold is not None:
+        col = "split" if labels.split is not None else "fold"
+        raise LabelsError(f"{labels.path} has a '{col}' column and --split {split} was given; use one of them")
+    site = np.array(labels.site)
+    names = sort_classes(labels.site)
+    all_idx = np.arange(len(labels))
+    if split == "site":
+        if folds is not None:
+            raise MilError(f"--folds {folds} does not apply to --split site (one fold per site); drop --folds "
+                           "or use --split site-preserved")
+        if len(names) < 2:
+            raise LabelsError(f"{labels.path}: 1 site ({names[0]}) cannot make leave-one-site-out folds; "
+                              "need >= 2 sites")
+        return [(f"site-{v}", all_idx[site != v], None, all_idx[site == v]) for v in names]
+    k = folds if folds is not None else SITE_PRESERVED_FOLDS
+    if k < 2:
+        raise MilError(f"--folds {k} must be >= 2")
+    if len(names) < k:
+        raise LabelsError(f"{labels.path}: {len(names)} sites cannot make {k} site-preserved folds; lower --folds")
+    counts = np.stack([np.bincount(labels.y[site == v], minlength=len(labels.classes)) for v in names])
+    fold_of = assign_sites(counts, k, seed)
+    test_sites = [[v for v, f in zip(names, fold_of) if f == j] for j in range(k)]
+    return [(f"fold{j}", all_idx[~np.isin(site, ts)], None, all_idx[np.isin(site, ts)])
+            for j, ts in enumerate(test_sites)]
+
+
+def assign_sites(counts: np.ndarray, k: int, seed: int = 0, *, node_limit: int = 1000) -> np.ndarray:
+    """Fold (0..k-1) of each site for site-preserved K-fold, solved as a mixed-integer program.
+
+    *counts* is (sites, classes) slides per class. Every site goes to exactly one fold, no fold
+    is empty, and the sum over folds and classes of |slides of the class in the fold - class
+    total / k| is minimal (Howard et al. 2021 balance classes across site-preserved folds; an L1
+    deviation keeps the program linear for ``scipy.optimize.milp``). Many assignments tie (the
+    folds are interchangeable): the sites are offered to the solver in a seeded order, so a seed
+    picks one of them, deterministically. Folds are then numbered by their first site. When the
+    solver stops at *node_limit* without a proof (many sites), single-site moves and pairwise
+    swaps that lower the objective polish its answer.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n_sites = len(counts)
+    if n_sites < k:
+        raise LabelsError(f"{n_sites} sites cannot make {k} site-preserved folds; lower --folds")
+    perm = np.random.default_rng([seed, 4]).permutation(n_sites)
+    fold_of = np.empty(n_sites, dtype=np.int64)
+    fold_of[perm] = _solve_assignment(counts[perm], k, node_limit)
+    if fold_balance(counts, fold_of, k) > _best_possible(counts.sum(0), k).sum() + 1e-9:
+        fold_of = _polish(counts, fold_of, k)
+    order = {f: j for j, f in enumerate(dict.fromkeys(fold_of.tolist()))}   # first site -> fold0, ...
+    return np.array([order[f] for f in fold_of.tolist()], dtype=np.int64)
+
+
+def _best_possible(totals: np.ndarray, k: int) -> np.ndarray:
+    """Per class, the least sum over folds of |count - total/k| integer counts allow: 2r(k-r)/k, r = total mod k."""
+    r = np.mod(totals, k)
+    return 2 * r * (k - r) / k
+
+
+def _solve_assignment(counts: np.ndarray, k: int, node_limit: int) -> np.ndarray:
+    """The MILP of :func:`assign_sites` (sites in the given order): fold index per site.
+
+    Variables x[s, f] (binary, site s in fold f) at s*k+f and d[c, f] >= |class c in fold f - ideal|
+    after them. Site s may only open folds <= s (fold symmetry broken); sum_f d[c, f] is bounded
+    below by what integers allow, so a perfectly balanced answer is proven optimal at once.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_sites, n_cls = counts.shape
+    nx, nd = n_sites * k, n_cls * k
+    ideal = np.repeat(counts.sum(0) / k, k)
+    zx, zd = np.zeros((n_cls, nx)), np.zeros((n_sites, nd))
+    fold_cls = np.kron(counts.T, np.eye(k))                              # (C*k, nx): class c in fold f
+    a = np.block([[np.kron(np.eye(n_sites), np.ones(k)), zd],             # each site in one fold
+                  [np.kron(np.ones(n_sites), np.eye(k)), np.zeros((k, nd))],  # no fold empty
+                  [fold_cls, -np.eye(nd)],                                # d >= count - ideal
+                  [fold_cls, np.eye(nd)],                                 # d >= ideal - count
+                  [zx, np.kron(np.eye(n_cls), np.ones(k))]])              # sum_f d >= integer bound
+    lo = np.concatenate([np.ones(n_sites), np.ones(k), np.full(nd, -np.inf), ideal,
+                         _best_possible(counts.sum(0), k) - 1e-9])
+    hi = np.concatenate([np.ones(n_sites), np.full(k, np.inf), ideal, np.full(nd, np.inf), np.full(n_cls, np.inf)])
+    x_hi = np.tril(np.ones((n_sites, k))).ravel()                        # x[s, f] = 0 for f > s
+    res = milp(np.concatenate([np.zeros(nx), np.ones(nd)]), constraints=LinearConstraint(a, lo, hi),
+               integrality=np.concatenate([np.ones(nx), np.zeros(nd)]),
+               bounds=Bounds(np.zeros(nx + nd), np.concatenate([x_hi, np.full(nd, np.inf)])),
+               options={"node_limit": node_limit, "mip_rel_gap": 1e-6})
+    if res.x is None:
+        raise LabelsError(f"no site-preserved assignment of {n_sites} sites to {k} folds found "
+                          f"({res.message}); lower --folds")
+    if res.status != 0:
+        log.info("site-preserved folds: the solver stopped after %d nodes (%s); polishing its best answer",
+                 node_limit, res.message)
+    return res.x[:nx].reshape(n_sites, k).argmax(1)
+
+
+def _polish(counts: np.ndarray, fold_of: np.ndarray, k: int) -> np.ndarray:
+    """Apply the first improving single-site move or two-site swap until none lowers the objective."""
+    fold_of = fold_of.copy()
+    best = fold_balance(counts, fold_of, k)
+    improved = True
+    while improved:
+        improved = False
+        for s in range(len(fold_of)):
+            for t in [*((None, f) for f in range(k)), *((u, None) for u in range(s + 1, len(fold_of)))]:
+                trial = fold_of.copy()
+                if t[0] is None:
+                    trial[s] = t[1]
+                else:
+                    trial[s], trial[t[0]] = fold_of[t[0]], fold_of[s]
+                if len(set(trial.tolist())) < k:
+                    continue
+                value = fold_balance(counts, trial, k)
+                if value < best - 1e-9:
+                    fold_of, best, improved = trial, value, True
+    return fold_of
+
+
+def fold_balance(counts: np.ndarray, fold_of: np.ndarray, k: int) -> float:
+    """The objective of :func:`assign_sites`: sum over folds and classes of |count - total/k|."""
+    counts = np.asarray(counts, dtype=np.float64)
+    per_fold = np.stack([counts[np.asarray(fold_of) == f].sum(0) for f in range(k)])
+    return float(np.abs(per_fold - counts.sum(0) / k).sum())
+
+
+def _check_no_leak(splits: Sequence[Split], labels: Labels, *, by_site: bool = False) -> None:
+    """A patient must sit on one side only; with *by_site*, a site never on both train(+val) and test.
+
+    A split column that breaks the patient rule is a user error; a site rule break cannot come
+    from a valid labels file (a patient has one site) and is reported the same way.
+    """
     p = np.array(labels.patients)
     for s in splits:
         sides = [set(p[s.train]), set(p[s.val]), set(p[s.test])]
@@ -151,6 +310,12 @@ def _check_no_leak(splits: Sequence[Split], labels: Labels) -> None:
         if both:
             raise LabelsError(f"{labels.path}: patient(s) {rows_text(sorted(both))} have slides in more "
                               f"than one of train/val/test in fold {s.name}; fix the split/fold column")
+        if by_site and labels.site is not None:
+            site = np.array(labels.site)
+            shared = set(site[np.concatenate([s.train, s.val])]) & set(site[s.test])
+            if shared:
+                raise LabelsError(f"{labels.path}: site(s) {rows_text(sorted(shared))} have slides in both "
+                                  f"training and test of fold {s.name}; check the site column")
 
 
 # ----------------------------------------------------------------------------------------- bags
@@ -264,4 +429,4 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
     return bags
 
 
-__all__ = ["Split", "make_splits", "carve_val", "subsample_train", "Bags", "load_bags"]
+__all__ = ["Split", "make_splits", "assign_sites", "fold_balance", "SPLIT_MODES", "carve_val", "subsample_train", "Bags", "load_bags"]

@@ -1,6 +1,6 @@
 """The toolkit's one labels reader: a strict, BOM-safe CSV primitive and the labels table on top.
 
-Labels: ``slide_id,label[,patient_id][,split|fold]``, one row per slide. Every reader of a
+Labels: ``slide_id,label[,patient_id][,site][,split|fold]``, one row per slide. Every reader of a
 labels file (`mil train`, `mil finetune`, the probes) goes through :func:`read_labels`, so the
 rules are the same everywhere: a UTF-8 BOM is ignored, cells and headers are stripped, unknown
 columns, empty/NaN labels and duplicate slides are refused, and every problem is one
@@ -22,7 +22,7 @@ from mil.errors import LabelsError
 log = logging.getLogger(__name__)
 
 REQUIRED = ("slide_id", "label")
-OPTIONAL = ("patient_id", "split", "fold")
+OPTIONAL = ("patient_id", "site", "split", "fold")
 SPLIT_VALUES = ("train", "val", "test")
 NA = frozenset({"", "nan", "na", "n/a", "none", "null"})
 
@@ -109,6 +109,7 @@ class Labels:
     patients: tuple[str, ...]            # patient_id, or the slide_id when the column is absent
     split: tuple[str, ...] | None = None  # train/val/test per slide
     fold: tuple[str, ...] | None = None   # predefined fold per slide
+    site: tuple[str, ...] | None = None   # acquisition site per slide (hospital, TCGA tissue-source site)
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -118,7 +119,8 @@ class Labels:
         keep = list(keep)
         pick = lambda t: None if t is None else tuple(t[i] for i in keep)  # noqa: E731
         return replace(self, slide_ids=pick(self.slide_ids), y=self.y[keep],
-                       patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold))
+                       patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold),
+                       site=pick(self.site))
 
 
 def _lines(rows: Sequence[Row], bad) -> list[int]:
@@ -151,6 +153,28 @@ def _check_rows(path: Path, rows: Sequence[Row], header: set[str]) -> None:
         bad = _lines(rows, lambda r: r["fold"].lower() in NA)
         if bad:
             raise LabelsError(f"{path}: empty fold on line(s) {rows_text(bad)}")
+    if "site" in header:
+        _check_sites(path, rows)
+
+
+def _patient(row: Row) -> str:
+    """The row's patient: patient_id, or the slide itself when the column is absent or empty."""
+    return row.get("patient_id", "") or row["slide_id"]
+
+
+def _check_sites(path: Path, rows: Sequence[Row]) -> None:
+    """Every slide has a site, and a patient's slides all come from one site."""
+    bad = _lines(rows, lambda r: r["site"].lower() in NA)
+    if bad:
+        raise LabelsError(f"{path}: empty site on line(s) {rows_text(bad)}; fill them or drop the site column")
+    sites: dict[str, set[str]] = {}
+    for r in rows:
+        sites.setdefault(_patient(r), set()).add(r["site"])
+    mixed = sorted(p for p, s in sites.items() if len(s) > 1)
+    if mixed:
+        shown = [f"{p} ({', '.join(sorted(sites[p]))})" for p in mixed]
+        raise LabelsError(f"{path}: patient(s) {rows_text(shown)} have slides from more than one site; "
+                          "a patient belongs to one site")
 
 
 def read_labels(path: str | Path) -> Labels:
@@ -167,8 +191,8 @@ def read_labels(path: str | Path) -> Labels:
     column = lambda c: tuple(r[c] for r in rows) if c in header else None  # noqa: E731
     split = column("split")
     return Labels(str(path), column("slide_id"), np.array([index[r["label"]] for r in rows], dtype=np.int64),
-                  tuple(classes), tuple(r.get("patient_id", "") or r["slide_id"] for r in rows),
-                  None if split is None else tuple(s.lower() for s in split), column("fold"))
+                  tuple(classes), tuple(_patient(r) for r in rows),
+                  None if split is None else tuple(s.lower() for s in split), column("fold"), column("site"))
 
 
 def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,

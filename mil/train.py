@@ -198,6 +198,9 @@ def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: Train
         test_ids = [ids[i] for i in sp.test]
         probs, attn = score_bags(res.model, bags, test_ids, device)
         out.metrics[sp.name] = fold_metrics(y[sp.test], probs, n_boot=n_boot, seed=cfg.seed)
+        if len(set(y[sp.test].tolist())) < 2:
+            log.warning("fold %s: every test slide is of one class (%s); its AUC is undefined (null) and left "
+                        "out of the mean", sp.name, labels.classes[int(y[sp.test][0])])
         out.results[sp.name] = (y[sp.test], probs)
         out.histories[sp.name] = res.history_dict()
         out.states[sp.name] = res.model.state_dict()
@@ -231,7 +234,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     have = [s for s in labels.slide_ids if store.has_features(s, key.encoder, key.minus, key.weights)]
     labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})")
     splits = make_splits(labels, folds=spec.folds, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                         train_fraction=spec.train_fraction)
+                         train_fraction=spec.train_fraction, split=spec.split)
     writer = RunWriter(spec.out, overwrite=spec.overwrite)
     used = sorted({labels.slide_ids[i] for s in splits for part in (s.train, s.val, s.test) for i in part})
     stage(f"reading {len(used)} bags of {key}")
@@ -252,7 +255,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     writer.finish({
         "kind": "train", "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
         **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
-        "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
+        "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
         "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
         "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
         "splits": {s.name: s.to_dict(labels) for s in splits},

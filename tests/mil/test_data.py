@@ -27,7 +27,7 @@ def _labels(tmp_path, n=60, n_patients=20, classes=("neg", "pos"), **extra):
 
 @pytest.mark.parametrize("text, message", [
     ("slide,label\na,1\n", "missing column(s) slide_id"),
-    ("slide_id,label,site\na,1,x\nb,0,y\n", "unknown column(s) site"),
+    ("slide_id,label,hospital\na,1,x\nb,0,y\n", "unknown column(s) hospital"),
     ("slide_id,label\na,1\nb,\nc,0\nd,NaN\n", "empty/NaN label on line(s) 3, 5"),
     ("slide_id,label\na,1\nb,1\n", "only one class ('1')"),
     ("slide_id,label\na,1\na,0\n", "duplicate slide_id(s) a"),
