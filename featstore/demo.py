@@ -62,8 +62,9 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int,
 
 def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
                     size: tuple[int, int] = SLIDE_SIZE, strength: float = LESION_STRENGTH,
-                    radius: tuple[float, float] = LESION_RADIUS) -> list[list[int]]:
-    """Write one demo slide; returns its lesion boxes (level-0 x0, y0, x1, y1)."""
+                    radius: tuple[float, float] = LESION_RADIUS, site: str | None = None) -> list[list[int]]:
+    """Write one demo slide; returns its lesion boxes (level-0 x0, y0, x1, y1). *site* names a
+    :data:`featstore.synth.SITE_MIXES` staining (another hospital's colours)."""
     w, h = size
     shape = (h // _MAP_SCALE, w // _MAP_SCALE)
     tissue = _tissue_map(rng, shape)
@@ -72,6 +73,10 @@ def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
         lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)), radius)
         lesion = lesion * strength
     rgb = he_image(tissue, (w, h), rng, lesion=lesion)
+    if site is not None:
+        from featstore.synth import restain
+
+        rgb = restain(rgb, site)
     write_pyramid_tiff(path, rgb, mpp=MPP)
     return boxes
 

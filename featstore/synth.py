@@ -218,6 +218,23 @@ def he_image(tissue: np.ndarray, size: tuple[int, int], rng: np.random.Generator
     return add_grain(big, rng) if grain else big
 
 
+#: Optical-density mixes that stand for another site's staining and scanner (``restain``):
+#: "site-b" has more and bluer haematoxylin and a weaker, more orange eosin.
+SITE_MIXES: dict[str, np.ndarray] = {
+    "site-b": np.array([[1.05, 0.00, 0.10], [0.05, 0.80, 0.00], [0.30, 0.10, 1.30]], np.float32),
+}
+
+
+def restain(rgb: np.ndarray, mix: str | np.ndarray) -> np.ndarray:
+    """*rgb* re-coloured as another site would stain it: each pixel's optical density (per RGB
+    channel, ``-ln((v + 1) / 256)``) is mixed by a 3x3 matrix (a :data:`SITE_MIXES` name or an
+    array), so the stain vectors turn and white stays white. uint8 in, uint8 out."""
+    m = SITE_MIXES[mix] if isinstance(mix, str) else np.asarray(mix, np.float32)
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    out = 256.0 * np.exp(-(od @ m.T)) - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def rectangles_slide(size: tuple[int, int], rects: list[tuple[int, int, int, int]], seed: int = 0,
                      texture: Callable[..., np.ndarray] | None = None) -> np.ndarray:
     """White (H, W, 3) uint8 image of *size* (width, height) with H&E-like tissue in *rects*.

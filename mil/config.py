@@ -132,6 +132,8 @@ class FinetuneConfig(Config):
     train_blocks: int = option(0, "Train only the last N blocks the level runs (ViT: plus the final norm; "
                                   "CNN: the last N stages); 0 = all of them, embedding included.")
     accumulate: int = option(1, "Slides (bags) per optimiser step.")
+    hed_jitter: float = option(0.0, "Stain augmentation of the training tiles: HED jitter strength "
+                                    "(sigma = bias; 0.02-0.05 typical; 0: off).")
     reselect: bool = option(False, "Recompute each training slide's top-k from the current model every epoch "
                                    "(embeds all its tiles).")
     eval_tiles: str = option("all", "Score test slides on 'all' their tiles or the frozen 'topk'.")

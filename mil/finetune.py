@@ -112,12 +112,31 @@ def _preprocessing(parent: Parent, model: BagModel) -> dict:
     return {**model.encoder.preprocessing(), **{k: v for k, v in recorded.items() if v}}
 
 
+def _stain_augment(tiles, strength: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """HED jitter of normalised training batches (identity at 0): back to uint8 with the tile
+    source's mean/std, jittered (after any stain normalisation: the tiles are already normalised),
+    scaled again. Draws come from torch's RNG, seeded with the run."""
+    from featstore.pretrain.augment import stain_jitter
+
+    if strength == 0:
+        return lambda x: x
+    jitter = stain_jitter(strength)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        mean, std = tiles.mean.to(x.device), tiles.std.to(x.device)
+        rgb = (x * std + mean).round_().clamp_(0, 255).to(torch.uint8)
+        return (jitter(rgb).float() - mean) / std
+
+    return apply
+
+
 def _train_epoch(job: _Job, opt: torch.optim.Optimizer) -> Callable[[int], float]:
     """The epoch function for core.fit: each training slide's top-k bag once, in a seeded order
     (re-selected from the current model every epoch after the first with ``reselect``)."""
     cfg, model, train_ids = job.cfg, job.model, job.parent.train
     rng = np.random.default_rng([cfg.seed, 6])
     sel = dict(job.selection)
+    jitter = _stain_augment(job.tiles, cfg.hed_jitter)
 
     def train_epoch(epoch: int) -> float:
         if cfg.reselect and epoch > 1:
@@ -130,6 +149,7 @@ def _train_epoch(job: _Job, opt: torch.optim.Optimizer) -> Callable[[int], float
 
         def steps():
             for step, (sid, x) in enumerate(job.tiles.stream([(s, job.coords[s][sel[s]]) for s in order])):
+                x = jitter(x)
                 model.train_mode()
                 loss = backward_bag(model, x, job.parent.y[sid], 1.0 / cfg.accumulate)
                 if (step + 1) % cfg.accumulate == 0 or step + 1 == len(order):

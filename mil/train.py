@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from featstore.tags import WeightsTag
 import torch
 from torch import nn
 
@@ -241,7 +243,10 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     bags = load_bags(store, used, key, cache=spec.cache)
     provenance = {k: v for k, v in store.provenance(used[0], key.encoder, key.minus, key.weights).items()
                   if k != "slide"}
-    provenance.update({"encoder": key.encoder, "weights": key.weights, "minus": key.minus, "dim": bags.dim})
+    # "weights": the encoder's weights (a stain-normalised key's -stain- part lives in "stain"), so
+    # the run's encoder can be rebuilt and another store's provenance compared field by field
+    provenance.update({"encoder": key.encoder, "weights": WeightsTag.parse(key.weights).weights, "minus": key.minus,
+                       "dim": bags.dim})
     folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
     metrics = summarize(folds.metrics)
     stage(f"writing {writer.path}")

@@ -28,7 +28,7 @@ from typing import Callable
 from core.config import coerce_fields, from_dict
 from core.errors import CoreError
 from study.errors import StudyError
-from study.study import EncoderPlan, StudyEvent, _at, _resolve, check_plans
+from study.study import EncoderPlan, StudyEvent, _at, _resolve, check_plans, resolve_extract_paths
 
 #: PatchConfig fields the study sets itself (from encoders, train_fractions, seeds, methods).
 STUDY_SETS = ("encoder", "levels", "weights", "method", "fractions", "seeds")
@@ -64,6 +64,7 @@ class PatchStudyConfig:
                               for i, e in enumerate(kw["encoders"])]
             for k, default in (("images", None), ("store", "patches.zarr"), ("out", "study")):
                 kw[k] = _resolve(root, kw.get(k, default))
+            kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
             cfg = cls(**kw)
             cfg.validate()
         except CoreError as exc:

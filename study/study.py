@@ -82,6 +82,7 @@ class StudyConfig:
     name: str = "study"
     seeds: list[int] = field(default_factory=lambda: [0])
     folds: int | None = None
+    split: str = "patient"            # mil train --split: patient | site | site-preserved
     train_fractions: list[float] = field(default_factory=lambda: [1.0])
     tiling: dict = field(default_factory=dict)
     extract: dict = field(default_factory=dict)
@@ -111,6 +112,7 @@ class StudyConfig:
             kw["store"] = _resolve(root, kw.get("store", "cohort.zarr"))
             kw["out"] = _resolve(root, kw.get("out", "study"))
             kw["external"] = [_external(root, e, i) for i, e in enumerate(kw.get("external", []))]
+            kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
             cfg = cls(**kw)
             cfg.validate()
         except CoreError as exc:
@@ -138,6 +140,8 @@ class StudyConfig:
         from mil.config import FinetuneConfig, TrainConfig
 
         check_plans(self.encoders, self.seeds)
+        if self.split not in ("patient", "site", "site-preserved"):
+            raise StudyError(f"split: {self.split!r}; choose patient, site or site-preserved")
         from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
         self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
         self.train_config(self.seeds[0])
@@ -199,6 +203,13 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_extract_paths(root: Path, extract: dict) -> dict:
+    """The ``extract:`` section with its file paths (``stain_reference``) relative to the study file."""
+    if isinstance(extract, dict) and extract.get("stain_reference"):
+        return {**extract, "stain_reference": _resolve(root, str(extract["stain_reference"]))}
+    return extract
 
 
 def _external(root: Path, c: "ExternalCohort", i: int) -> "ExternalCohort":
@@ -397,6 +408,7 @@ class Study:
             try:
                 spec = RunSpec(store=self.cfg.store, labels=self.cfg.labels, out=str(path), encoder=enc, minus=lv,
                                weights=self.weights_used.get((enc, w), w), folds=self.cfg.folds,
+                               split=self.cfg.split,
                                train_fraction=frac, allow_missing=True, overwrite=True)
                 train_run(spec, self.cfg.train_config(seed))
                 self.new_work["trained_runs"] += 1

@@ -236,3 +236,15 @@ def test_train_blocks_trains_only_the_last_cnn_stages(parent):
         build_model(par, FinetuneConfig(**{**FT, "train_blocks": 7}), torch.device("cpu"), "fp32")
     with pytest.raises(MilError, match="--train-blocks -1 must be >= 0"):
         FinetuneConfig(train_blocks=-1)
+
+
+def test_hed_jitter_is_seeded_and_changes_the_training(parent, tmp_path):
+    """Stain augmentation of the top-k tiles: the same seed gives the same encoder, and the
+    jitter actually reaches the training (the weights differ from an unaugmented run)."""
+    slides, _, run, _ = parent
+    base = {**FT, "k": 2, "epochs": 1, "eval_tiles": "topk"}
+    outs = [finetune_run(FinetuneSpec(str(run), str(tmp_path / f"j{i}"), slides=[str(slides)]),
+                         FinetuneConfig(**{**base, "hed_jitter": h})) for i, h in enumerate((0.05, 0.05, 0.0))]
+    a, b, plain = (torch.load(r.path / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"] for r in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)

@@ -15,16 +15,17 @@ from study.errors import StudyError
 from study.study import Study, StudyConfig
 
 
-def _cohort(folder, n, seed):
+def _cohort(folder, n, seed, site=None, sites=0):
     (folder / "slides").mkdir(parents=True)
     rows = []
     for i in range(n):
         pos = i % 2 == 1
         make_demo_slide(folder / "slides" / f"{folder.name}{i}.tif", np.random.default_rng(seed + i), pos,
-                        size=(1536, 1024))
-        rows.append({"slide_id": f"{folder.name}{i}", "label": "tumor" if pos else "normal"})
+                        size=(1536, 1024), site=site)
+        rows.append({"slide_id": f"{folder.name}{i}", "label": "tumor" if pos else "normal",
+                     **({"site": f"H{(i // 2) % sites}"} if sites else {})})
     with (folder / "labels.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["slide_id", "label"])
+        w = csv.DictWriter(fh, fieldnames=["slide_id", "label"] + (["site"] if sites else []))
         w.writeheader()
         w.writerows(rows)
 
@@ -56,3 +57,38 @@ def test_external_cohort_table_and_rerun(tmp_path):
     assert cells[3] == "2" and cells[5].startswith(f"{np.mean(ext):.3f}")
     again = Study(StudyConfig.from_yaml(path)).run()
     assert "external_evaluations" not in again.new_work and "| site-b" in again.report.read_text()
+
+
+def test_two_stain_styles_macenko_site_preserved_internal_and_external(tmp_path):
+    """Issue 18's acceptance: cohort A (4 hospitals) and cohort B in another stain style; Macenko
+    fitted to an A slide; site-preserved CV on A; B scored externally; all in one report."""
+    from featstore.store import open_store
+
+    _cohort(tmp_path / "a", 8, 0, sites=4)
+    _cohort(tmp_path / "b", 4, 100, site="site-b")
+    doc = {"name": "sites", "slides": "a/slides", "labels": "a/labels.csv", "store": "a.zarr",
+           "encoders": [{"name": "resnet18", "weights": "random", "levels": [0]}], "seeds": [0], "folds": 2,
+           "split": "site-preserved", "tiling": {"patch_size": 256, "mpp": 1.0},
+           "extract": {"input_size": 64, "precision": "fp32", "stain": "macenko",
+                       "stain_reference": "a/slides/a0.tif", "stain_tiles": 8},
+           "mil": {"epochs": 3, "patience": 0}, "cka": False, "heatmaps": 0,
+           "external": [{"name": "site-b", "slides": "b/slides", "labels": "b/labels.csv"}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(doc))
+    res = Study(StudyConfig.from_yaml(tmp_path / "study.yaml")).run()
+    assert res.failures == [], res.failures
+    run = next((tmp_path / "study" / "runs").iterdir())
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["split"] == "site-preserved" and "-stain-macenko-" in cfg["weights"]
+    for fold in cfg["splits"].values():       # a hospital never on both sides
+        sides = fold["sites"]
+        assert not set(sides["test"]) & (set(sides["train"]) | set(sides["val"]))
+    st = open_store(tmp_path / "site-b.zarr")
+    prov = st.provenance(st.slide_ids()[0], "resnet18", 0, cfg["weights"])
+    assert prov["stain"]["method"] == "macenko" and "a0.tif" in prov["stain"]["source"]
+    report = res.report.read_text()
+    assert "Stain: **macenko**" in report and "## Table V" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith("| site-b"))
+    assert row.split("|")[4].strip() not in ("", "-") and row.split("|")[5].strip() not in ("", "-")
+    # the QC rows: the A slides' tiles, already close to the reference, stay close
+    qc = [ln for ln in report.splitlines() if ln.startswith("| a")]
+    assert qc and all(float(ln.split("|")[3]) < 10 for ln in qc)
