@@ -60,5 +60,11 @@ class ExtractConfig(Config):
             raise FeatstoreError(f"--stain {self.stain} needs --stain-reference (a reference tile image or a slide)")
         if self.stain_tiles < 1:
             raise FeatstoreError("--stain-tiles must be >= 1")
+        if self.slide_mpp is not None:
+            from featstore.slide import MPP_RANGE, plausible_mpp
+
+            if not plausible_mpp(self.slide_mpp):
+                raise FeatstoreError(f"--slide-mpp {self.slide_mpp:g}: give the slides' level-0 microns per pixel, "
+                                     f"a number in {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} (e.g. 0.25 for 40x, 0.5 for 20x)")
         if self.batch_size < 1 or self.workers < 0:
             raise FeatstoreError("--batch-size must be >= 1 and --workers >= 0 (0 = auto)")

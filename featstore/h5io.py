@@ -48,6 +48,12 @@ def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         coords = coords[0]
     if feats.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(feats) != len(coords):
         raise FeatstoreError(f"{path}: features {feats.shape} and coords {coords.shape} do not form (N, D) + (N, 2)")
+    if feats.dtype.kind == "f":
+        bad = ~np.isfinite(feats)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1))
+            raise FeatstoreError(f"{path}: features of slide {path.stem!r} hold {int(bad.sum())} NaN/inf value(s) "
+                                 f"in {len(rows)} row(s) (first row {int(rows[0])}); not imported")
     return feats, coords.astype(np.int32), attrs
 
 

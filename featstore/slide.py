@@ -68,6 +68,16 @@ def center_crop(rgb, out_size: int):
     return rgb[top:top + out_size, top:top + out_size]
 
 
+#: Level-0 microns per pixel a slide can have (100x oil ≈ 0.05, a 1.25x scan ≈ 8); outside it the
+#: value is a unit mistake and would tile a 256 px slide into tens of thousands of patches.
+MPP_RANGE = (0.01, 100.0)
+
+
+def plausible_mpp(mpp: float) -> bool:
+    """True when *mpp* is a finite level-0 microns per pixel inside :data:`MPP_RANGE`."""
+    return math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+
+
 class Slide:
     """One whole-slide image. ``mpp`` overrides (or supplies) the file's microns per pixel.
 
@@ -83,6 +93,9 @@ class Slide:
             raise SlideNotFoundError(f"{self.path}: no such slide file")
         if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
             raise MissingMppError(f"{self.path}: --slide-mpp must be a positive number, got {mpp}")
+        if mpp is not None and not plausible_mpp(mpp):
+            raise MissingMppError(f"{self.path}: --slide-mpp {mpp:g} µm/px is outside the plausible "
+                                  f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px of a slide's level 0")
         self._mpp_override = mpp
         self._lock = threading.Lock()
         self._osr = self._open()
@@ -154,6 +167,10 @@ class Slide:
         mpp = self.file_mpp()
         if mpp is None:
             raise MissingMppError(f"{self.path}: no microns-per-pixel in the file; pass --slide-mpp")
+        if not plausible_mpp(mpp):
+            raise MissingMppError(f"{self.path}: the file records {mpp:g} µm/px, outside the plausible "
+                                  f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px of a slide's level 0; "
+                                  "pass --slide-mpp with the true value")
         return mpp
 
     # ------------------------------------------------------------------ reading

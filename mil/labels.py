@@ -76,6 +76,13 @@ def read_table(path: str | Path, required: Sequence[str], optional: Sequence[str
         reader = csv.reader(fh)
         raw_header = next(reader, [])
         header = [h.strip() for h in raw_header]
+        if not any(header):
+            raise LabelsError(f"{path}: empty file (no header line); need a header {','.join(required)}")
+        if len(header) == 1:
+            guess = next((d for d in (";", "\t", "|") if d in header[0]), None)
+            if guess is not None:
+                raise LabelsError(f"{path}: the delimiter looks like {guess!r} (header {header[0]!r}); "
+                                  f"write a comma-separated file with columns {','.join(required)}")
         missing = [c for c in required if c not in header]
         if missing:
             raise LabelsError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
@@ -153,6 +160,8 @@ def _check_rows(path: Path, rows: Sequence[Row], header: set[str]) -> None:
         bad = _lines(rows, lambda r: r["fold"].lower() in NA)
         if bad:
             raise LabelsError(f"{path}: empty fold on line(s) {rows_text(bad)}")
+    if "patient_id" in header:
+        _check_patients(path, rows)
     if "site" in header:
         _check_sites(path, rows)
 
@@ -160,6 +169,22 @@ def _check_rows(path: Path, rows: Sequence[Row], header: set[str]) -> None:
 def _patient(row: Row) -> str:
     """The row's patient: patient_id, or the slide itself when the column is absent or empty."""
     return row.get("patient_id", "") or row["slide_id"]
+
+
+def _check_patients(path: Path, rows: Sequence[Row]) -> None:
+    """Warn (one line naming the patients) when a patient's slides carry different labels.
+
+    Not refused: existing cohorts (and tests) hold such patients; patient-grouped folds keep all
+    of a patient's slides in one fold, so nothing leaks, but the user should know."""
+    labels: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        labels.setdefault(_patient(r), {}).setdefault(r["label"], []).append(r.line)
+    mixed = sorted(p for p, ls in labels.items() if len(ls) > 1)
+    if mixed:
+        shown = [f"{p} ({', '.join(f'{lab} on line {rows_text(ln)}' for lab, ln in sorted(labels[p].items()))})"
+                 for p in mixed]
+        log.warning("%s: patient(s) %s have slides with different labels; folds are grouped by patient, "
+                    "so each such patient's slides stay in one fold", path, rows_text(shown))
 
 
 def _check_sites(path: Path, rows: Sequence[Row]) -> None:

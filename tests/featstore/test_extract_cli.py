@@ -20,7 +20,7 @@ OPTIONS = {
     "--overlap": None, "--min-tissue": None, "--resize": None, "--batch-size": 32, "--workers": 0,
     "--precision": "auto", "--device": "auto", "--slide-mpp": None, "--seed": 0, "--allow-download": False,
     "--strict-weights": True, "--cluster": None, "--storage-options": None, "--reader": "auto",
-    "--images": None, "--shard-size": 1024,
+    "--images": None, "--shard-size": 1024, "--stain": "none", "--stain-reference": None, "--stain-tiles": 32,
 }
 
 
