@@ -2,7 +2,8 @@
 
 Commands live beside the code they drive (``<package>/commands/<topic>.py``, each with a
 ``register(app)``); this module only assembles the two apps and turns the packages' own
-errors into one red line on stderr and exit code 1.
+errors into one red line on stderr and exit code 1 (so are a full disk and an unreachable object
+store, whichever command meets them), and Ctrl-C into one line and exit code 130.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import typer
 from rich.logging import RichHandler
 
-from core.errors import CoreError
+from core.errors import CoreError, first_line, resource_problem
 from core.ui import err_console as _err
 
 _USER_ERRORS = (CoreError,)  # every package's base error derives from it
@@ -27,6 +28,9 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=_err, show_path=False, show_time=False)],
         force=True,
     )
+    # the object-store client stack logs every credential lookup at INFO: keep it for --verbose
+    for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _make_app(help_text: str) -> typer.Typer:
@@ -38,6 +42,10 @@ def _make_app(help_text: str) -> typer.Typer:
         _setup_logging(verbose)
 
     return app
+
+
+def _quiet_unraisable(unraisable) -> None:
+    logging.getLogger(__name__).debug("ignored at exit: %r", unraisable.exc_value)
 
 
 def _guard(app: typer.Typer) -> typer.Typer:
@@ -55,6 +63,16 @@ def _guard(app: typer.Typer) -> typer.Typer:
             except KeyboardInterrupt:
                 _err.print("[yellow]interrupted[/]: completed work is kept; rerun to resume")
                 raise typer.Exit(130) from None
+            except Exception as exc:   # the machine's fault (disk full, store unreachable): one line too
+                problem = resource_problem(exc)
+                if problem is None:
+                    raise
+                what = "a remote service is unreachable" if problem == "unreachable" else problem
+                # requests abandoned on the dead connection are garbage at exit: not one more traceback each
+                sys.unraisablehook = _quiet_unraisable
+                _err.print(f"[bold red]error:[/] {what} ({first_line(exc)}); completed work is kept; "
+                           "rerun to resume", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
 
         info.callback = wrapped
     for group in app.registered_groups:   # sub-apps such as `mil patches`

@@ -223,23 +223,28 @@ def finetune_run(spec: FinetuneSpec, cfg: FinetuneConfig,
         stage(f"checking {len(ids)} slide files")
         with _open_tiles(parent, spec.slides, _preprocessing(parent, model), cfg.workers,
                          device.type == "cuda") as tiles:
-            writer = RunWriter(spec.out, overwrite=spec.overwrite, parent=run.path)
-            stage(f"frozen attention of fold {fold} over {len(ids)} slides ({parent.key})")
-            bags = load_bags(st, ids, parent.key, expected_dim=int(run.model_config["in_dim"]))
-            job = _Job(model, tiles, parent, {s: st.coords(s) for s in ids}, frozen_topk(frozen, bags, ids, cfg.k),
-                       cfg, progress or (lambda e: None))
-            fit = _train(job)
-            stage(f"scoring {len(parent.test)} test slides ({cfg.eval_tiles} tiles)")
-            ft_probs, ft_attn = _score_test(job)
-            paths = dict(tiles.paths)
-    frozen_probs, _ = score_bags(frozen, bags, parent.test)
-    y_test = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
-    ft_m = fold_metrics(y_test, ft_probs, n_boot=cfg.n_boot, seed=cfg.seed)
-    fr_m = fold_metrics(y_test, frozen_probs, n_boot=cfg.n_boot, seed=cfg.seed)
-    metrics = {**summarize({fold: ft_m}), "frozen": summarize({fold: fr_m})}
-    stage(f"writing {writer.path}")
-    history = fit.as_dict()
-    _write(writer, job, fit.best_epoch, history, metrics, (ft_probs, ft_attn, frozen_probs), precision, paths)
+            writer = RunWriter(spec.out, overwrite=spec.overwrite, parent=run.path)   # claims --out
+            try:
+                stage(f"frozen attention of fold {fold} over {len(ids)} slides ({parent.key})")
+                bags = load_bags(st, ids, parent.key, expected_dim=int(run.model_config["in_dim"]))
+                job = _Job(model, tiles, parent, {s: st.coords(s) for s in ids},
+                           frozen_topk(frozen, bags, ids, cfg.k), cfg, progress or (lambda e: None))
+                fit = _train(job)
+                stage(f"scoring {len(parent.test)} test slides ({cfg.eval_tiles} tiles)")
+                ft_probs, ft_attn = _score_test(job)
+                paths = dict(tiles.paths)
+            except BaseException:
+                writer.close()
+                raise
+    with writer:    # released when the run is written, or fails
+        frozen_probs, _ = score_bags(frozen, bags, parent.test)
+        y_test = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
+        ft_m = fold_metrics(y_test, ft_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+        fr_m = fold_metrics(y_test, frozen_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+        metrics = {**summarize({fold: ft_m}), "frozen": summarize({fold: fr_m})}
+        stage(f"writing {writer.path}")
+        history = fit.as_dict()
+        _write(writer, job, fit.best_epoch, history, metrics, (ft_probs, ft_attn, frozen_probs), precision, paths)
     return FinetuneResult(writer.path, fold, metrics, model, history, job.selection)
 
 

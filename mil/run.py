@@ -12,7 +12,9 @@ Layout (docs/architecture.md "mil run directory", details in docs/mil.md, docs/f
       roc.png, curves.png
       encoder.pt, topk.json, predictions_frozen.csv    fine-tune runs only
 
-config.json is written last: its presence marks a finished run.
+config.json is written last: its presence marks a finished run. While a run is being written
+the directory also holds ``.mil-run.lock`` (mil.outlock): a second writer of the same ``--out``
+is refused instead of interleaving its files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from mil.errors import MilError, RunError
 from mil.models import model_from_config
+from mil.outlock import OutLock
 
 log = logging.getLogger(__name__)
 
@@ -195,23 +198,37 @@ def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     return path
 
 
-def prepare_out(out: Path, overwrite: bool, parent: Path | None = None) -> None:
-    """Create *out*, or clear the run files of a finished run in it with *overwrite*; refuse
-    a file, a finished run without *overwrite*, and the *parent* run a fine-tune reads."""
+def prepare_out(out: Path, overwrite: bool, parent: Path | None = None) -> OutLock:
+    """Create *out* and claim it (:class:`~mil.outlock.OutLock`), then clear the run files of a
+    finished run in it with *overwrite*; refuse a file, a directory another live run is writing,
+    a finished run without *overwrite*, and the *parent* run a fine-tune reads.
+
+    Returns the held claim; the caller releases it (RunWriter does, when it finishes or closes).
+    A directory holding only an unfinished run (no config.json: interrupted, crashed) is reused.
+    """
     if parent is not None and out.resolve() == Path(parent).resolve():
         raise MilError(f"--out {out} is the parent run itself; choose a new directory, e.g. {parent}-ft")
     if out.exists() and not out.is_dir():
         raise MilError(f"--out {out} is a file; choose a directory path")
-    if (out / "config.json").exists() and not overwrite:
-        raise MilError(f"--out {out} already holds a run; pass --overwrite or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+    lock = OutLock(out).acquire()     # checked under the claim: two runs cannot both pass the test below
+    try:
+        if (out / "config.json").exists() and not overwrite:
+            raise MilError(f"--out {out} already holds a run; pass --overwrite or choose another directory")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+            (out / (name + ".tmp")).unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 class RunWriter:
-    """Writes one run directory: prepares ``--out`` on creation, then its files, then
-    :meth:`finish` writes config.json last (its presence marks a finished run).
+    """Writes one run directory: claims and prepares ``--out`` on creation, then its files, then
+    :meth:`finish` writes config.json last (its presence marks a finished run) and releases the
+    claim. While a writer holds ``--out`` (``.mil-run.lock``), another one is refused; use it as a
+    context manager (or call :meth:`close`) so a failed run releases it too.
 
     Only the names in :data:`RUN_FILES` can be written, so the list of what a run may hold (and
     what ``--overwrite`` clears) stays in one place.
@@ -219,8 +236,19 @@ class RunWriter:
 
     def __init__(self, out: str | Path, *, overwrite: bool = False, parent: str | Path | None = None):
         self.path = Path(out)
-        prepare_out(self.path, overwrite, None if parent is None else Path(parent))
+        self._lock = prepare_out(self.path, overwrite, None if parent is None else Path(parent))
         self.finished = False
+
+    def close(self) -> None:
+        """Give up the claim on the directory (after :meth:`finish`, or when the run failed or was
+        interrupted: what was written stays, without config.json, and a rerun replaces it)."""
+        self._lock.release()
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def file(self, name: str) -> Path:
         """The path of run file *name* (for files written elsewhere, e.g. the encoder checkpoint)."""
@@ -262,6 +290,7 @@ class RunWriter:
         """config.json, written last; the writer accepts no file after it."""
         path = self.json("config.json", config)
         self.finished = True
+        self.close()
         return path
 
 

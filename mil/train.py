@@ -237,34 +237,34 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})")
     splits = make_splits(labels, folds=spec.folds, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          train_fraction=spec.train_fraction, split=spec.split)
-    writer = RunWriter(spec.out, overwrite=spec.overwrite)
-    used = sorted({labels.slide_ids[i] for s in splits for part in (s.train, s.val, s.test) for i in part})
-    stage(f"reading {len(used)} bags of {key}")
-    bags = load_bags(store, used, key, cache=spec.cache)
-    provenance = {k: v for k, v in store.provenance(used[0], key.encoder, key.minus, key.weights).items()
-                  if k != "slide"}
-    # "weights": the encoder's weights (a stain-normalised key's -stain- part lives in "stain"), so
-    # the run's encoder can be rebuilt and another store's provenance compared field by field
-    provenance.update({"encoder": key.encoder, "weights": WeightsTag.parse(key.weights).weights, "minus": key.minus,
-                       "dim": bags.dim})
-    folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
-    metrics = summarize(folds.metrics)
-    stage(f"writing {writer.path}")
-    classes = list(labels.classes)
-    writer.json("metrics.json", metrics)
-    writer.predictions(folds.rows, classes)
-    writer.attention(folds.attention)
-    writer.json("history.json", folds.histories)
-    writer.plots(folds.results, classes, metrics, folds.histories)
-    writer.models(folds.states, folds.model_config, classes, provenance)
-    writer.finish({
-        "kind": "train", "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
-        **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
-        "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
-        "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
-        "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
-        "splits": {s.name: s.to_dict(labels) for s in splits},
-    })
+    with RunWriter(spec.out, overwrite=spec.overwrite) as writer:   # claims --out until finished or failed
+        used = sorted({labels.slide_ids[i] for s in splits for part in (s.train, s.val, s.test) for i in part})
+        stage(f"reading {len(used)} bags of {key}")
+        bags = load_bags(store, used, key, cache=spec.cache)
+        provenance = {k: v for k, v in store.provenance(used[0], key.encoder, key.minus, key.weights).items()
+                      if k != "slide"}
+        # "weights": the encoder's weights (a stain-normalised key's -stain- part lives in "stain"), so
+        # the run's encoder can be rebuilt and another store's provenance compared field by field
+        provenance.update({"encoder": key.encoder, "weights": WeightsTag.parse(key.weights).weights, "minus": key.minus,
+                           "dim": bags.dim})
+        folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
+        metrics = summarize(folds.metrics)
+        stage(f"writing {writer.path}")
+        classes = list(labels.classes)
+        writer.json("metrics.json", metrics)
+        writer.predictions(folds.rows, classes)
+        writer.attention(folds.attention)
+        writer.json("history.json", folds.histories)
+        writer.plots(folds.results, classes, metrics, folds.histories)
+        writer.models(folds.states, folds.model_config, classes, provenance)
+        writer.finish({
+            "kind": "train", "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
+            **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
+            "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
+            "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
+            "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
+            "splits": {s.name: s.to_dict(labels) for s in splits},
+        })
     return RunSummary(writer.path, metrics, [s.name for s in splits], len(labels), classes)
 
 

@@ -28,6 +28,7 @@ class SlideLock:
         self.heartbeat = heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._held = False  # release() removes the file only if this claim made it (never another's)
 
     def acquire(self) -> bool:
         """Take the claim; False when another live process holds it."""
@@ -46,6 +47,7 @@ class SlideLock:
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{socket.gethostname()} {os.getpid()} {now()}\n")
+            self._held = True
             self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lock-{self.path.stem}")
             self._thread.start()
             return True
@@ -74,10 +76,13 @@ class SlideLock:
                 return
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock file."""
+        """Stop the heartbeat and remove the lock file (once; a second call does nothing)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1)
+        if not self._held:
+            return
+        self._held = False
         try:
             self.path.unlink()
         except FileNotFoundError:
