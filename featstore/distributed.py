@@ -149,7 +149,7 @@ def extract_slide_task(ref: SlideRef, store: str, cfg: ExtractConfig, storage_op
     deadline = time.monotonic() + busy_wait
     with cpu_threads(torch_threads or 0):  # the worker's own setting is put back after the task
         while True:
-            rep = ex.run([ref], open_store_writer(store, storage_options=storage_options))
+            rep = ex.run([ref], open_store_writer(store, storage_options=storage_options), consolidate=False)
             if not rep.busy or time.monotonic() >= deadline:
                 break
             time.sleep(min(5.0, max(0.1, busy_wait / 30)))

@@ -25,10 +25,11 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
+from core.errors import first_line, resource_problem
 from core.runtime import resolve_device, tuned_malloc
 from featstore.cohort import SlideRef
 from featstore.config import ExtractConfig
-from featstore.errors import FeatstoreError
+from featstore.errors import FeatstoreError, StoreError
 from featstore.images import (RESIZE_NOTE, ImageRow, ImageShard, ImageShardRef, image_failure_id, images_tiling,
                               is_image_shard, is_images_tiling, provenance_fields, shard_info, shard_rows,
                               skipped_failures)
@@ -106,12 +107,29 @@ class _Job:
     images: tuple[ImageRow, ...] | None = None   # an image shard: the images kept, patch (i, 0) = images[i]
 
 
+class _Stop(Exception):
+    """No further slide can be written (the disk is full, the store unreachable): the run stops.
+
+    Raised with the slide in progress and the underlying error; :meth:`Extractor.run` turns it
+    into one :class:`StoreError` line. Nothing half-written is visible: completion flags come last.
+    """
+
+    def __init__(self, slide_id: str, problem: str, cause: BaseException):
+        super().__init__(slide_id, problem, cause)
+        self.slide_id, self.problem, self.cause = slide_id, problem, cause
+
+
 class _Writer:
-    """A thread that owns every store write, so the encoder never waits on disk."""
+    """A thread that owns every store write, so the encoder never waits on disk.
+
+    A write failing for a reason of the machine (:func:`core.errors.resource_problem`) stops
+    the run instead of failing slide after slide: it is kept in :attr:`fatal` for the main loop.
+    """
 
     def __init__(self, on_done: Callable[[_Job, str | None], None], maxsize: int = 8):
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.on_done = on_done
+        self.fatal: _Stop | None = None
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.thread.start()
 
@@ -122,7 +140,7 @@ class _Writer:
                 return
             kind, job, payload = item
             try:
-                if job.failed:
+                if job.failed or self.fatal is not None:
                     continue
                 if kind == "rows":
                     for level, rows in payload.items():
@@ -133,6 +151,10 @@ class _Writer:
                     self.on_done(job, None)
             except Exception as exc:  # noqa: BLE001 -- any write failure fails this slide only
                 job.failed = f"store write failed: {exc}"
+                problem = resource_problem(exc)
+                if problem is not None:    # ... unless no slide can be written: the run stops
+                    self.fatal = _Stop(job.ref.slide_id, problem, exc)
+                    continue
                 self.on_done(job, job.failed)
 
     def put(self, kind: str, job: _Job, payload=None) -> None:
@@ -400,12 +422,18 @@ class Extractor:
         for ref in refs:
             try:
                 job = self._prepare(store, ref, report, readers)
-            except (FeatstoreError, OSError) as exc:
+            except Exception as exc:
+                problem = resource_problem(exc)
+                if problem is not None:
+                    raise _Stop(ref.slide_id, problem, exc) from exc
+                if not isinstance(exc, (FeatstoreError, OSError)):
+                    raise
                 self._fail(store, ref, str(exc), report, progress)
                 continue
             if job is None:  # already complete, or claimed by another process
                 progress.slide_finished(ref.slide_id, "skipped")
                 continue
+            self._open_jobs.append(job)
             readers.add(ref.slide_id, ref.path, job.size0, reader=job.reader, images=job.images)
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)
@@ -433,8 +461,12 @@ class Extractor:
             log.error("could not record failure of %s: %s", ref.slide_id, exc)
         progress.slide_finished(ref.slide_id, "failed")
 
-    def run(self, refs: list[SlideRef], store: Store | str, progress: Progress | None = None) -> ExtractReport:
-        """Extract every slide in *refs* into *store*; failed slides are logged and skipped."""
+    def run(self, refs: list[SlideRef], store: Store | str, progress: Progress | None = None,
+            consolidate: bool = True) -> ExtractReport:
+        """Extract every slide in *refs* into *store*; failed slides are logged and skipped.
+
+        When a slide was done the store's listing is consolidated at the end (one read to open it
+        next time); distributed tasks pass ``consolidate=False`` and the client does it once."""
         import time
 
         t0 = time.perf_counter()
@@ -447,13 +479,43 @@ class Extractor:
         readers = TileSource(preprocessing, workers=self.workers, pin=cuda, slide_mpp=self.cfg.slide_mpp,
                              reader=self.cfg.reader, decode_device=self.device if cuda else None,
                              stain=self.stain)
+        self._open_jobs: list[_Job] = []
+        stop: _Stop | None = None
         try:
             with tuned_malloc(self.cfg.tune_malloc and self.device.type == "cpu"):
                 self._run(refs, store, readers, report, progress)
-        finally:
+        except _Stop as exc:
+            stop = exc
+        finally:   # also on Ctrl-C: no claim of an unfinished slide outlives the run
+            self._release_open(store, drop_partial=stop is not None and stop.problem != "unreachable")
             readers.close()
+        if stop is not None:
+            raise self._stopped(store, stop) from None
+        if consolidate and report.done:
+            store.consolidate()
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _stopped(self, store: Store, stop: _Stop) -> StoreError:
+        """The one line of a run stopped by the machine (disk full, store unreachable)."""
+        what = f"the store {store.path} is unreachable" if stop.problem == "unreachable" else \
+            f"{stop.problem} writing {store.path}"
+        then = "rerun when it answers again" if stop.problem == "unreachable" else "free some space and rerun"
+        return StoreError(f"{what} ({first_line(stop.cause)}) at slide {stop.slide_id}; slides completed before "
+                          f"are kept, unfinished ones are not marked complete: {then} to resume")
+
+    def _release_open(self, store: Store, drop_partial: bool) -> None:
+        """After a stopped or interrupted run: drop the claims of the slides still in flight (and
+        their partial arrays with *drop_partial*: on a full disk, to give the space back). Those
+        slides are not complete, so a rerun redoes them."""
+        for job in self._open_jobs:
+            for key in job.keys.values() if drop_partial else ():
+                try:
+                    store.delete_features(job.ref.slide_id, key)
+                except Exception:  # noqa: BLE001 -- best effort: a partial array is invisible anyway
+                    pass
+            job.lock.release()
+        self._open_jobs = []
 
     @torch.inference_mode()
     def _run(self, refs: list[SlideRef], store: Store, readers: TileSource, report: ExtractReport,
@@ -471,12 +533,15 @@ class Extractor:
                 else:
                     store.clear_failure(job.ref.slide_id)
                     job.lock.release()
+                    self._forget(job)
                     report.done.append(job.ref.slide_id)
                     progress.slide_finished(job.ref.slide_id, "done")
 
         writer = _Writer(on_done)
         try:
             for segments, fut in in_thread(self._batches(store, refs, report, readers, progress), name="planner"):
+                if writer.fatal is not None:
+                    break
                 if all(job.failed for job, _, _ in segments):
                     fut.cancel()
                     continue
@@ -500,6 +565,8 @@ class Extractor:
                 progress.tiles_done(len(x))
         finally:
             writer.close()
+        if writer.fatal is not None:
+            raise writer.fatal
 
     def _abort(self, store: Store, job: _Job, reason: str, report: ExtractReport, progress: Progress) -> None:
         """Fail one slide mid-run: drop its partial arrays, release its claim, log the reason."""
@@ -512,7 +579,14 @@ class Extractor:
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not remove partial features of %s: %s", job.ref.slide_id, exc)
         job.lock.release()
+        self._forget(job)
         self._fail(store, job.ref, reason, report, progress)
+
+    def _forget(self, job: _Job) -> None:
+        try:
+            self._open_jobs.remove(job)
+        except ValueError:
+            pass
 
 
 def extract(refs: list[SlideRef], store: Store | str, cfg: ExtractConfig,

@@ -78,9 +78,10 @@ def run_extract(slides: list[str] | None, store: str, cfg: ExtractConfig, *, min
         f"input={ex.input_size}px {what}={len(refs)} -> {store}", highlight=False,
     )
     if not show_progress:
-        return ex.run(refs, st), ex
-    with slide_progress(len(refs)) as progress:
-        report = ex.run(refs, st, progress)
+        report = ex.run(refs, st)
+    else:
+        with slide_progress(len(refs)) as progress:
+            report = ex.run(refs, st, progress)
     return report, ex
 
 
@@ -106,9 +107,13 @@ def run_distributed(slides: list[str], store: str, cfg: ExtractConfig, *, minus:
                           highlight=False)
         kw = dict(storage_options=storage_options, torch_threads=threads, gpu_by_name=spec.local)
         if not show_progress:
-            return extract_distributed(refs, store, cfg, client, **kw)
-        with slide_progress(len(refs)) as progress:
-            return extract_distributed(refs, store, cfg, client, progress=progress, **kw)
+            report = extract_distributed(refs, store, cfg, client, **kw)
+        else:
+            with slide_progress(len(refs)) as progress:
+                report = extract_distributed(refs, store, cfg, client, progress=progress, **kw)
+    if report.done:  # the tasks leave it to the client: one consolidation for the whole run
+        st.consolidate()
+    return report
 
 
 def print_report(report, store: str) -> None:

@@ -12,23 +12,35 @@ from core.ui import counting_bar, err_console, out_console, reason_table
 from featstore.errors import FeatstoreError
 
 
-def _coverage_table(st, store: str) -> Table:
-    """slides x feature sets: tile counts, which features are complete, and a totals row."""
-    keys = st.encoders()
-    slides = st.slide_ids()
+#: `featstore ls` lists at most this many slides one per row unless --all (the totals always cover all).
+LS_ROWS = 50
+
+
+def _coverage_table(st, store: str, show_all: bool = False) -> Table:
+    """slides x feature sets: tile counts, which features are complete, and a totals row.
+
+    One listing of the store (``coverage()``): one read on a consolidated store, whatever its size.
+    Beyond :data:`LS_ROWS` slides only the first ones get a row unless *show_all*."""
+    cov = st.coverage()
+    keys = sorted({k for _, ks in cov.values() for k in ks})
+    slides = list(cov)
     t = Table(title=f"{store}: {len(slides)} slides, {len(keys)} feature sets")
     t.add_column("slide")
     t.add_column("tiles", justify="right")
     for k in keys:
         t.add_column(f"{k.encoder}\n{k.weights}\nminus{k.minus}", justify="center")
     totals = [0] * len(keys)
+    shown = slides if show_all else slides[:LS_ROWS]
     for sid in slides:
-        row = [sid, str(st.n_tiles(sid))]
+        n, have = cov[sid]
         for i, k in enumerate(keys):
-            ok = st.has_features(sid, k.encoder, k.minus, k.weights)
-            totals[i] += ok
-            row.append("[green]yes[/]" if ok else "[dim]-[/]")
-        t.add_row(*row)
+            totals[i] += k in have
+    for sid in shown:
+        n, have = cov[sid]
+        t.add_row(sid, "?" if n is None else str(n),
+                  *["[green]yes[/]" if k in have else "[dim]-[/]" for k in keys])
+    if len(shown) < len(slides):
+        t.add_row(f"[dim]... {len(slides) - len(shown)} more (--all)", "", *[""] * len(keys))
     t.add_row("[bold]complete", "", *[f"{n}/{len(slides)}" for n in totals], end_section=True)
     return t
 
@@ -46,12 +58,13 @@ def _print_provenance(st) -> None:
 def ls(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
     provenance: Annotated[bool, typer.Option(help="Also print the provenance of each feature set.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help=f"One row per slide even beyond {LS_ROWS} slides.")] = False,
 ) -> None:
     """Show slides x (encoder, weights, level) with tile counts, and the failure log."""
     from featstore.store import open_store
 
     st = open_store(store)
-    out_console.print(_coverage_table(st, store))
+    out_console.print(_coverage_table(st, store, show_all))
     if provenance and st.slide_ids():
         _print_provenance(st)
     fails = st.failures()
@@ -89,7 +102,10 @@ def import_h5(
 
     files = _h5_files(inputs)
     with counting_bar("h5 files", len(files)) as advance:
-        rep = _import(files, open_store_writer(store), encoder, minus, weights, size0, slide_mpp, advance)
+        writer = open_store_writer(store)
+        rep = _import(files, writer, encoder, minus, weights, size0, slide_mpp, advance)
+    if rep.imported:
+        writer.consolidate()
     out_console.print(f"imported {len(rep.imported)}, already present {len(rep.skipped)}, failed {len(rep.failed)}")
     for sid, why in rep.failed.items():
         err_console.print(f"[red]{sid}[/]: {why}", highlight=False)
@@ -114,8 +130,30 @@ def export_h5(
     out_console.print(f"wrote {len(paths)} files to {out}")
 
 
+def consolidate(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    storage_options: Annotated[Optional[str], typer.Option(
+        help='JSON fsspec options for a remote store, e.g. \'{"endpoint_url": "http://host:9000"}\'.')] = None,
+) -> None:
+    """Write the store's consolidated listing (extract and import-h5 do it when they finish).
+
+    Opening and listing then cost one read however many slides the store holds; changes made
+    since stay visible (docs/store-format.md). Run it after copying or editing a store by hand."""
+    import json
+    import time
+
+    from featstore.store import open_store_writer
+
+    t0 = time.perf_counter()
+    st = open_store_writer(store, storage_options=json.loads(storage_options) if storage_options else None)
+    n, cleared = st.consolidate()
+    out_console.print(f"consolidated {n} slides in {time.perf_counter() - t0:.1f} s "
+                      f"({cleared} change markers folded in) -> {store}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `featstore ls`, `import-h5` and `export-h5` to *app*."""
+    """Add `featstore ls`, `consolidate`, `import-h5` and `export-h5` to *app*."""
     app.command("ls")(ls)
+    app.command("consolidate")(consolidate)
     app.command("import-h5")(import_h5)
     app.command("export-h5")(export_h5)

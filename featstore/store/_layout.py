@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 from featstore.errors import StoreError
 
-FORMAT_VERSION = 1
+#: 2: slides/zarr.json may hold the consolidated listing and writers leave .changes/ markers
+#: (an older featstore would write without markers, so it must refuse the store).
+FORMAT_VERSION = 2
 CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks
 SLIDES = "slides"
 FAILURES = "failures"

@@ -38,9 +38,22 @@ def _open_root(spath: str, mode: str, storage_options: dict | None) -> zarr.Grou
     elif int(meta.get("format", 0)) > FORMAT_VERSION:
         raise StoreError(f"{spath}: store format {meta.get('format')} is newer than this featstore; upgrade it")
     if mode == "a":  # created up front so concurrent writers never race to create them (S3)
-        for name in SHARED_GROUPS:
-            root.require_group(name)
+        _require_shared_groups(root)
     return root
+
+
+def _require_shared_groups(root: zarr.Group) -> None:
+    """Create ``slides`` and ``failures`` if missing, without opening them: ``slides/zarr.json``
+    may hold the consolidated listing of every slide, which a writer has no need to parse."""
+    from featstore.store.catalog import _sync
+
+    for name in SHARED_GROUPS:
+        if _sync(root.store.exists(f"{name}/zarr.json")):
+            continue
+        try:
+            root.create_group(name)
+        except zarr.errors.ContainsGroupError:  # another writer made it first
+            pass
 
 
 def open_store_writer(path: str | os.PathLike, storage_options: dict | None = None) -> StoreWriter:

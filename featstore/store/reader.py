@@ -15,6 +15,7 @@ import zarr
 
 from featstore.errors import StoreError, StoreKeyError
 from featstore.store._layout import FAILURES, SLIDES, FeatureKey, features_path, preview
+from featstore.store.catalog import Catalog, SlideEntry
 
 
 class StoreReadOnlyError(StoreError, AttributeError):
@@ -37,6 +38,7 @@ class StoreReader:
         self._root = root
         self.path = str(path)
         self._keys_cache: list[FeatureKey] | None = None  # for resolve_key; cleared by refresh()
+        self._catalog: Catalog | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, slides={len(self.slide_ids())})"
@@ -56,16 +58,16 @@ class StoreReader:
         return None if "://" in p else Path(p)
 
     # ------------------------------------------------------------------ groups
-    def _slides(self) -> zarr.Group | None:
-        try:
-            return self._root[SLIDES]
-        except KeyError:
-            return None
+    def _entries(self) -> dict[str, SlideEntry]:
+        """The store-wide listing (consolidated snapshot + change markers, see catalog.py)."""
+        if self._catalog is None:
+            self._catalog = Catalog(self._root)
+        return self._catalog.entries()
 
     def _slide(self, slide_id: str) -> zarr.Group:
-        grp = self._slides()
+        # a slide's own metadata, never a snapshot's: one read, always current
         try:
-            g = grp[slide_id] if grp is not None else None
+            g = self._root[f"{SLIDES}/{slide_id}"]
         except KeyError:
             g = None
         if g is None or not g.attrs.get("tiling_complete", False):
@@ -107,21 +109,27 @@ class StoreReader:
 
     def slide_ids(self) -> list[str]:
         """Slides whose tiling is complete, sorted."""
-        grp = self._slides()
-        if grp is None:
-            return []
-        return sorted(name for name, g in grp.groups() if g.attrs.get("tiling_complete", False))
+        return sorted(sid for sid, e in self._entries().items() if e.complete)
 
     def encoders(self) -> list[FeatureKey]:
         """Every (encoder, weights, minus) with complete features for at least one slide."""
         found: set[FeatureKey] = set()
-        grp = self._slides()
-        if grp is None:
-            return []
-        for _, g in grp.groups():
-            if g.attrs.get("tiling_complete", False):
-                found.update(k for k, _ in self._feature_arrays(g))
+        for e in self._entries().values():
+            if e.complete:
+                found.update(e.arrays)
         return sorted(found)
+
+    def coverage(self) -> dict[str, tuple[int | None, list[FeatureKey]]]:
+        """slide_id -> (tiles, complete feature keys) for every slide, from one listing.
+
+        What `featstore ls` shows; on a consolidated store it costs one read however many slides."""
+        return {sid: (e.n_tiles, sorted(e.arrays)) for sid, e in sorted(self._entries().items()) if e.complete}
+
+    @property
+    def consolidated(self) -> bool:
+        """True when the store's listing comes from a consolidated snapshot (``featstore consolidate``)."""
+        self._entries()
+        return bool(self._catalog.consolidated)
 
     def failures(self) -> dict[str, str]:
         """slide_id -> reason for every slide whose last attempt failed."""

@@ -7,13 +7,16 @@ the partial array and redoes it. Rows go in chunk-aligned blocks (no read-modify
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import zarr
 
 from featstore.errors import StoreError
-from featstore.store._layout import FAILURES, SLIDES, FeatureKey, now, rows_per_chunk
+from featstore.store._layout import FAILURES, FORMAT_VERSION, SLIDES, FeatureKey, now, rows_per_chunk
+from featstore.store.catalog import Markers
 from featstore.store.lock import NullLock, SlideLock
 from featstore.store.reader import StoreReader
 
@@ -31,6 +34,7 @@ class FeatureWriter:
     _buf: list[np.ndarray]
     _buffered: int = 0
     _written: int = 0
+    on_complete: Callable[[], None] | None = None  # the store's change marker, after the flag
 
     def write(self, rows: np.ndarray) -> None:
         """Buffer *rows* (n, D); whole chunks are written as soon as they are full."""
@@ -65,6 +69,8 @@ class FeatureWriter:
                 f"{self.array.path}: {self._written} rows written, expected {self.n_rows}; not marked complete"
             )
         self.array.attrs["complete"] = True
+        if self.on_complete is not None:
+            self.on_complete()
 
 
 class StoreWriter(StoreReader):
@@ -96,10 +102,9 @@ class StoreWriter(StoreReader):
         tissue = np.asarray(tissue, dtype=np.float32).reshape(-1)
         if len(coords) != len(tissue):
             raise StoreError(f"{slide_id}: {len(coords)} coords but {len(tissue)} tissue values")
-        slides = self._root.require_group(SLIDES)
-        if slide_id in slides:
-            del slides[slide_id]
-        g = slides.create_group(slide_id)
+        token = self._markers.open(slide_id)
+        # opened by path, never through the slides group: its consolidated view is a snapshot
+        g = zarr.open_group(store=self._root.store, path=f"{SLIDES}/{slide_id}", mode="w", zarr_format=3)
         n = max(1, len(coords))
         g.create_array("coords", shape=coords.shape, dtype="int32", chunks=(min(n, 1 << 16), 2),
                        compressors=None, fill_value=0)[:] = coords
@@ -107,12 +112,14 @@ class StoreWriter(StoreReader):
                        compressors=None, fill_value=0)[:] = tissue
         g.attrs.update({**info, "n_tiles": int(len(coords)), "created": now()})
         g.attrs["tiling_complete"] = True
+        self._markers.done(slide_id, token)
 
     def begin_features(self, slide_id: str, key: FeatureKey, dim: int, provenance: dict) -> FeatureWriter:
         """Create (or recreate, if partial) a features array; fill it through the returned writer."""
         self.refresh()
         g = self._slide(slide_id)
         n = int(g["coords"].shape[0])
+        token = self._markers.open(slide_id)
         feats = g.require_group("features")
         if key.path in feats:
             del feats[key.path]
@@ -124,7 +131,7 @@ class StoreWriter(StoreReader):
             "encoder": key.encoder, "weights": key.weights, "minus": int(key.minus), "dim": int(dim),
             "provenance": provenance, "complete": False,
         })
-        return FeatureWriter(arr, n, [])
+        return FeatureWriter(arr, n, [], on_complete=lambda: self._markers.done(slide_id, token))
 
     def write_features(self, slide_id: str, key: FeatureKey, features: np.ndarray, provenance: dict) -> None:
         """Write a whole (N, D) features array at once (importers, tests)."""
@@ -136,9 +143,14 @@ class StoreWriter(StoreReader):
     def delete_features(self, slide_id: str, key: FeatureKey) -> None:
         """Remove one features array of a slide (an aborted, partial write)."""
         self.refresh()
-        g = self._slides()[slide_id]
+        try:
+            g = self._root[f"{SLIDES}/{slide_id}"]
+        except KeyError:
+            return
         if "features" in g and key.path in g["features"]:
+            token = self._markers.open(slide_id)
             del g["features"][key.path]
+            self._markers.done(slide_id, token)
 
     def record_failure(self, slide_id: str, reason: str, source: str | None = None) -> None:
         """Log a failed slide with its reason (replaces an earlier record)."""
@@ -157,6 +169,35 @@ class StoreWriter(StoreReader):
             return
         if slide_id in grp:
             del grp[slide_id]
+
+    @property
+    def _markers(self) -> Markers:
+        return Markers(self._root.store)
+
+    def consolidate(self, wait: float = 600.0) -> tuple[int, int]:
+        """Write the consolidated listing of ``slides`` (what makes opening a big store fast).
+
+        ``featstore extract`` and ``import-h5`` call it when they finish; it is always safe (change
+        markers keep a snapshot honest) and may be run again at any time. On a local store one
+        consolidation runs at a time (others wait up to *wait* s). Returns (slides, markers removed)."""
+        from featstore.store.catalog import consolidate
+
+        lock = self.lock("_consolidate", stale_after=max(wait, 120.0))
+        deadline = time.monotonic() + wait
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise StoreError(f"{self.path}: another process has been consolidating for over {wait:.0f} s; "
+                                 "rerun `featstore consolidate` later")
+            time.sleep(0.2)
+        try:
+            meta = self.attrs
+            if int(meta.get("format", 1)) < FORMAT_VERSION:  # older featstores must not write without markers
+                self._root.attrs["featstore"] = {**meta, "format": FORMAT_VERSION}
+            out = consolidate(self._root)
+        finally:
+            lock.release()
+        self.refresh()
+        return out
 
     def lock(self, slide_id: str, stale_after: float = 120.0) -> SlideLock | NullLock:
         """A claim on one slide: a :class:`SlideLock` on local stores; a no-op lock elsewhere."""

@@ -125,6 +125,7 @@ def test_partial_features_stay_invisible_and_other_writers_are_seen(s3, stores):
     _, url = stores
     reader = featstore.open_store(url, storage_options=remote_options(url, s3))
     assert len(reader.slide_ids()) == 6  # the listing is now in hand
+    assert reader.consolidated  # from the snapshot the extraction wrote: stale from here on
     writer = featstore.open_store(url, mode="a", storage_options={**s3, "skip_instance_cache": True})
     writer.write_tiling("late", np.zeros((3, 2), np.int32), np.ones(3, np.float32), {"source": "x"})
     w = writer.begin_features("late", FeatureKey("resnet18", "random-s0", 0), 4, {})
