@@ -86,3 +86,34 @@ class PatchConfig(Config):
 
 
 __all__ = ["PatchConfig", "METHODS", "PROBES", "parse_fractions", "parse_levels", "parse_seeds"]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Config):
+    """How the encoder + head are fine-tuned (`mil patches finetune`)."""
+
+    epochs: int = option(10, "Maximum epochs (the best validation epoch is kept).")
+    patience: int = option(3, "Early stopping: epochs without a lower validation loss (0: never stop).")
+    batch_size: int = option(32, "Images per step.")
+    lr: float = option(1e-4, "Encoder learning rate.")
+    head_lr: float = option(1e-3, "Linear head learning rate.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    optimizer: str = option("adamw", "adamw | sgd (momentum 0.9; LP-FT's choice with --head-init probe).")
+    train_blocks: int = option(0, "Fine-tune only the last N blocks/stages of the truncated encoder (0: all).")
+    augment: bool = option(True, "Flips, 90° rotations and mild colour jitter on training images.")
+    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
+    head_init: str = option("random", "random | probe: start the head from the logistic-regression probe on the "
+                                      "stored features (LP-FT, Kumar et al. 2022; use with --freeze-bn).")
+    freeze_bn: bool = option(False, "Keep BatchNorm statistics fixed (eval mode) instead of training them.")
+    precision: str = option("auto", "auto | bf16 | fp16 | fp32 (autocast for the forward pass).")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    workers: int = option(2, "Image reader threads.")
+    threads: int = option(0, "CPU threads for torch (0: torch's default).")
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise PatchError(f"--optimizer {self.optimizer!r}: sgd or adamw")
+        if self.head_init not in ("probe", "random"):
+            raise PatchError(f"--head-init {self.head_init!r}: probe or random")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.train_blocks < 0:
+            raise PatchError("--epochs >= 1, --batch-size >= 1, --patience >= 0 and --train-blocks >= 0, please")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import Config, option
 from seg.data import SegData
 from seg.errors import SegError
-from seg.train import SegConfig
+from seg.config import SegConfig, WsiSource  # noqa: F401  (WsiSource re-exported)
 
 
 @dataclass
@@ -39,31 +38,6 @@ def dataset_of(data: SegData, name: str, source: str) -> SegDataset:
     sources = getattr(data, "sources", None)
     groups = [str(src[0]) for src in sources] if sources else None
     return SegDataset(data, semantic_masks(data.masks, data.mask_kind), name, source, groups)
-
-
-@dataclass(frozen=True)
-class WsiSource(Config):
-    """Whole slides with annotations as a segmentation dataset (docs/segmentation.md,
-    "Whole-slide datasets"): patches of ``patch`` px at ``mpp``."""
-
-    config_error = SegError
-
-    slides: str | None = option(None, "Folder of slides (any OpenSlide format) paired by name with "
-                                      "X.geojson / X.json (QuPath) or a label TIFF X.tif.")
-    annotations: str | None = option(None, "Folder of the annotation files (default: the slides' folder).")
-    mpp: float = option(1.0, "Patch resolution in µm/px (0.5 ~ 20x, 1.0 ~ 10x).")
-    patch: int = option(256, "Patch side in px at --mpp.")
-    stride: int | None = option(None, "Grid step in px at --mpp (default: --patch).")
-    min_annotated: float = option(0.05, "Keep a patch when at least this share of its pixels is annotated.")
-    max_patches: int | None = option(None, "At most this many patches per slide (seeded subsample).")
-    class_names: str | None = option(None, "GeoJSON class names in id order, comma-separated (ids 1..n; "
-                                           "others not drawn). Default: every name, sorted.")
-    default_class: str | None = option(None, "Class of unclassified GeoJSON objects (default: skip them).")
-    slide_mpp: float | None = option(None, "Override the slides' µm/px (files without it).")
-
-    def class_map(self) -> dict[str, int] | None:
-        names = [n.strip() for n in (self.class_names or "").split(",") if n.strip()]
-        return {n: i for i, n in enumerate(names, start=1)} or None
 
 
 def load_wsi(src: WsiSource, cfg: SegConfig, name: str | None = None) -> SegDataset:

@@ -21,41 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from core import fit as core_fit
-from core.config import Config, option
 from core.runtime import cpu_threads, deterministic, resolve_device
+from seg.config import SegConfig  # noqa: F401  (re-exported)
 from seg.errors import SegError
-
-
-@dataclass(frozen=True)
-class SegConfig(Config):
-    """One segmentation run (`mil seg train`; docs/segmentation.md)."""
-
-    encoder: str = option(help="Encoder name (see `featstore encoders`; CNNs).", flags=("--encoder", "-e"))
-    weights: str = option("random", "Encoder weights: random | imagenet | a tag | a file (pretrain, fine-tuned).")
-    arch: str = option("unet", "unet | unetplusplus (segmentation_models_pytorch decoders).")
-    mask_kind: str = option("instance", "binary | multiclass | instance (instance masks train on foreground).")
-    classes: int = option(2, "Classes including background (binary and instance masks: 2).")
-    fraction: float = option(1.0, "Share of the training images (nested across fractions for a seed).")
-    val: float = option(0.2, "Share of the images for validation (early stopping).")
-    test: float = option(0.2, "Share of the images held out for the in-domain test.")
-    epochs: int = option(30, "Maximum epochs (the lowest validation loss is kept).")
-    patience: int = option(8, "Early stopping: epochs without a lower validation loss (0: never).")
-    batch_size: int = option(8, "Crops per step.")
-    crop: int = option(256, "Training crop side in px (images smaller than it are padded).")
-    lr: float = option(1e-3, "Decoder learning rate (AdamW).")
-    encoder_lr: float = option(1e-4, "Encoder learning rate (AdamW; 0 freezes the encoder).")
-    augment: bool = option(True, "Flips, 90° rotations (image and mask), colour jitter (image).")
-    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
-    seed: int = option(0, "Seed: split, subset, decoder init, augmentations, batch order.")
-    n_boot: int = option(1000, "Bootstrap resamples (over images) for the metrics' CIs.")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
-    threads: int = option(0, "CPU threads for torch (0: torch's default).")
-
-    def __post_init__(self) -> None:
-        if not (0 < self.fraction <= 1) or not (0 <= self.val < 1) or not (0 < self.test < 1):
-            raise SegError("--fraction in (0, 1], --val in [0, 1), --test in (0, 1), please")
-        if self.epochs < 1 or self.batch_size < 1 or self.crop < 32 or self.classes < 2:
-            raise SegError("--epochs >= 1, --batch-size >= 1, --crop >= 32 and --classes >= 2, please")
 
 
 def split_images(n: int, cfg: SegConfig, groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -11,8 +11,7 @@ from rich.table import Table
 
 from core.config import Options, config_command
 from core.ui import out_console
-from patches.config import PatchConfig
-from patches.finetune import FinetuneSettings
+from patches.config import FinetuneSettings, PatchConfig
 
 STORE = Annotated[Path, typer.Option("--store", "-s", help="Image store (`featstore extract --images`).")]
 OUT = Annotated[Path, typer.Option("--out", "-o", help="Study folder: runs/<one per config>, table.md, plots.")]

@@ -11,8 +11,7 @@ from rich.table import Table
 
 from core.config import Options, config_command
 from core.ui import out_console
-from seg.run import WsiSource
-from seg.train import SegConfig
+from seg.config import SegConfig, WsiSource
 
 
 @config_command(cfg=Options(SegConfig), wsi=Options(WsiSource))
