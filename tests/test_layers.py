@@ -160,3 +160,14 @@ def test_pyflakes_is_clean():
         sorted((ROOT / "benchmarks").rglob("*.py"))
     warnings = sum(checkPath(str(p), Reporter(out, err)) for p in paths)
     assert warnings == 0, out.getvalue() + err.getvalue()
+
+
+def test_building_the_cli_imports_no_torch():
+    """`featstore ls BIG_STORE` must not pay torch's import (seconds): the commands' option
+    declarations (configs) live apart from the training code, which is imported on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, cli; heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules); print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
