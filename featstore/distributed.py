@@ -30,7 +30,7 @@ import torch
 from core.runtime import cpu_threads
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError
-from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress
+from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress, store_tiling
 from featstore.remote import remote_options, store_location
 from featstore.store import open_store_writer
 
@@ -195,8 +195,9 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
     # the writer creates slides/ and failures/ as it opens, before tasks could race to create
     # them (two require_group calls on a fresh S3 store: zarr ContainsGroupError)
     st = open_store_writer(location, storage_options=options)
-    st.set_tiling(cfg.tiling.to_dict())  # once, before any task: workers only check it
-    refs = [SlideRef(r.slide_id, Path(r.path).expanduser().resolve()) for r in refs]
+    st.set_tiling(store_tiling(cfg, refs, st))  # once, before any task: workers only check it
+    # resolved paths; an image shard (ImageShardRef) keeps its rows: one task per shard
+    refs = [replace(r, path=Path(r.path).expanduser().resolve()) for r in refs]
     if len({r.slide_id for r in refs}) != len(refs):
         raise FeatstoreError("two slides share one slide id; give them distinct ids (CSV slide_id,path)")
     resources = {"GPU": 1} if _gpu_workers(client) else None

@@ -378,23 +378,6 @@ class Extractor:
             if fid not in report.failed:
                 self._fail_image(store, ref, ImageRow.from_dict(skipped[fid]), reason, report)
 
-    def _store_tiling(self, refs: list[SlideRef], store: Store) -> dict:
-        """The store-level tiling of this run: the slide TilingConfig, or the image cohort's
-        record; images and slides never share a run or a store (one-line error)."""
-        shards = [r for r in refs if isinstance(r, ImageShardRef)]
-        if shards and len(shards) < len(refs):
-            raise FeatstoreError("one run extracts either image shards or slides, not both; use one store for each")
-        stored = store.tiling
-        if refs and stored is not None and is_images_tiling(stored) != bool(shards):
-            have, want = ("image shards", "slides") if is_images_tiling(stored) else ("slides", "images")
-            raise FeatstoreError(f"{store.path} holds {have}; {want} cannot share it, use a new store")
-        if not shards:
-            return self.cfg.tiling.to_dict()
-        sizes = sorted({r.shard_size for r in shards})
-        if len(sizes) > 1:
-            raise FeatstoreError(f"image shards of several shard sizes ({sizes}) in one run")
-        return images_tiling(sizes[0])
-
     # -------------------------------------------------------------- running
     def _batches(self, store: Store, refs: list[SlideRef], report: ExtractReport, readers: TileSource,
                  progress: Progress) -> Iterator[tuple[list[tuple[_Job, int, int]], Future]]:
@@ -472,7 +455,7 @@ class Extractor:
         t0 = time.perf_counter()
         progress = progress or _NoProgress()
         store = store if isinstance(store, Store) else open_store(store, mode="a")
-        store.set_tiling(self._store_tiling(refs, store))
+        store.set_tiling(store_tiling(self.cfg, refs, store))
         report = ExtractReport()
         preprocessing = {**self.encoder.preprocessing(), "input_size": self.input_size}
         cuda = self.device.type == "cuda"
@@ -587,6 +570,24 @@ class Extractor:
             self._open_jobs.remove(job)
         except ValueError:
             pass
+
+
+def store_tiling(cfg: ExtractConfig, refs: list[SlideRef], store: Store) -> dict:
+    """The store-level tiling of this run: the slide TilingConfig, or the image cohort's
+    record; images and slides never share a run or a store (one-line error)."""
+    shards = [r for r in refs if isinstance(r, ImageShardRef)]
+    if shards and len(shards) < len(refs):
+        raise FeatstoreError("one run extracts either image shards or slides, not both; use one store for each")
+    stored = store.tiling
+    if refs and stored is not None and is_images_tiling(stored) != bool(shards):
+        have, want = ("image shards", "slides") if is_images_tiling(stored) else ("slides", "images")
+        raise FeatstoreError(f"{store.path} holds {have}; {want} cannot share it, use a new store")
+    if not shards:
+        return cfg.tiling.to_dict()
+    sizes = sorted({r.shard_size for r in shards})
+    if len(sizes) > 1:
+        raise FeatstoreError(f"image shards of several shard sizes ({sizes}) in one run")
+    return images_tiling(sizes[0])
 
 
 def extract(refs: list[SlideRef], store: Store | str, cfg: ExtractConfig,

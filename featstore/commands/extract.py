@@ -87,13 +87,14 @@ def run_extract(slides: list[str] | None, store: str, cfg: ExtractConfig, *, min
 
 def run_distributed(slides: list[str], store: str, cfg: ExtractConfig, *, minus: str = _DEFAULT_LEVELS,
                     tiling: dict | None = None, cluster: str = "local:1", storage_options: dict | None = None,
-                    show_progress: bool = True):
-    """`featstore extract --cluster`: connect (or start local:N), submit slides, draw progress, report."""
+                    show_progress: bool = True, images: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE):
+    """`featstore extract --cluster`: connect (or start local:N), submit slides (or image shards:
+    one task each), draw progress, report."""
     from featstore.distributed import ClusterSpec, connect, extract_distributed
     from featstore.remote import remote_options, store_location
     from featstore.store import open_store_writer
 
-    refs, _ = discover(slides)
+    refs, what = discover(slides or None, images, shard_size, tiling)
     location = store_location(store)
     st = open_store_writer(location, storage_options=remote_options(location, storage_options))
     cfg = build_config(st, cfg, minus, tiling)
@@ -103,7 +104,7 @@ def run_distributed(slides: list[str], store: str, cfg: ExtractConfig, *, minus:
     with connect(spec) as client:
         n = len(client.scheduler_info().get("workers", {}))
         err_console.print(f"[bold]{cfg.encoder}[/] weights={cfg.weights} levels={list(cfg.levels)} "
-                          f"precision={cfg.precision} slides={len(refs)} cluster={cluster} ({n} workers) -> {store}",
+                          f"precision={cfg.precision} {what}={len(refs)} cluster={cluster} ({n} workers) -> {store}",
                           highlight=False)
         kw = dict(storage_options=storage_options, torch_threads=threads, gpu_by_name=spec.local)
         if not show_progress:
@@ -151,11 +152,9 @@ def extract(
     from featstore.remote import parse_storage_options
 
     so = parse_storage_options(storage_options)
-    if cluster and images is not None:
-        raise FeatstoreError("--images runs in one process; drop --cluster")
     if cluster:
         report = run_distributed(slides or [], store, cfg, minus=minus, tiling=tiling, cluster=cluster,
-                                 storage_options=so)
+                                 storage_options=so, images=images, shard_size=shard_size)
     else:
         report, _ = run_extract(slides, store, cfg, minus=minus, tiling=tiling, storage_options=so,
                                 images=images, shard_size=shard_size)

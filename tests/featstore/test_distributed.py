@@ -190,3 +190,23 @@ def test_worker_killed_mid_slide_run_completes(cohort, client, reference, tmp_pa
     _assert_same(_arrays(store), reference)  # the redone slide is exactly the single-process one
     assert not list((store / ".locks").glob("*.lock"))  # the dead worker's claim was taken over and released
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+
+
+def test_image_shards_run_one_task_each_and_equal_the_single_process_store(client, tmp_path):
+    """`--images` with `--cluster`: each shard is one task; the store equals one process's, and
+    `featstore.image_table` lines rows up with the same files and labels."""
+    from featstore.images import discover_images
+    from tests.featstore.test_images import ENC, _folder
+
+    root = _folder(tmp_path / "cohort")
+    cfg = ExtractConfig(**ENC)
+    one = Extractor(cfg).run(discover_images(root, shard_size=3), tmp_path / "one.zarr")
+    refs = discover_images(root, shard_size=3)
+    report = extract_distributed(refs, tmp_path / "dist.zarr", cfg, client)
+    assert report.ok and sorted(report.done) == sorted(one.done) and len(report.done) == len(refs) >= 3
+    _assert_same(_arrays(tmp_path / "dist.zarr"), _arrays(tmp_path / "one.zarr"))
+    assert featstore.open_store(tmp_path / "dist.zarr").tiling == featstore.open_store(tmp_path / "one.zarr").tiling
+    a, b = (featstore.image_table(featstore.open_store(tmp_path / n)) for n in ("one.zarr", "dist.zarr"))
+    assert len(a) == 8 and a.classes == b.classes
+    for field in ("slide_ids", "paths", "y"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
