@@ -213,6 +213,15 @@ class Catalog:
         self._base = (ident, base)
         return base
 
+    def _read_slides(self, slide_ids: list[str]) -> list[SlideEntry | None]:
+        """The marked slides' own metadata; on object storage many at once (each is a few requests)."""
+        if len(slide_ids) < 4:
+            return [read_slide_entry(self.root, sid) for sid in slide_ids]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(16, len(slide_ids))) as pool:
+            return list(pool.map(lambda sid: read_slide_entry(self.root, sid), slide_ids))
+
     def entries(self) -> dict[str, SlideEntry]:
         """slide_id -> entry, as the store is now."""
         marks = self.markers.list()  # first: a consolidation removes markers only after its snapshot is written
@@ -225,12 +234,12 @@ class Catalog:
             self._dirty.clear()
             return walk(self.root)
         out = dict(base)
-        for sid, keys in by_slide.items():
-            ident = frozenset(keys)
-            cached = self._dirty.get(sid)
-            if cached is None or cached[0] != ident:
-                cached = (ident, read_slide_entry(self.root, sid))
-                self._dirty[sid] = cached
+        stale = [sid for sid, keys in by_slide.items()
+                 if sid not in self._dirty or self._dirty[sid][0] != frozenset(keys)]
+        for sid, entry in zip(stale, self._read_slides(stale)):
+            self._dirty[sid] = (frozenset(by_slide[sid]), entry)
+        for sid in by_slide:
+            cached = self._dirty[sid]
             if cached[1] is None:
                 out.pop(sid, None)
             else:
