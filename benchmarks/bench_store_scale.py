@@ -1,21 +1,25 @@
 """Store metadata at cohort scale: open + list, one read, as_dask, `featstore ls`, a MIL epoch.
 
-Builds stores of N tiny slides (8 tiles x 16 dims, one feature set) and times what every reader
-of a big cohort pays before any compute: ``open_store`` + ``slide_ids()`` + ``encoders()``, one
-``features()`` read, ``as_dask`` over all slides (build and compute), the ``featstore ls`` CLI
-(a subprocess, interpreter start-up reported apart), and a MIL epoch's store overhead
-(``mil.data.load_bags`` once, then one pass reading every bag from the store, no model).
+Builds stores of N tiny slides (8 tiles x 16 dims; ``--levels L`` feature sets per slide with a
+real extraction's provenance) and times what every reader of a big cohort pays before any
+compute: the unconsolidated open + list (walking every node, up to ``--walk-max``), the
+consolidation ``featstore extract`` ends with, then on the consolidated store ``open_store`` +
+``slide_ids()`` + ``encoders()``, the metadata of one read (``provenance()``), ``features()``,
+``as_dask`` over all slides (build and compute), the ``featstore ls`` CLI (a subprocess,
+interpreter start-up reported apart), a MIL epoch's store overhead (``mil.data.load_bags``, then
+one pass reading every bag, no model), and open + list after 100 slides were written since the
+consolidation (their change markers read).
 
-Building: one template slide is written through the public writer
-(``StoreWriter.write_tiling`` + ``write_features``); its files are then copied under every other
-slide id, which is the same layout byte for byte (the public writer costs ~30 ms a slide here,
-15 min for 30k slides). ``--public-writer`` builds with the writer API for every slide instead.
-With ``--s3`` each store is also uploaded to a local moto S3 server (a separate process) and
-measured there.
+Building: one template slide is written through the public writer; its files are then copied
+under every other slide id, the same layout byte for byte (``--public-writer`` writes every
+slide through the writer instead: ~30 ms a slide). With ``--s3`` stores of ``--s3-sizes`` are
+uploaded whole to a local moto S3 server (its own process) and measured there; for
+``--s3-listing`` sizes only what opening and listing read (root, ``slides/zarr.json``,
+``failures/``) and 200 slides go up (a 30k-slide upload to moto takes about an hour).
 
     python benchmarks/bench_store_scale.py                          # 1000,3000 local (~1 min)
-    python benchmarks/bench_store_scale.py --sizes 1000,10000,30000
-    python benchmarks/bench_store_scale.py --sizes 1000,3000 --s3 --s3-sizes 1000,3000
+    python benchmarks/bench_store_scale.py --sizes 1000,10000,30000 --s3 --s3-sizes 1000 --s3-listing 10000,30000
+    python benchmarks/bench_store_scale.py --sizes 1000,10000,30000 --levels 4 --no-ls
     python benchmarks/bench_store_scale.py --profile 10000          # cProfile open+list at 10k
 """
 
@@ -143,6 +147,19 @@ class MotoS3:
         self.fs().put(str(local), f"{BUCKET}/{local.name}", recursive=True)
         return url, time.perf_counter() - t0
 
+    def upload_listing(self, local: Path, n_slides: int = 200) -> tuple[str, float]:
+        """Upload what opening and listing read (the root, the consolidated slides/zarr.json,
+        failures/) plus the first *n_slides* slides whole: a 30k-slide upload to moto takes an hour."""
+        t0 = time.perf_counter()
+        fs = self.fs()
+        dest = f"{BUCKET}/listing-{local.name}"
+        for rel in ("zarr.json", "slides/zarr.json", "failures/zarr.json"):
+            fs.put(str(local / rel), f"{dest}/{rel}")
+        for sdir in sorted((local / "slides").iterdir())[:n_slides]:
+            if sdir.is_dir():
+                fs.put(str(sdir), f"{dest}/slides/{sdir.name}", recursive=True)
+        return f"s3://{dest}", time.perf_counter() - t0
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
@@ -217,6 +234,23 @@ def measure(path: str, n: int, *, ls: bool, env: dict | None = None) -> list[tup
     dt, cnt = _timed(lambda: sum(1 for _ in bags.iterate(ids)))
     assert cnt == n
     rows.append(("mil epoch: read every bag", dt, n))
+    return rows
+
+
+def measure_listing(url: str, n: int, reps: int = 200) -> list[tuple[str, float, int]]:
+    """Open + list a listing-only upload (see MotoS3.upload_listing), and read its first slides."""
+    rows: list[tuple[str, float, int]] = []
+    dt, (st, ids, keys) = _timed(lambda: _open_list(url))
+    assert len(ids) == n and keys == KEYS, (len(ids), keys)
+    rows.append(("open+slide_ids+encoders", dt, n))
+    st2 = featstore.open_store(url)
+    rows.append(("  slide_ids (alone)", _timed(st2.slide_ids)[0], n))
+    rows.append(("  encoders (alone)", _timed(st2.encoders)[0], n))
+    st.resolve_key(KEY.encoder, KEY.minus)
+    dt, _ = _timed(lambda: [st.provenance(s, KEY.encoder, KEY.minus) for s in ids[:reps]])
+    rows.append((f"metadata only x{reps} (provenance)", dt, reps))
+    dt, _ = _timed(lambda: [st.features(s, KEY.encoder, KEY.minus) for s in ids[:reps]])
+    rows.append((f"features() x{reps} (warm)", dt, reps))
     return rows
 
 
@@ -305,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="1000,3000", help="slide counts of the local stores")
     ap.add_argument("--s3", action="store_true", help="also measure on a local moto S3 server")
     ap.add_argument("--s3-sizes", default="1000", help="slide counts uploaded to S3 (each must be in --sizes)")
+    ap.add_argument("--s3-listing", default="", help="sizes whose listing (not every slide) goes to S3: "
+                    "open + list measured at scale without an hour of uploads")
     ap.add_argument("--no-ls", action="store_true", help="skip the `featstore ls` subprocess")
     ap.add_argument("--ls-max", type=int, default=3000, help="run `featstore ls` locally only up to this size")
     ap.add_argument("--s3-ls-max", type=int, default=300, help="run `featstore ls` on S3 only up to this size")
@@ -318,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     KEYS[:] = [FeatureKey("resnet18", "random-s0", m) for m in range(args.levels)]
     print(f"{len(KEYS)} feature set(s) per slide, {TILES} tiles x {DIM} dims each")
     s3_sizes = [int(s) for s in args.s3_sizes.split(",") if s] if args.s3 else []
+    s3_listing = [int(s) for s in args.s3_listing.split(",") if s] if args.s3 else []
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_store_scale_"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -331,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         print(f"featstore ls: interpreter + imports alone {_cli_startup():.2f} s (included in its row)")
         results: dict[tuple[str, int], list] = {}
-        s3 = MotoS3() if s3_sizes else None
+        s3 = MotoS3() if (s3_sizes or s3_listing) else None
         try:
             for n in sizes:
                 path = root / f"s{n}.zarr"
@@ -352,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[{n}] uploaded to {url} in {up:.1f} s", flush=True)
                     results[("s3", n)] = measure(url, n, ls=not args.no_ls and n <= args.s3_ls_max, env=s3.env)
                     results[("s3", n)].append(("open+list, 100 changed since", stale_open(url, n), n))
+                elif s3 is not None and n in s3_listing:
+                    url, up = s3.upload_listing(path)
+                    print(f"[{n}] listing + 200 slides uploaded to {url} in {up:.1f} s", flush=True)
+                    results[("s3", n)] = measure_listing(url, n)
                 results[("local", n)].append(("open+list, 100 changed since", stale_open(str(path), n), n))
                 print_results({k: v for k, v in results.items() if k[1] == n})
         finally:

@@ -391,7 +391,9 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
     (and equal *expected_dim* when given), else ``LabelsError``.
     """
     slide_ids = list(slide_ids)
-    sizes = {s: store.n_tiles(s) for s in slide_ids}
+    listed = store.coverage() if len(slide_ids) > 32 else {}  # one listing instead of a read per slide
+    sizes = {s: listed[s][0] if s in listed and listed[s][0] is not None else store.n_tiles(s)
+             for s in slide_ids}
     first = store.features(slide_ids[0], encoder=key.encoder, minus=key.minus, weights=key.weights)
     dim = int(first.shape[1])
     if expected_dim is not None and dim != expected_dim:
