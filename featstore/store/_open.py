@@ -39,6 +39,10 @@ def _open_root(spath: str, mode: str, storage_options: dict | None) -> zarr.Grou
         raise StoreError(f"{spath}: store format {meta.get('format')} is newer than this featstore; upgrade it")
     if mode == "a":  # created up front so concurrent writers never race to create them (S3)
         _require_shared_groups(root)
+        from featstore.store.catalog import ShieldedStore
+
+        # writers create nodes through a view that hides the listing from zarr's ancestor checks
+        root = zarr.open_group(store=ShieldedStore(root.store), mode="r+", zarr_format=3)
     return root
 
 

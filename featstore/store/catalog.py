@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zarr
+from zarr.storage import WrapperStore
 
 from featstore.store._layout import SLIDES, FeatureKey
 
@@ -32,6 +33,29 @@ CHANGES = ".changes"
 BLOB = f"{SLIDES}/zarr.json"
 #: An ``.open`` marker older than this belongs to a writer that died mid-change; consolidation drops it.
 OPEN_STALE_SECONDS = 24 * 3600.0
+
+
+#: What a writer reads as ``slides/zarr.json``: the plain group document, without the listing.
+PLAIN_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+class ShieldedStore(WrapperStore):
+    """A writer's view of a store in which ``slides/zarr.json`` is the plain group document.
+
+    zarr checks every ancestor of a node it creates (that none is an array) by reading and
+    parsing the ancestor's whole ``zarr.json``; with the listing of 30k slides in
+    ``slides/zarr.json`` that would cost a second per array written. The writer creates nodes
+    through this view; the listing itself is read and written through :func:`raw_store`."""
+
+    async def get(self, key, prototype, byte_range=None):
+        if key == BLOB and byte_range is None:
+            return prototype.buffer.from_bytes(PLAIN_GROUP)
+        return await self._store.get(key, prototype, byte_range)
+
+
+def raw_store(store: Any) -> Any:
+    """The store under a :class:`ShieldedStore` (the store itself otherwise)."""
+    return store._store if isinstance(store, ShieldedStore) else store
 
 
 def _sync(coro):
@@ -171,7 +195,7 @@ def read_slide_entry(root: zarr.Group, slide_id: str) -> SlideEntry | None:
 def walk(root: zarr.Group) -> dict[str, SlideEntry]:
     """Every slide's entry by reading every node (a store never consolidated; slow when large)."""
     try:
-        grp = zarr.open_group(store=root.store, path=SLIDES, mode="r", use_consolidated=False)
+        grp = zarr.open_group(store=raw_store(root.store), path=SLIDES, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return {}
     with warnings.catch_warnings():  # files of a slide being written (or of a killed writer) are not nodes
@@ -190,13 +214,14 @@ class Catalog:
 
     def __init__(self, root: zarr.Group):
         self.root = root
-        self.markers = Markers(root.store)
+        self.store = raw_store(root.store)
+        self.markers = Markers(self.store)
         self._base: tuple[tuple, dict[str, SlideEntry] | None] | None = None
         self._dirty: dict[str, tuple[frozenset, SlideEntry | None]] = {}
         self.consolidated: bool | None = None
 
     def _snapshot(self, marks: frozenset) -> dict[str, SlideEntry] | None:
-        store = self.root.store
+        store = self.store
         try:
             size = _sync(store.getsize(BLOB))
         except FileNotFoundError:
@@ -254,7 +279,8 @@ def consolidate(root: zarr.Group) -> tuple[int, int]:
 
     Returns (slides in the snapshot, markers removed). The caller serialises consolidations of
     one store (the writer holds a lock on local stores)."""
-    markers = Markers(root.store)
+    store = raw_store(root.store)
+    markers = Markers(store)
     listed = markers.list()
     for attempt in range(3):
         try:
@@ -262,7 +288,7 @@ def consolidate(root: zarr.Group) -> tuple[int, int]:
                 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
                 # a slide being written has files that are not (yet) nodes: its markers cover it
                 warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr")
-                grp = zarr.consolidate_metadata(root.store, path=SLIDES)
+                grp = zarr.consolidate_metadata(store, path=SLIDES)
             break
         except (FileNotFoundError, KeyError):  # a node removed by a writer between listing and reading
             if attempt == 2:

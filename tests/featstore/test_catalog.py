@@ -147,3 +147,23 @@ def test_cli_consolidate_and_ls_of_a_big_listing(store, tmp_path):
     res = CliRunner().invoke(featstore_app, ["ls", store.path, "--all"], terminal_width=200, env={"COLUMNS": "200"})
     assert "z059" in res.stdout and "more (--all)" not in res.stdout
     assert not (store.local_path / CHANGES).exists() or not any((store.local_path / CHANGES).iterdir())
+
+
+def test_writers_never_parse_nor_clobber_the_listing(store):
+    """zarr reads every ancestor's zarr.json when it creates a node; a writer sees slides/zarr.json
+    as the plain group document (a slide write costs the same at 30k slides), and the listing
+    in the file stays as consolidated after further writes."""
+    import json
+
+    from featstore.store.catalog import BLOB, PLAIN_GROUP, _sync
+
+    store.consolidate()
+    from zarr.core.buffer import default_buffer_prototype
+
+    seen = _sync(store._root.store.get(BLOB, prototype=default_buffer_prototype())).to_bytes()
+    assert seen == PLAIN_GROUP
+    _write_slide(store, "s7", keys=(KEY, KEY1))
+    doc = json.loads((store.local_path / BLOB).read_text())
+    assert set(doc["consolidated_metadata"]["metadata"]) >= {"s0", "s3/features/" + KEY1.path}
+    assert "s7" not in doc["consolidated_metadata"]["metadata"]  # not yet consolidated ...
+    assert featstore.open_store(store.path).coverage()["s7"] == (5, [KEY, KEY1])  # ... but listed
