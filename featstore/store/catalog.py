@@ -17,6 +17,7 @@ snapshot may have missed keeps its marker.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import uuid
@@ -232,9 +233,16 @@ class Catalog:
         from zarr.core.buffer import default_buffer_prototype
 
         buf = _sync(store.get(BLOB, prototype=default_buffer_prototype()))
-        meta = json.loads(buf.to_bytes()) if buf is not None else {}
-        cm = meta.get("consolidated_metadata")
-        base = None if cm is None else entries_from_metadata(cm.get("metadata", {}))
+        gc_on = gc.isenabled()
+        gc.disable()  # millions of small dicts: the cyclic collector would walk them over and over
+        try:
+            meta = json.loads(buf.to_bytes()) if buf is not None else {}
+            cm = meta.get("consolidated_metadata")
+            base = None if cm is None else entries_from_metadata(cm.get("metadata", {}))
+            del meta, cm
+        finally:
+            if gc_on:
+                gc.enable()
         self._base = (ident, base)
         return base
 
