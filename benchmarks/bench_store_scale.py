@@ -85,6 +85,14 @@ def _template(root: Path) -> tuple[Path, list[tuple[str, bytes]]]:
     return path, files
 
 
+def write_slide(st, sid: str) -> None:
+    """One slide through the public writer: its tiling, then every feature set of KEYS."""
+    coords = np.stack([np.arange(TILES) * 32, np.zeros(TILES)], 1)
+    st.write_tiling(sid, coords, np.ones(TILES), {"source": "synthetic", "slide_mpp": 1.0, "size0": 32})
+    for k in KEYS:
+        st.write_features(sid, k, np.zeros((TILES, DIM)), {**PROV, "minus": k.minus})
+
+
 def build_local(n: int, root: Path, public_writer: bool = False) -> tuple[Path, float]:
     """A store of *n* slides at root/s<n>.zarr; returns (path, build seconds)."""
     t0 = time.perf_counter()
@@ -93,12 +101,8 @@ def build_local(n: int, root: Path, public_writer: bool = False) -> tuple[Path, 
     if public_writer:
         st = featstore.open_store(path, mode="a")
         st.set_tiling(TILING)
-        coords = np.stack([np.arange(TILES) * 32, np.zeros(TILES)], 1)
         for i in range(n):
-            sid = f"slide_{i:06d}"
-            st.write_tiling(sid, coords, np.ones(TILES), {"source": "synthetic", "slide_mpp": 1.0, "size0": 32})
-            for k in KEYS:
-                st.write_features(sid, k, np.zeros((TILES, DIM)), {**PROV, "minus": k.minus})
+            write_slide(st, f"slide_{i:06d}")
     else:
         shutil.copytree(tpl, path, ignore=shutil.ignore_patterns("t", ".changes"))
         dirs = sorted({str(Path(rel).parent) for rel, _ in files})
@@ -257,12 +261,8 @@ def measure_listing(url: str, n: int, reps: int = 200) -> list[tuple[str, float,
 def stale_open(path: str, n: int, changed: int = 100) -> float:
     """Write *changed* new slides after the consolidation, then time open + list (markers read)."""
     st = featstore.open_store(path, mode="a")
-    coords = np.stack([np.arange(TILES) * 32, np.zeros(TILES)], 1)
     for i in range(changed):
-        sid = f"new_{i:05d}"
-        st.write_tiling(sid, coords, np.ones(TILES), {"source": "synthetic", "slide_mpp": 1.0, "size0": 32})
-        for k in KEYS:
-            st.write_features(sid, k, np.zeros((TILES, DIM)), {**PROV, "minus": k.minus})
+        write_slide(st, f"new_{i:05d}")
     dt, (_, ids, _) = _timed(lambda: _open_list(path))
     assert len(ids) == n + changed, (len(ids), n + changed)
     featstore.open_store(path, mode="a").consolidate()  # back to a clean snapshot for the next measures

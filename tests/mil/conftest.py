@@ -58,14 +58,21 @@ def write_labels(path: Path, rows: list[dict], columns: list[str] | None = None)
     return str(path)
 
 
+def planted_cohort(path: Path, n_slides: int, **bag_args):
+    """(store, label rows, bags, y): a real store of *n_slides* planted bags (see planted_bags,
+    shift 6 unless given) at *path*, one patient per slide."""
+    bags, y = planted_bags(n_slides, **{"shift": 6.0, **bag_args})
+    store = write_store(path, bags)
+    rows = [{"slide_id": s, "label": ["normal", "tumor"][int(c)], "patient_id": f"p{i:02d}"}
+            for i, (s, c) in enumerate(zip(bags, y))]
+    return store, rows, bags, y
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """(store path, labels path, bags, y): 40 slides, 20 patients of 2 slides, planted signal."""
     tmp_path = tmp_path_factory.mktemp("cohort")
-    bags, y = planted_bags(40, dim=16, n_inst=(20, 40), k=4, shift=6.0, seed=1)
-    store = write_store(tmp_path / "cohort.zarr", bags)
-    rows = [{"slide_id": s, "label": ["normal", "tumor"][int(c)], "patient_id": f"p{i // 2:02d}"}
-            for i, (s, c) in enumerate(zip(bags, y))]
+    store, rows, bags, y = planted_cohort(tmp_path / "cohort.zarr", 40, dim=16, n_inst=(20, 40), k=4, seed=1)
     # patients hold two slides of the same class: pair slides i and i+2 within each class
     for i, r in enumerate(rows):
         r["patient_id"] = f"p{(i // 4) * 2 + (i % 2):02d}"

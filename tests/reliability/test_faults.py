@@ -33,7 +33,7 @@ from cli import featstore_app, mil_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from mil.outlock import LOCK_NAME
 from mil.run import RunWriter, load_run
-from tests.mil.conftest import KEY, planted_bags, write_labels, write_store
+from tests.mil.conftest import KEY, planted_cohort, write_labels
 
 REPO = Path(__file__).parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
@@ -387,10 +387,7 @@ def test_ctrl_c_during_extract_keeps_finished_slides_and_a_rerun_completes(cohor
 def mil_cohort(tmp_path_factory):
     """A real store of 16 planted bags and its labels."""
     tmp = tmp_path_factory.mktemp("faults_mil")
-    bags, y = planted_bags(16, dim=16, n_inst=(20, 40), k=3, shift=6.0, seed=3)
-    store = write_store(tmp / "c.zarr", bags)
-    rows = [{"slide_id": s, "label": ["normal", "tumor"][int(c)], "patient_id": f"p{i:02d}"}
-            for i, (s, c) in enumerate(zip(bags, y))]
+    store, rows, _, _ = planted_cohort(tmp / "c.zarr", 16, dim=16, n_inst=(20, 40), k=3, seed=3)
     return store, write_labels(tmp / "labels.csv", rows)
 
 
@@ -423,16 +420,22 @@ def _unfinished_run_is_not_mistaken(out: Path) -> None:
     one_error_line(res.output, str(out), "not a finished run")
 
 
+def _interrupt_then_rerun(args, out) -> None:
+    """Ctrl-C once the command has claimed *out*; the folder is not taken for a finished run, and
+    the same command then runs to the end."""
+    proc = spawn(MIL, args)
+    wait_until(proc, lambda: (out / LOCK_NAME).is_file(), f"{args[0]} claimed --out")
+    interrupt(proc)
+    _unfinished_run_is_not_mistaken(out)
+    res = run(mil_app, args)
+    assert res.exit_code == 0, res.output
+
+
 def test_ctrl_c_during_mil_train_then_the_same_command_reruns(mil_cohort, clean_train, tmp_path):
     """There is no per-fold resume in `mil train`: the strongest true behaviour is that the rerun is
     accepted (not "already holds a run"), replaces the partial folder and equals a clean run."""
     out = tmp_path / "run"
-    proc = spawn(MIL, _train_args(mil_cohort, out))
-    wait_until(proc, lambda: (out / LOCK_NAME).is_file(), "mil train claimed --out")
-    interrupt(proc)
-    _unfinished_run_is_not_mistaken(out)
-    res = run(mil_app, _train_args(mil_cohort, out))
-    assert res.exit_code == 0, res.output
+    _interrupt_then_rerun(_train_args(mil_cohort, out), out)
     load_run(out)
     _same_run(out, clean_train)
 
@@ -468,12 +471,7 @@ def _ft_args(ft_parent, out):
 
 def test_ctrl_c_during_mil_finetune_then_the_same_command_reruns(ft_parent, tmp_path):
     out = tmp_path / "ft"
-    proc = spawn(MIL, _ft_args(ft_parent, out))
-    wait_until(proc, lambda: (out / LOCK_NAME).is_file(), "mil finetune claimed --out")
-    interrupt(proc)
-    _unfinished_run_is_not_mistaken(out)
-    res = run(mil_app, _ft_args(ft_parent, out))
-    assert res.exit_code == 0, res.output
+    _interrupt_then_rerun(_ft_args(ft_parent, out), out)
     clean = tmp_path / "ft-clean"
     res = run(mil_app, _ft_args(ft_parent, clean))
     assert res.exit_code == 0, res.output

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import featstore
 from cli import featstore_app, mil_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
-from tests.mil.conftest import KEY, planted_bags, write_labels, write_store
+from tests.mil.conftest import KEY, planted_cohort, write_labels
 
 ENV = {"COLUMNS": "300"}
 #: A fast extraction: resnet18 random weights on 32 px inputs, 64 px patches at 0.5 µm/px.
@@ -54,10 +54,7 @@ def tissue(size=(256, 256), seed=0) -> np.ndarray:
 def mil_store(tmp_path_factory):
     """A real store of 12 slides (6 per class, planted signal) and its clean label rows."""
     tmp = tmp_path_factory.mktemp("mil")
-    bags, y = planted_bags(12, dim=8, n_inst=(10, 20), k=3, shift=6.0, seed=2)
-    store = write_store(tmp / "c.zarr", bags)
-    rows = [{"slide_id": s, "label": ["normal", "tumor"][int(c)], "patient_id": f"p{i:02d}"}
-            for i, (s, c) in enumerate(zip(bags, y))]
+    store, rows, _, _ = planted_cohort(tmp / "c.zarr", 12, dim=8, n_inst=(10, 20), k=3, seed=2)
     return store, rows
 
 
