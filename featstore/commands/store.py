@@ -139,14 +139,19 @@ def consolidate(
 
     Opening and listing then cost one read however many slides the store holds; changes made
     since stay visible (docs/store-format.md). Run it after copying or editing a store by hand."""
-    import json
     import time
 
     from featstore.store import open_store_writer
 
+    from featstore.remote import parse_storage_options
+    from featstore.store import open_store
+
     t0 = time.perf_counter()
-    st = open_store_writer(store, storage_options=json.loads(storage_options) if storage_options else None)
-    n, cleared = st.consolidate()
+    so = parse_storage_options(storage_options)
+    open_store(store, storage_options=so)  # an existing store only: a typo must not create one
+    st = open_store_writer(store, storage_options=so)
+    with err_console.status(f"consolidating {store} (about 2.5 ms a slide)"):
+        n, cleared = st.consolidate()
     out_console.print(f"consolidated {n} slides in {time.perf_counter() - t0:.1f} s "
                       f"({cleared} change markers folded in) -> {store}", highlight=False)
 

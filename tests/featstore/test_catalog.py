@@ -167,3 +167,9 @@ def test_writers_never_parse_nor_clobber_the_listing(store):
     assert set(doc["consolidated_metadata"]["metadata"]) >= {"s0", "s3/features/" + KEY1.path}
     assert "s7" not in doc["consolidated_metadata"]["metadata"]  # not yet consolidated ...
     assert featstore.open_store(store.path).coverage()["s7"] == (5, [KEY, KEY1])  # ... but listed
+
+
+def test_cli_consolidate_of_a_missing_store_is_one_line_and_creates_nothing(tmp_path):
+    res = CliRunner().invoke(featstore_app, ["consolidate", str(tmp_path / "typo.zarr")])
+    assert res.exit_code == 1 and "no such store" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "typo.zarr").exists()

@@ -20,6 +20,7 @@ import featstore
 from cli import featstore_app, mil_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from tests.mil.conftest import KEY, planted_cohort, write_labels
+from tests.study.test_study_config import BASE
 
 ENV = {"COLUMNS": "300"}
 #: A fast extraction: resnet18 random weights on 32 px inputs, 64 px patches at 0.5 µm/px.
@@ -138,16 +139,7 @@ def test_bad_labels_are_one_line_and_no_run_is_written(mil_store, tmp_path, case
 
 # --------------------------------------------------------------------------- study YAML
 
-STUDY = {
-    "slides": ["slides"],
-    "labels": "labels.csv",
-    "encoders": [{"name": "resnet18", "weights": "random", "levels": [0, 2]}],
-    "seeds": [0, 1],
-    "tiling": {"patch_size": 256},
-    "extract": {"batch_size": 16, "precision": "fp32"},
-    "mil": {"epochs": 5, "patience": 0},
-    "finetune": {"enabled": True, "k": 2},
-}
+STUDY = BASE  # a valid study file (tests/study/test_study_config.py); each case breaks one key
 
 
 def _set(d, path, value):
