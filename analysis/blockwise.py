@@ -66,7 +66,7 @@ class BlockwiseResult:
         return path
 
     def plot(self, path: str | Path) -> Path:
-        from analysis.plots import heatmap
+        from featstore.core.plotting import heatmap
 
         kind = ("debiased " if self.debiased else "") + f"{self.kernel} CKA"
         a, b = self.rows[0], self.cols[0]

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as _st
 
 from analysis.errors import AnalysisError
-from core.stats import welch_ttest
+from featstore.core.stats import welch_ttest
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def write_markdown(rows: Sequence[GroupRow], path: str | Path) -> Path:
 
 
 def plot(rows: Sequence[GroupRow], path: str | Path) -> Path:
-    from analysis.plots import bars_with_ci
+    from featstore.core.plotting import bars_with_ci
 
     base = next((i for i, r in enumerate(rows) if r.is_baseline), None)
     notes = [("baseline" if r.is_baseline else

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from core.errors import CoreError
+from featstore.core.errors import CoreError
 
 
 class AnalysisError(CoreError):
     """Base class of every analysis error."""
+
+
+class RecordsError(AnalysisError, ValueError):
+    """Run records cannot be tabled (missing keys, duplicate seeds, no metric, unknown baseline)."""

@@ -29,8 +29,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from analysis.errors import AnalysisError
-from core.stats import auc, bootstrap_ci
-from mil.labels import NA, Row, read_labels, read_table, rows_text, sort_classes
+from featstore.core.stats import auc, bootstrap_ci
+from featstore.core.labels import NA, Row, read_labels, read_table, rows_text, sort_classes
 
 log = logging.getLogger(__name__)
 

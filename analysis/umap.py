@@ -100,7 +100,7 @@ def collect_points(store, sets: Sequence[tuple[str, int, str | None]], *, level:
 def plot_embedding(points: Points, out_dir: str | Path, *, method: str = "umap", seed: int = 0,
                    color_by: str | None = None) -> dict[str, Path]:
     """Embed, then write ``<method>.png`` (scatter) and ``<method>.csv`` (id, encoder, label, x, y)."""
-    from analysis.plots import scatter_groups
+    from featstore.core.plotting import scatter_groups
 
     xy = embed_2d(points.X, method, seed)
     if color_by is None:

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featstore.cohort import discover_slides  # noqa: E402
 from featstore.demo import make_demo_cohort  # noqa: E402
 from featstore.encoders import autocast  # noqa: E402
-from core.runtime import tuned_malloc  # noqa: E402
+from featstore.core.runtime import tuned_malloc  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
 from featstore.h5io import export_h5  # noqa: E402
-from featstore.slide import Slide  # noqa: E402
+from featstore.read.slide import Slide  # noqa: E402
 from featstore.store import open_store  # noqa: E402
 from featstore.tiling import TilingConfig, tile_slide  # noqa: E402
-from featstore.tilesource import TileSource  # noqa: E402
+from featstore.read.tilesource import TileSource  # noqa: E402
 
 
 def model_only(enc, prec: str, batch: int, n_tiles: int, size: int) -> float:

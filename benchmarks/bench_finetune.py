@@ -1,7 +1,7 @@
 """Throughput of the top-k fine-tune step: tile reader vs encoder compute (tiles/s).
 
 Writes one synthetic pyramidal slide, then times
-  * reader: k tiles read from the WSI and normalised by ``--workers`` threads (featstore.tilesource.TileSource);
+  * reader: k tiles read from the WSI and normalised by ``--workers`` threads (featstore.read.tilesource.TileSource);
   * embed:  a no-gradient forward of the k tiles (what scoring and --reselect cost);
   * train:  one bag step (checkpointed micro-batches: forward, recomputed forward, backward, Adam).
 
@@ -33,7 +33,7 @@ def main() -> None:
 
     from featstore.encoders import create_encoder, prepare_encoder, resolve_precision
     from featstore.synth import rectangles_slide, write_pyramid_tiff
-    from featstore.tilesource import TileSource
+    from featstore.read.tilesource import TileSource
     from mil.bagmodel import BagModel
     from mil.models import create_mil_model
 

@@ -28,7 +28,7 @@ from featstore.cohort import SlideRef  # noqa: E402
 from featstore.encoders import create_encoder, resolve_precision  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
 from featstore.pretrain import PretrainConfig, pretrain  # noqa: E402
-from featstore.pretrain.data import TileFeed  # noqa: E402
+from featstore.train.feed import TileFeed  # noqa: E402
 from featstore.store import open_store  # noqa: E402
 from featstore.synth import he_image, write_pyramid_tiff  # noqa: E402
 from featstore.tiling import TilingConfig  # noqa: E402

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_extract import model_only  # noqa: E402
-from core.runtime import tuned_malloc  # noqa: E402
+from featstore.core.runtime import tuned_malloc  # noqa: E402
 from _table import print_table  # noqa: E402
 from featstore.cohort import SlideRef  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
-from featstore.native import TileCache, open_slide  # noqa: E402
-from featstore.slide import Slide  # noqa: E402
+from featstore.read.native import TileCache, open_slide  # noqa: E402
+from featstore.read.slide import Slide  # noqa: E402
 from featstore.synth import he_image, write_pyramid_tiff  # noqa: E402
 from featstore.tiling import TilingConfig  # noqa: E402
 
@@ -99,11 +99,11 @@ def reader_rows(paths: list[Path], limit: int, repeats: int) -> list[tuple]:
 
 
 def device_row(path: Path, size0: int, limit: int, device: str, batch: int) -> tuple:
-    """The nvJPEG path's code (:func:`featstore.devicedecode.read_patches`) on *device*: patches/s
+    """The nvJPEG path's code (:func:`featstore.read.devicedecode.read_patches`) on *device*: patches/s
     and compressed bytes sent to the device per patch (the H2D traffic of the GPU model)."""
     import torch
 
-    from featstore.devicedecode import read_patches
+    from featstore.read.devicedecode import read_patches
 
     coords = np.array(grid(path, size0, limit))
     with open_slide(path, reader="native", cache=TileCache()) as s:

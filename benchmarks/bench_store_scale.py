@@ -184,7 +184,7 @@ def _open_list(path: str):
 
 
 def _cli_ls(path: str, env: dict | None) -> float:
-    cmd = [sys.executable, "-c", "from cli import featstore_app; featstore_app()", "ls", path]
+    cmd = [sys.executable, "-c", "from featstore.cli import featstore_app; featstore_app()", "ls", path]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {}), "COLUMNS": "200"},
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -33,16 +33,16 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 _EXPORTS = {
     "open_store": "featstore.store", "open_store_writer": "featstore.store", "StoreReader": "featstore.store",
     "StoreWriter": "featstore.store", "FeatureKey": "featstore.store",
-    "Slide": "featstore.slide", "TilingConfig": "featstore.tiling", "Tiles": "featstore.tiling",
+    "Slide": "featstore.read.slide", "TilingConfig": "featstore.tiling", "Tiles": "featstore.tiling",
     "tile_slide": "featstore.tiling", "discover_slides": "featstore.cohort", "SlideRef": "featstore.cohort",
-    "TileSource": "featstore.tilesource",
+    "TileSource": "featstore.read.tilesource",
     "create_encoder": "featstore.encoders", "list_encoders": "featstore.encoders",
     "get_spec": "featstore.encoders", "parse_levels": "featstore.encoders", "Encoder": "featstore.encoders",
     "WeightsTag": "featstore.tags",
     "save_encoder": "featstore.checkpoint", "read_encoder_checkpoint": "featstore.checkpoint",
     "file_sha256": "featstore.checkpoint", "file_tag": "featstore.checkpoint",
     "ExtractConfig": "featstore.config", "Extractor": "featstore.extract", "ExtractReport": "featstore.extract",
-    "image_table": "featstore.images", "ImageTable": "featstore.images", "is_image_store": "featstore.images",
+    "image_table": "featstore.read.images", "ImageTable": "featstore.read.images", "is_image_store": "featstore.read.images",
 }
 
 

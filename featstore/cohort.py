@@ -20,7 +20,7 @@ SLIDE_SUFFIXES = (
 class SlideRef:
     """A slide to process: its safe id (the store key) and its file.
 
-    An image shard is the subclass :class:`featstore.images.ImageShardRef` (``path`` is the
+    An image shard is the subclass :class:`featstore.read.images.ImageShardRef` (``path`` is the
     image root, ``images`` its rows); the extractor reads either through one loop.
     """
 

@@ -1,6 +1,6 @@
 """The config of an extraction: encoder, levels, weights, tiling and the pipeline's knobs.
 
-Each field declares its help text (:func:`core.config.option`), from which `featstore extract`
+Each field declares its help text (:func:`featstore.core.config.option`), from which `featstore extract`
 builds its options and the study validates its ``extract:`` section.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import Config, option
+from featstore.core.config import Config, option
 from featstore.errors import FeatstoreError
 from featstore.tiling import TilingConfig
 
@@ -48,7 +48,7 @@ class ExtractConfig(Config):
     def __post_init__(self) -> None:
         if not self.levels:
             raise FeatstoreError("no truncation level requested (use --minus 0 or e.g. --minus 0,1,2,3)")
-        from featstore.native import READERS
+        from featstore.read.native import READERS
 
         if self.reader not in READERS:
             raise FeatstoreError(f"--reader {self.reader!r}: use one of {', '.join(READERS)}")
@@ -61,7 +61,7 @@ class ExtractConfig(Config):
         if self.stain_tiles < 1:
             raise FeatstoreError("--stain-tiles must be >= 1")
         if self.slide_mpp is not None:
-            from featstore.slide import MPP_RANGE, plausible_mpp
+            from featstore.read.slide import MPP_RANGE, plausible_mpp
 
             if not plausible_mpp(self.slide_mpp):
                 raise FeatstoreError(f"--slide-mpp {self.slide_mpp:g}: give the slides' level-0 microns per pixel, "

@@ -27,11 +27,11 @@ from typing import Any, Iterator
 
 import torch
 
-from core.runtime import cpu_threads
+from featstore.core.runtime import cpu_threads
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError
 from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress, store_tiling
-from featstore.remote import remote_options, store_location
+from featstore.read.remote import remote_options, store_location
 from featstore.store import open_store_writer
 
 log = logging.getLogger(__name__)

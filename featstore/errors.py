@@ -7,7 +7,7 @@ either (``except FileNotFoundError`` still works), as zarr-python does.
 
 from __future__ import annotations
 
-from core.errors import CoreError
+from featstore.core.errors import CoreError
 
 
 class FeatstoreError(CoreError):
@@ -55,6 +55,10 @@ class StoreKeyError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class StainError(FeatstoreError, ValueError):
+    """A stain normaliser cannot be fitted or rebuilt as asked (no tissue, unknown method, bad record)."""
 
 
 class PretrainError(FeatstoreError, ValueError):

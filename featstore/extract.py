@@ -6,8 +6,8 @@ writer thread keeps Zarr writes off the compute path. Batches stream across slid
 (the next slide's tiles are read while the current slide's last batches run), with a bounded
 number in flight so memory stays flat however many slides there are.
 
-Image cohorts (:mod:`featstore.images`) run through the same loop: an
-:class:`~featstore.images.ImageShardRef` is "tiled" by decoding each of its images once (an
+Image cohorts (:mod:`featstore.read.images`) run through the same loop: an
+:class:`~featstore.read.images.ImageShardRef` is "tiled" by decoding each of its images once (an
 unreadable one is logged, recorded in the failure log and skipped), patch ``(i, 0)`` is image ``i``.
 """
 
@@ -25,20 +25,20 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from core.errors import first_line, resource_problem
-from core.runtime import resolve_device, tuned_malloc
+from featstore.core.errors import first_line, resource_problem
+from featstore.core.runtime import resolve_device, tuned_malloc
 from featstore.cohort import SlideRef
 from featstore.config import ExtractConfig
 from featstore.errors import FeatstoreError, StoreError
-from featstore.images import (RESIZE_NOTE, ImageRow, ImageShard, ImageShardRef, image_failure_id, images_tiling,
+from featstore.read.images import (RESIZE_NOTE, ImageRow, ImageShard, ImageShardRef, image_failure_id, images_tiling,
                               is_image_shard, is_images_tiling, provenance_fields, shard_info, shard_rows,
                               skipped_failures)
-from featstore.prefetch import in_thread
+from featstore.read.prefetch import in_thread
 from featstore.stain import stained_tag
-from featstore.native import reader_of
+from featstore.read.native import reader_of
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
 from featstore.tiling import tile_slide
-from featstore.tilesource import TileSource, check_fingerprint
+from featstore.read.tilesource import TileSource, check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _Job:
     writers: dict[int, FeatureWriter] = field(default_factory=dict)
     failed: str | None = None
     rows_done: int = 0  # rows computed and handed to the writer
-    reader: str = "openslide"   # the slide reader its patches come from (featstore.native.open_slide)
+    reader: str = "openslide"   # the slide reader its patches come from (featstore.read.native.open_slide)
     images: tuple[ImageRow, ...] | None = None   # an image shard: the images kept, patch (i, 0) = images[i]
 
 
@@ -122,7 +122,7 @@ class _Stop(Exception):
 class _Writer:
     """A thread that owns every store write, so the encoder never waits on disk.
 
-    A write failing for a reason of the machine (:func:`core.errors.resource_problem`) stops
+    A write failing for a reason of the machine (:func:`featstore.core.errors.resource_problem`) stops
     the run instead of failing slide after slide: it is kept in :attr:`fatal` for the main loop.
     """
 
@@ -234,7 +234,7 @@ class Extractor:
         """The stain normaliser of --stain, fitted once to --stain-reference (None for none)."""
         if cfg.stain == "none":
             return None
-        from featstore.stainref import fit_normaliser
+        from featstore.stain.reference import fit_normaliser
 
         pre = self.encoder.preprocessing()
         norm = fit_normaliser(cfg.stain, cfg.stain_reference, tiles=cfg.stain_tiles, tiling=cfg.tiling,
@@ -300,7 +300,7 @@ class Extractor:
             raise
 
     def _open(self, readers: TileSource, ref: SlideRef):
-        """The slide's handle, or an image shard's :class:`~featstore.images.ImageShard` of all its rows."""
+        """The slide's handle, or an image shard's :class:`~featstore.read.images.ImageShard` of all its rows."""
         if isinstance(ref, ImageShardRef):
             return readers.open(ref.path, images=ref.images)
         return readers.open(ref.path, self.cfg.slide_mpp)

@@ -6,21 +6,20 @@ from pathlib import Path
 
 import numpy as np
 
-from featstore.slide import Slide
+from featstore.read.slide import Slide
 from featstore.tiling import Tiles, mask_for_slide
 
 
 def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1600) -> Path:
     """Save thumbnail | thumbnail + tissue contour (green) + kept patches (blue boxes) to *out_png*."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+
+    from featstore.core.plotting import new_figure, save
 
     thumb, ds = slide.thumbnail(max_size)
     mask, mds, _ = mask_for_slide(slide, tiles.config)
     h, w = thumb.shape[:2]
-    fig = Figure(figsize=(12, 6 * h / max(w, 1) + 0.8), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(12, 6 * h / max(w, 1) + 0.8, dpi=110, layout=None)
     ax0, ax1 = fig.subplots(1, 2)
     for ax in (ax0, ax1):
         ax.imshow(thumb)
@@ -39,7 +38,4 @@ def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1
     ax1.set_title(f"{len(tiles)} patches of {c.patch_size}px @ {c.mpp} µm/px (≥{c.min_tissue:.0%} tissue, "
                   f"{c.mask} mask)")
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save(fig, out_png, dpi=None)

@@ -114,7 +114,7 @@ def svs_tiles(level: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[b
     """
     import imagecodecs
 
-    from featstore.jpeg import split_tables
+    from featstore.read.jpeg import split_tables
 
     h, w = level.shape[:2]
     tables, tiles = None, []
@@ -418,7 +418,7 @@ def write_gland_dataset(out_dir: str | Path, n: int, *, seed: int = 0, size: tup
     ``masks/gland_0000.png`` (16-bit grayscale instance mask); returns *out_dir*.
 
     Deterministic for *seed* (one generator drawn in order). The masks are PNG mode ``I;16``, so
-    ids up to 65535 survive exactly (``seg.data.load_pair(..., mask_kind="instance")`` reads them);
+    ids up to 65535 survive exactly (``mil.seg.data.load_pair(..., mask_kind="instance")`` reads them);
     ``mask="parts"`` writes the :data:`GLAND_PARTS` classes instead (``mask_kind="multiclass"``, 3).
     """
     out = Path(out_dir)

@@ -16,9 +16,9 @@ from typing import ClassVar
 import numpy as np
 from scipy import ndimage
 
-from core.config import Config, option
+from featstore.core.config import Config, option
 from featstore.errors import FeatstoreError
-from featstore.slide import Slide
+from featstore.read.slide import Slide
 
 log = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def train_step(model: BagModel, optimizer: torch.optim.Optimizer, x: Tensor, tar
 def embed_slides(model: BagModel, tiles, items: Sequence[tuple[str, np.ndarray]], batch: int,
                  on_batch: Callable[[], None] | None = None) -> dict[str, Tensor]:
     """{slide_id: (N, D)} embeddings of the given rows of each slide, read from *tiles*
-    (a :class:`featstore.tilesource.TileSource`) *batch* tiles at a time."""
+    (a :class:`featstore.read.tilesource.TileSource`) *batch* tiles at a time."""
     model.eval()
     chunks = [(sid, c[i:i + batch]) for sid, c in items for i in range(0, len(c), batch)]
     parts: dict[str, list[Tensor]] = {sid: [] for sid, _ in items}

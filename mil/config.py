@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from core.config import Config, option
+from featstore.core.config import Config, option
 from mil.errors import MilError
 
 

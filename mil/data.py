@@ -1,6 +1,6 @@
 """Patient-grouped stratified splits of a labels table, and bags of embeddings read from a store.
 
-The labels table itself is :mod:`mil.labels`. Splits never put one patient's slides on both
+The labels table itself is :mod:`featstore.core.labels`. Splits never put one patient's slides on both
 sides of a train/test (or train/val) boundary; the site modes (leave-one-site-out,
 site-preserved K-fold) also keep each site on one side of train/test. Bags come from the store's public read API only
 (``Store.features``) and are cached in memory when the cohort fits.
@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from featstore.store import FeatureKey
 from mil.errors import LabelsError, MilError
-from mil.labels import Labels, rows_text, sort_classes
+from featstore.core.labels import Labels, rows_text, sort_classes
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class Bags:
             for s in order:
                 yield s, self[s]
             return
-        from featstore.prefetch import in_thread
+        from featstore.read.prefetch import in_thread
 
         yield from in_thread(((s, self._to_tensor(self._read(s))) for s in order), maxsize=self.prefetch,
                              name="mil-bag-prefetch")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from core.errors import CoreError
+from featstore.core.errors import CoreError, LabelsError
 
 
 class MilError(CoreError):
-    """Base class of every mil error (bad labels, bad run directory, bad config)."""
-
-
-class LabelsError(MilError, ValueError):
-    """The labels CSV is malformed or does not match the store."""
+    """Base class of every mil error (bad run directory, bad config, a task that cannot run)."""
 
 
 class RunError(MilError, FileNotFoundError):
     """A run directory is missing or incomplete."""
+
+
+__all__ = ["MilError", "RunError", "LabelsError"]   # LabelsError: featstore.core.errors (labels live there)

@@ -20,13 +20,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from core.runtime import resolve_device
-from core.stats import auc
+from featstore.core.runtime import resolve_device
+from featstore.core.stats import auc
 from featstore.errors import StoreError
 from featstore.store import FeatureKey, Store, open_store
 from mil.data import load_bags
 from mil.errors import MilError
-from mil.labels import Labels, match_store, read_labels
+from featstore.core.labels import Labels, match_store, read_labels
 from mil.metrics import fold_metrics
 from mil.predict import check_store, run_key
 from mil.run import Run, load_run, read_predictions, write_json

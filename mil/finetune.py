@@ -2,9 +2,9 @@
 
 From a finished `mil train` run (:mod:`mil.parent`): for every slide take the k tiles with the
 highest raw attention of the frozen head (:func:`mil.topk.frozen_topk`), read them straight
-from the WSI at the store's coords (:class:`featstore.tilesource.TileSource`), and train the
+from the WSI at the store's coords (:class:`featstore.read.tilesource.TileSource`), and train the
 run's truncated encoder + its head end to end (:mod:`mil.bagmodel`, epochs by
-:func:`core.fit.fit`); then score the fold's test slides with the frozen run and with the
+:func:`featstore.core.fit.fit`); then score the fold's test slides with the frozen run and with the
 fine-tuned model, side by side, and write the fine-tuned encoder as a ``featstore-encoder/1``
 checkpoint that ``featstore extract --weights`` accepts (:mod:`featstore.checkpoint`).
 
@@ -28,8 +28,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from core import fit as core_fit
-from core.runtime import cpu_threads, deterministic, resolve_device
+from featstore.core import fit as core_fit
+from featstore.core.runtime import cpu_threads, deterministic, resolve_device
 from featstore.errors import FeatstoreError
 from mil.bagmodel import BagModel, backward_bag, build_model, embed_slides, make_optimizer, train_step
 from mil.config import FinetuneConfig, FinetuneSpec
@@ -71,7 +71,7 @@ class _Job:
     """What the epochs and the scoring share: the model, its tiles and the frozen selection."""
 
     model: BagModel
-    tiles: object                              # featstore.tilesource.TileSource
+    tiles: object                              # featstore.read.tilesource.TileSource
     parent: Parent
     coords: dict[str, np.ndarray]
     selection: dict[str, np.ndarray]
@@ -95,7 +95,7 @@ class _Job:
 
 def _open_tiles(parent: Parent, slides, preprocessing: Mapping, workers: int, pin: bool):
     """The TileSource over the parent's slides; the files must be the ones that were tiled."""
-    from featstore.tilesource import TileSource
+    from featstore.read.tilesource import TileSource
 
     from featstore.stain import normaliser_of
 
@@ -116,7 +116,7 @@ def _stain_augment(tiles, strength: float) -> Callable[[torch.Tensor], torch.Ten
     """HED jitter of normalised training batches (identity at 0): back to uint8 with the tile
     source's mean/std, jittered (after any stain normalisation: the tiles are already normalised),
     scaled again. Draws come from torch's RNG, seeded with the run."""
-    from featstore.pretrain.augment import stain_jitter
+    from featstore.stain import stain_jitter
 
     if strength == 0:
         return lambda x: x
@@ -131,7 +131,7 @@ def _stain_augment(tiles, strength: float) -> Callable[[torch.Tensor], torch.Ten
 
 
 def _train_epoch(job: _Job, opt: torch.optim.Optimizer) -> Callable[[int], float]:
-    """The epoch function for core.fit: each training slide's top-k bag once, in a seeded order
+    """The epoch function for featstore.core.fit: each training slide's top-k bag once, in a seeded order
     (re-selected from the current model every epoch after the first with ``reselect``)."""
     cfg, model, train_ids = job.cfg, job.model, job.parent.train
     rng = np.random.default_rng([cfg.seed, 6])

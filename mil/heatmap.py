@@ -115,12 +115,13 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
                  tile_px: int = 160, cmap: str = "jet", alpha: float = 0.5, mpp: float | None = None,
                  device: str = "cpu") -> HeatmapResult:
     """Draw thumbnail | attention overlay, with the top-k tiles in a strip below, to *out* (PNG)."""
-    from matplotlib.figure import Figure
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from featstore.slide import Slide
-    from featstore.tilesource import TileSource
+    from featstore.core.plotting import new_figure, save
+
+    from featstore.read.slide import Slide
+    from featstore.read.tilesource import TileSource
 
     run = run if isinstance(run, Run) else load_run(run)
     st = store if isinstance(store, Store) else open_store(store)
@@ -146,7 +147,7 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     n_strip = len(tiles)
     fig_w = 12.0
     top_h = fig_w / 2 * h / w
-    fig = Figure(figsize=(fig_w, top_h + (fig_w / max(n_strip, 1) + 0.4 if n_strip else 0) + 0.6), dpi=110)
+    fig = new_figure(fig_w, top_h + (fig_w / max(n_strip, 1) + 0.4 if n_strip else 0) + 0.6, dpi=110, layout=None)
     rows = 2 if n_strip else 1
     gs = fig.add_gridspec(rows, max(n_strip, 2), height_ratios=[top_h, fig_w / max(n_strip, 1)][:rows])
     half = max(n_strip, 2) // 2
@@ -170,9 +171,7 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
         ax.imshow(tile)
         ax.set_title(f"#{j + 1}  {scores[i]:.2f}", fontsize=8)
         ax.set_axis_off()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
+    out = save(fig, out, dpi=None, bbox_inches="tight")
     log.info("heatmap of %s (%d tiles) -> %s", sid, len(coords), out)
     return HeatmapResult(out, sid, scores, top)
 

@@ -1,6 +1,6 @@
 """Slide-level metrics of a run: AUC with a bootstrap CI, balanced accuracy, F1, fold summary.
 
-AUC and its CI come from ``core.stats`` so every part of the toolkit reports them alike.
+AUC and its CI come from ``featstore.core.stats`` so every part of the toolkit reports them alike.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from core.stats import auc, bootstrap_ci
+from featstore.core.stats import auc, bootstrap_ci
 
 KEYS = ("auc", "balanced_accuracy", "f1")
 

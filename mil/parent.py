@@ -16,7 +16,7 @@ from featstore.errors import FeatstoreError, StoreError
 from featstore.store import FeatureKey, open_store
 from featstore.tags import WeightsTag
 from mil.errors import LabelsError, MilError, RunError
-from mil.labels import read_labels
+from featstore.core.labels import read_labels
 from mil.run import Run, load_run
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from core.runtime import resolve_device
+from featstore.core.runtime import resolve_device
 from featstore.errors import StoreError
 from featstore.store import FeatureKey, Store, open_store
 from mil.data import load_bags

@@ -130,10 +130,11 @@ def save_attention(run_dir: Path, attention: Mapping[tuple[str, str], np.ndarray
 def plot_roc(run_dir: Path, fold_results: Mapping[str, tuple[np.ndarray, np.ndarray]],
              classes: list[str], metrics: dict) -> Path:
     """roc.png: one ROC per fold (binary) or per class one-vs-rest over all folds (multiclass)."""
-    from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
-    fig = Figure(figsize=(5, 5), dpi=100)
+    from featstore.core.plotting import new_figure, save
+
+    fig = new_figure(5, 5, layout=None)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
     if len(classes) == 2:
@@ -160,17 +161,16 @@ def plot_roc(run_dir: Path, fold_results: Mapping[str, tuple[np.ndarray, np.ndar
     ax.set_ylim(0, 1.01)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(run_dir) / "roc.png"
-    fig.savefig(path)
-    return path
+    return save(fig, Path(run_dir) / "roc.png", dpi=None)
 
 
 def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     """curves.png: train/val loss (left) and val AUC (right) per epoch, one line per fold."""
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    from featstore.core.plotting import new_figure, save
+
+    fig = new_figure(10, 4, layout=None)
     ax_l, ax_a = fig.subplots(1, 2)
     for i, (fold, h) in enumerate(histories.items()):
         color = f"C{i % 10}"
@@ -193,9 +193,7 @@ def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
     for ax in (ax_l, ax_a):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    path = Path(run_dir) / "curves.png"
-    fig.savefig(path)
-    return path
+    return save(fig, Path(run_dir) / "curves.png", dpi=None)
 
 
 def prepare_out(out: Path, overwrite: bool, parent: Path | None = None) -> OutLock:

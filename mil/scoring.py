@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.stats import auc
+from featstore.core.stats import auc
 
 BagSource = Mapping[str, "np.ndarray | torch.Tensor"]
 

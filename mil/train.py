@@ -1,6 +1,6 @@
 """Training MIL heads (one bag per step, early stopping on a validation split) and a whole `mil train` run.
 
-The epochs, early stopping and best-state restore are :func:`core.fit.fit`; this module
+The epochs, early stopping and best-state restore are :func:`featstore.core.fit.fit`; this module
 supplies the MIL epoch (bags in a seeded order, one optimiser step per bag) and the validation
 metrics. Deterministic on CPU for a fixed seed (and thread count): the global torch RNG is
 forked and seeded (model init, dropout), the epoch order comes from a seeded numpy generator;
@@ -23,12 +23,12 @@ from featstore.tags import WeightsTag
 import torch
 from torch import nn
 
-from core import fit as core_fit
-from core.runtime import cpu_threads, deterministic, resolve_device
+from featstore.core import fit as core_fit
+from featstore.core.runtime import cpu_threads, deterministic, resolve_device
 from mil.config import _OPTIMIZERS, RunSpec, TrainConfig
 from mil.data import Bags, Split
 from mil.errors import MilError
-from mil.labels import Labels
+from featstore.core.labels import Labels
 from mil.models import create_mil_model
 from mil.run import RunWriter
 from mil.scoring import score_bags, val_metrics
@@ -102,7 +102,7 @@ def instance_stats(bags: Bags, ids: Sequence[str]) -> tuple[torch.Tensor, torch.
 def _bag_epoch(model: nn.Module, opt: torch.optim.Optimizer, bags: Bags, train_ids: Sequence[str],
                targets: torch.Tensor, rng: np.random.Generator, device: torch.device, epochs: int,
                callback: Callable[[EpochLog], None] | None) -> Callable[[int], float]:
-    """The epoch function for core.fit: the training bags in a fresh seeded order, one step each."""
+    """The epoch function for featstore.core.fit: the training bags in a fresh seeded order, one step each."""
     loss_fn = nn.CrossEntropyLoss()
 
     def train_epoch(epoch: int) -> float:
@@ -225,7 +225,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     from featstore import __version__ as featstore_version
     from featstore.store import open_store
     from mil.data import load_bags, make_splits
-    from mil.labels import match_store, read_labels
+    from featstore.core.labels import match_store, read_labels
     from mil.metrics import summarize
 
     stage = on_stage or (lambda text: log.info(text))

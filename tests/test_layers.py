@@ -1,8 +1,14 @@
 """The layering stays true: an ast walk over every module's imports (deferred ones included).
 
-core <- featstore <- mil <- analysis <- study <- cli.py: a module imports only its own package or
-packages below it. The terminal UI (core.ui) is for command modules only; mil and analysis read
-stores through featstore's public read API, never through the extractor or the store writer.
+The distribution installs three import names, ``featstore``, ``mil`` and ``analysis``; inside them
+the floors of the tower are module prefixes (the longest prefix decides a module's floor):
+
+    featstore.core < featstore < analysis < mil < {mil.patches, mil.seg} < mil.study < featstore.cli
+
+A module imports only its own floor or floors below it, and the tasks of one floor (patches, seg)
+never import each other. The terminal UI (featstore.core.ui) is for command modules only; mil and
+analysis read stores through featstore's public read API, never through the extractor or the
+store writer.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "featstore", "mil", "analysis", "patches", "seg", "study", "cli")
-RANK = {name: i for i, name in enumerate(LAYERS)}
-PACKAGES = LAYERS[:-1]
+PACKAGES = ("featstore", "mil", "analysis")
+#: floors, bottom first; several prefixes on one floor are siblings that must not import each other
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("featstore.core",), ("featstore",), ("analysis",), ("mil",), ("mil.patches", "mil.seg"),
+    ("mil.study",), ("featstore.cli",),
+)
+RANK = {prefix: i for i, floor in enumerate(FLOORS) for prefix in floor}
+UI = "featstore.core.ui"
 MAX_FUNCTION_LINES = 80
 
 
 def _modules() -> dict[str, Path]:
-    mods = {"cli": ROOT / "cli.py"}
+    mods = {}
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
@@ -56,17 +67,24 @@ def _imports(path: Path, name: str) -> list[tuple[int, str, bool]]:
 
 
 def _layer(module: str) -> str | None:
-    head = module.split(".")[0]
-    return head if head in RANK else None
+    """The floor prefix of *module* (longest match), None for modules outside the toolkit."""
+    found = [p for p in RANK if module == p or module.startswith(p + ".")]
+    return max(found, key=len) if found else None
 
 
 def _is_command_module(name: str) -> bool:
-    return name == "cli" or ".commands" in f".{name}" or name == "study.commands"
+    return name == "featstore.cli" or ".commands" in f".{name}" or name == "mil.study.commands"
 
 
 def test_every_package_is_found():
-    for pkg in PACKAGES:
-        assert pkg in MODULES, f"package {pkg} not found under {ROOT}"
+    for prefix in RANK:
+        assert prefix in MODULES, f"{prefix} not found under {ROOT}"
+
+
+def _upward(own: str, target: str) -> bool:
+    if own is None or target is None:
+        return False
+    return RANK[target] > RANK[own] or (RANK[target] == RANK[own] and target != own)
 
 
 def test_imports_only_point_downward():
@@ -75,15 +93,26 @@ def test_imports_only_point_downward():
         own = _layer(name)
         for line, target, _ in _imports(path, name):
             layer = _layer(target)
-            if layer is not None and RANK[layer] > RANK[own]:
+            if _upward(own, layer):
                 bad.append(f"{path.relative_to(ROOT)}:{line} ({own}) imports {target} ({layer})")
-    assert not bad, "upward imports:\n" + "\n".join(bad)
+    assert not bad, "upward or sideways imports:\n" + "\n".join(bad)
+
+
+def test_the_floors_catch_an_upward_and_a_sideways_import(tmp_path):
+    """The checker itself: featstore.core importing featstore, featstore importing its CLI and
+    mil.seg importing mil.patches are each flagged; mil importing featstore.core is not."""
+    assert _upward(_layer("featstore.core.fit"), _layer("featstore.tiling"))
+    assert _upward(_layer("featstore.extract"), _layer("featstore.cli"))
+    assert _upward(_layer("analysis.cka"), _layer("mil.run"))
+    assert _upward(_layer("mil.seg.run"), _layer("mil.patches.run"))
+    assert not _upward(_layer("mil.train"), _layer("featstore.core.fit"))
+    assert not _upward(_layer("mil.study.study"), _layer("mil.seg.run"))
 
 
 def test_ui_is_imported_only_by_commands():
     bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
            for name, path in MODULES.items() if not _is_command_module(name)
-           for line, target, _ in _imports(path, name) if target == "core.ui" or target.startswith("core.ui.")]
+           for line, target, _ in _imports(path, name) if target == UI or target.startswith(UI + ".")]
     assert not bad, "library code imports the terminal UI:\n" + "\n".join(bad)
 
 
@@ -168,6 +197,6 @@ def test_building_the_cli_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, cli; heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules); print(heavy)"
+    code = "import sys, featstore.cli; heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules); print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from core.ui import out_console as _console
-from core.ui import progress_bar
+from featstore.core.ui import out_console as _console
+from featstore.core.ui import progress_bar
 
 
 def cka(

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from core.ui import out_console as _console
+from featstore.core.ui import out_console as _console
 
 
 def probe(

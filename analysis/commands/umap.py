@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from core.ui import out_console as _console
+from featstore.core.ui import out_console as _console
 
 
 def umap_cmd(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from core.ui import out_console
+from featstore.core.ui import out_console
 
 from featstore.errors import EncoderError
 

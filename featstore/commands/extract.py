@@ -1,7 +1,7 @@
 """`featstore extract`: slides -> embeddings at one or more truncation levels -> Zarr store.
 
 The options are not declared here: they come from the fields of :class:`ExtractConfig` and
-:class:`TilingConfig` (each field carries its default and help; :mod:`core.config`). Tiling
+:class:`TilingConfig` (each field carries its default and help; :mod:`featstore.core.config`). Tiling
 options are overrides: unset ones take the store's recorded tiling, else the declared default.
 ``--images DIR|FILE.csv`` extracts an image cohort instead of slides (docs/images.md).
 """
@@ -14,13 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.config import Options, config_command, help_of
-from core.ui import err_console, out_console, reason_table, slide_progress
+from featstore.core.config import Options, config_command, help_of
+from featstore.core.ui import err_console, out_console, reason_table, slide_progress
 from featstore.config import ExtractConfig
 from featstore.errors import FeatstoreError
 from featstore.tiling import TilingConfig
 
-DEFAULT_SHARD_SIZE = 1024   # featstore.images.DEFAULT_SHARD_SIZE (not imported: keeps --help free of PIL)
+DEFAULT_SHARD_SIZE = 1024   # featstore.read.images.DEFAULT_SHARD_SIZE (not imported: keeps --help free of PIL)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
 _DEFAULT_LEVELS = ",".join(str(lv) for lv in _FIELDS["levels"].default)
@@ -34,7 +34,7 @@ def build_config(st, cfg: ExtractConfig, minus: str = _DEFAULT_LEVELS, tiling: d
     """The command's config completed: ``--minus`` parsed for its encoder, unset tiling options from the store."""
     from featstore.encoders import parse_levels
 
-    from featstore.images import is_images_tiling
+    from featstore.read.images import is_images_tiling
 
     stored = st.tiling if st.tiling and not is_images_tiling(st.tiling) else None
     base = TilingConfig.from_dict(stored) if stored else TilingConfig()
@@ -46,7 +46,7 @@ def discover(slides: list[str] | None, images: str | None = None, shard_size: in
              tiling: dict | None = None) -> tuple[list, str]:
     """The run's refs and how to count them: SLIDES, or the shards of ``--images`` (never both)."""
     from featstore.cohort import discover_slides
-    from featstore.images import discover_images
+    from featstore.read.images import discover_images
 
     if images is None:
         if not slides:
@@ -91,7 +91,7 @@ def run_distributed(slides: list[str], store: str, cfg: ExtractConfig, *, minus:
     """`featstore extract --cluster`: connect (or start local:N), submit slides (or image shards:
     one task each), draw progress, report."""
     from featstore.distributed import ClusterSpec, connect, extract_distributed
-    from featstore.remote import remote_options, store_location
+    from featstore.read.remote import remote_options, store_location
     from featstore.store import open_store_writer
 
     refs, what = discover(slides or None, images, shard_size, tiling)
@@ -149,7 +149,7 @@ def extract(
         help="--images: images per shard (one store group each).")] = DEFAULT_SHARD_SIZE,
 ) -> None:
     """Extract patch embeddings of every slide (or image of --images) into a chunked Zarr store (resumable, crash-safe)."""
-    from featstore.remote import parse_storage_options
+    from featstore.read.remote import parse_storage_options
 
     so = parse_storage_options(storage_options)
     if cluster:

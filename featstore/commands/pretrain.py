@@ -9,8 +9,8 @@ import typer
 from rich.progress import TextColumn
 from rich.table import Table
 
-from core.config import config_command
-from core.ui import out_console
+from featstore.core.config import config_command
+from featstore.core.ui import out_console
 from featstore.pretrain.config import PretrainConfig
 
 
@@ -22,7 +22,7 @@ def pretrain_cmd(
     slides: Annotated[Optional[list[str]], typer.Option(help="Slide files, if they moved since extraction.")] = None,
 ) -> None:
     """Pretrain an encoder on the store's tiles (MAE for ViTs, SimCLR for CNNs); rerun to resume."""
-    from core.ui import progress_bar
+    from featstore.core.ui import progress_bar
     from featstore.pretrain import pretrain
 
     with progress_bar(TextColumn("{task.fields[note]}"), rate=True, console=out_console) as bar:

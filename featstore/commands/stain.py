@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.ui import out_console
+from featstore.core.ui import out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         normaliser re-applied to tiles read again, a before/after picture and stain-vector angles."""
         from rich.table import Table
 
-        from featstore.stainqc import stain_qc
+        from featstore.stain.qc import stain_qc
         from featstore.store import open_store
 
         qc = stain_qc(open_store(store), encoder, minus, weights, out, n_slides=n_slides, per_slide=per_slide,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from core.ui import counting_bar, err_console, out_console, reason_table
+from featstore.core.ui import counting_bar, err_console, out_console, reason_table
 from featstore.errors import FeatstoreError
 
 
@@ -143,7 +143,7 @@ def consolidate(
 
     from featstore.store import open_store_writer
 
-    from featstore.remote import parse_storage_options
+    from featstore.read.remote import parse_storage_options
     from featstore.store import open_store
 
     t0 = time.perf_counter()

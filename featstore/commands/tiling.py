@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.ui import counting_bar, out_console
+from featstore.core.ui import counting_bar, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -23,9 +23,9 @@ def register(app: typer.Typer) -> None:
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
     ) -> None:
         """Tile one slide: print the patch count and save a QC picture to check the tissue mask by eye."""
-        from featstore.native import probe
+        from featstore.read.native import probe
         from featstore.qc import tiling_qc
-        from featstore.slide import Slide
+        from featstore.read.slide import Slide
         from featstore.tiling import TilingConfig, tile_slide
 
         cfg = TilingConfig(patch_size=patch_size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, mask=mask)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.runtime import hub_offline
+from featstore.core.runtime import hub_offline
 from featstore.encoders.foundation import build_kwargs
 from featstore.encoders.registry import EncoderSpec, get_spec, tagged_spec
 from featstore.encoders.runners import runner_class

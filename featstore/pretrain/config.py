@@ -1,6 +1,6 @@
 """The config of a pretraining run: encoder, method, starting weights, data fractions, schedule.
 
-Each field declares its help (:func:`core.config.option`); `featstore pretrain` builds its
+Each field declares its help (:func:`featstore.core.config.option`); `featstore pretrain` builds its
 options from them and the study validates its ``pretrain:`` section against them.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from core.config import Config, option
+from featstore.core.config import Config, option
 from featstore.errors import PretrainError
 
 

@@ -9,20 +9,13 @@ import numpy as np
 import torch
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def loss_plot(step_losses: Sequence[float], epoch_losses: Sequence[float], holdout: Sequence[float | None],
               per_epoch: int, path: Path, title: str) -> Path:
     """Training loss per step and per epoch, and the held-out loss before and after."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    from featstore.core.plotting import new_figure, save
+
+    fig = new_figure(6, 3.5, dpi=120, layout=None)
+    ax = fig.subplots()
     ax.plot(np.arange(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="step")
     ax.plot(np.arange(1, len(epoch_losses) + 1) * per_epoch, epoch_losses, "o-", label="epoch mean")
     start, end = holdout
@@ -33,9 +26,7 @@ def loss_plot(step_losses: Sequence[float], epoch_losses: Sequence[float], holdo
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=None)
 
 
 @torch.no_grad()
@@ -62,8 +53,10 @@ def reconstructions(model, tiles: torch.Tensor, normalise: Callable[[torch.Tenso
 
     cols = [("original", image(patches)), ("visible", image(hidden)), ("reconstructed", image(only)),
             ("reconstructed + visible", image(recon))]
-    plt = _figure()
-    fig, axes = plt.subplots(len(x), len(cols), figsize=(2.2 * len(cols), 2.2 * len(x)), dpi=100, squeeze=False)
+    from featstore.core.plotting import new_figure, save
+
+    fig = new_figure(2.2 * len(cols), 2.2 * len(x), layout=None)
+    axes = fig.subplots(len(x), len(cols), squeeze=False)
     for r in range(len(x)):
         for c, (name, imgs) in enumerate(cols):
             axes[r, c].imshow(imgs[r])
@@ -71,9 +64,7 @@ def reconstructions(model, tiles: torch.Tensor, normalise: Callable[[torch.Tenso
             if r == 0:
                 axes[r, c].set_title(name, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=None)
 
 
 __all__ = ["loss_plot", "reconstructions"]

@@ -4,7 +4,7 @@ Every step is a pure function of (seed, step): the batch comes from a per-epoch 
 (:func:`~featstore.pretrain.sampling.epoch_order`), and torch's RNG is reseeded before the
 step's augmentations and masks. So a run killed at any point and restarted from its last
 checkpoint (``pretrain_state.pt``, written atomically every ``checkpoint_every`` steps) ends
-with the same weights as one that never stopped. Epochs go through :func:`core.fit.fit`, the
+with the same weights as one that never stopped. Epochs go through :func:`featstore.core.fit.fit`, the
 toolkit's one training loop. The output of a subset, in ``OUT/<subset>/``:
 
 - ``pretrain-<method>-<out>-<subset>.pt``: a ``featstore-encoder/1`` checkpoint (the full
@@ -27,13 +27,14 @@ from typing import Callable
 
 import torch
 
-from core import fit as core_fit
-from core.runtime import resolve_device
+from featstore.core import fit as core_fit
+from featstore.core.runtime import resolve_device
 from featstore.checkpoint import file_tag, save_encoder
 from featstore.errors import PretrainError
-from featstore.pretrain.augment import augmenter
+from featstore.train.augment import augmenter
 from featstore.pretrain.config import PretrainConfig
-from featstore.pretrain.data import Item, TileFeed, store_fingerprint, tile_counts
+from featstore.pretrain.data import store_fingerprint, tile_counts
+from featstore.train.feed import Item, TileFeed
 from featstore.pretrain.methods import build_method, method_for
 from featstore.pretrain.sampling import epoch_order, nested_order, split, subset_size
 

@@ -9,7 +9,7 @@ from typing import Literal, overload
 import zarr
 
 from featstore.errors import StoreError
-from featstore.remote import is_remote, remote_options
+from featstore.read.remote import is_remote, remote_options
 from featstore.store._layout import FORMAT_VERSION, SHARED_GROUPS, now
 from featstore.store.reader import StoreReader
 from featstore.store.writer import StoreWriter

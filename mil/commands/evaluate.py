@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from core.ui import out_console as console
+from featstore.core.ui import out_console as console
 
 
 def evaluate(

@@ -8,9 +8,9 @@ import typer
 from rich.progress import TextColumn
 from rich.table import Table
 
-from core.config import config_command
-from core.ui import fmt3 as _fmt
-from core.ui import out_console as console
+from featstore.core.config import config_command
+from featstore.core.ui import fmt3 as _fmt
+from featstore.core.ui import out_console as console
 from mil.config import FinetuneConfig, FinetuneSpec
 
 _STAGES = {"train": "train", "val": "validate", "reselect": "re-select top-k", "test": "score test slides"}
@@ -19,7 +19,7 @@ _STAGES = {"train": "train", "val": "validate", "reselect": "re-select top-k", "
 @config_command(spec=FinetuneSpec, cfg=FinetuneConfig)
 def finetune(spec: FinetuneSpec, cfg: FinetuneConfig) -> None:
     """Fine-tune a run's encoder + attention head end to end on each slide's top-k tiles read from the WSI."""
-    from core.ui import progress_bar
+    from featstore.core.ui import progress_bar
     from mil.finetune import finetune_run
 
     with progress_bar(TextColumn("{task.fields[note]}"), eta=False, console=console) as bar:

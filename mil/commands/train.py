@@ -9,9 +9,9 @@ import typer
 from rich.progress import TextColumn
 from rich.table import Table
 
-from core.config import config_command
-from core.ui import fmt3 as _fmt
-from core.ui import out_console as console
+from featstore.core.config import config_command
+from featstore.core.ui import fmt3 as _fmt
+from featstore.core.ui import out_console as console
 from mil.config import RunSpec, TrainConfig
 from mil.errors import MilError
 
@@ -25,7 +25,7 @@ def _split_ids(values: Optional[list[str]]) -> list[str] | None:
 @config_command(spec=RunSpec, cfg=TrainConfig)
 def train(spec: RunSpec, cfg: TrainConfig) -> None:
     """Train attention-MIL slide classifiers and write a run directory (metrics, plots, model)."""
-    from core.ui import progress_bar
+    from featstore.core.ui import progress_bar
     from mil.train import train_run
 
     fold_text = TextColumn("epochs  loss {task.fields[loss]}  val loss {task.fields[vloss]}  "

@@ -52,7 +52,7 @@ def test_unknown_encoder(store_data):
 
 
 def test_cli_prints_table_and_writes_files(store_data, tmp_path):
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     store, feats = store_data
     out = tmp_path / "out"
@@ -70,7 +70,7 @@ def test_cli_prints_table_and_writes_files(store_data, tmp_path):
 
 
 def test_cli_error_is_one_line(store_data, tmp_path):
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     store, _ = store_data
     r = CliRunner().invoke(featstore_app, ["cka", "--store", store.path, "--a", "resnet18",

@@ -96,7 +96,7 @@ def test_train_fraction_groups(tmp_path):
 
 
 def test_outputs_and_cli(runs, tmp_path):
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     out = tmp_path / "cmp"
     r = CliRunner().invoke(mil_app, ["compare", str(runs), "--out", str(out),

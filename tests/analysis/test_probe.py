@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from analysis.errors import AnalysisError
 from analysis.probe import (DEFAULT_CS, KNNProbe, LinearProbe, evaluate_probe, is_tile_labels, load_tile_labels,
                             pool_slides, read_slide_labels)
-from core.errors import CoreError
+from featstore.core.errors import CoreError
 from featstore import open_store
 from featstore.store import FeatureKey
 from tests.analysis.conftest import write_store
@@ -127,7 +127,7 @@ def test_tile_labels_match_store_coords(cohort, tmp_path):
 
 
 def test_cli_slide_and_tile_level(cohort, tmp_path):
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     store, labels, _ = cohort
     out = tmp_path / "p"
@@ -157,7 +157,7 @@ def test_cli_slide_and_tile_level(cohort, tmp_path):
 
 
 def test_a_bom_labels_csv_works_in_the_probe(cohort, tmp_path):
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     store, labels, _ = cohort
     bom = tmp_path / "bom.csv"
@@ -176,7 +176,7 @@ def test_a_bom_labels_csv_works_in_the_probe(cohort, tmp_path):
 
 
 def test_an_unlabelled_row_is_an_error_naming_its_line(cohort, tmp_path):
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     store, _, _ = cohort
     slides = tmp_path / "labels.csv"

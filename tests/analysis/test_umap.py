@@ -49,7 +49,7 @@ def test_collect_slide_and_tile_points(store_data, tmp_path):
 
 
 def test_cli(store_data, tmp_path):
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     store, _ = store_data
     args = ["umap", "--store", store.path, "--encoder", "resnet18:imagenet", "--encoder", "resnet18:tuned",

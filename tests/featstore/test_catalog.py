@@ -10,7 +10,7 @@ import zarr
 from typer.testing import CliRunner
 
 import featstore
-from cli import featstore_app
+from featstore.cli import featstore_app
 from featstore.store import FeatureKey
 from featstore.store.catalog import CHANGES, Markers
 

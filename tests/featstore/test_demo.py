@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featstore.demo import MPP, SLIDE_SIZE, make_demo_cohort
-from featstore.slide import Slide
+from featstore.read.slide import Slide
 from featstore.tiling import tile_slide
 
 N = 4   # each demo slide takes ~1 s to write

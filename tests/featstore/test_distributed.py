@@ -109,7 +109,7 @@ def test_store_with_other_tiling_is_refused_before_any_task(cohort, client, tmp_
 def test_cluster_command_against_a_running_scheduler(cohort, client, reference, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     store = tmp_path / "cli.zarr"
     res = CliRunner().invoke(featstore_app, [
@@ -195,8 +195,8 @@ def test_worker_killed_mid_slide_run_completes(cohort, client, reference, tmp_pa
 def test_image_shards_run_one_task_each_and_equal_the_single_process_store(client, tmp_path):
     """`--images` with `--cluster`: each shard is one task; the store equals one process's, and
     `featstore.image_table` lines rows up with the same files and labels."""
-    from featstore.images import discover_images
-    from tests.featstore.test_images import ENC, _folder
+    from featstore.read.images import discover_images
+    from tests.featstore.read.test_images import ENC, _folder
 
     root = _folder(tmp_path / "cohort")
     cfg = ExtractConfig(**ENC)

@@ -201,7 +201,7 @@ def test_bf16_features_are_float32_and_close_to_fp32(name):
 
 
 def test_cli_lists_encoders_levels_and_weights(tmp_path, monkeypatch):
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -242,7 +242,7 @@ def test_create_encoder_leaves_the_hub_setting_alone_and_fails_fast_offline(tmp_
 
     from huggingface_hub import constants
 
-    from core.runtime import hub_offline as offline
+    from featstore.core.runtime import hub_offline as offline
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

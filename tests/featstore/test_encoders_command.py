@@ -17,7 +17,7 @@ from featstore.encoders.vit import POOLINGS
 @pytest.fixture
 def listing(tmp_path, monkeypatch):
     """Run `featstore encoders PATTERN --no-paths` with no weights file anywhere; the output."""
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     for var in ("FEATSTORE_WEIGHTS", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)

@@ -21,7 +21,7 @@ from featstore.cohort import SlideRef, discover_slides
 from featstore.encoders import create_encoder
 from featstore.errors import FeatstoreError
 from featstore.extract import ExtractConfig, Extractor
-from featstore.slide import Slide
+from featstore.read.slide import Slide
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig, tile_slide
 
@@ -139,7 +139,7 @@ def test_bad_slides_are_logged_and_the_batch_goes_on(cohort, tmp_path):
 
 
 def test_features_are_computed_with_the_resize_the_provenance_records(cohort, tmp_path):
-    from featstore.tilesource import TileSource
+    from featstore.read.tilesource import TileSource
 
     refs = discover_slides([cohort])[:1]
     report = Extractor(_cfg(encoder="efficientnet_b0", levels=(3,), input_size=48)).run(refs, tmp_path / "e.zarr")
@@ -178,7 +178,7 @@ def test_duplicate_slide_ids_are_refused_before_work(tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from cli import featstore_app; featstore_app()", *args]
+    return [sys.executable, "-c", "from featstore.cli import featstore_app; featstore_app()", *args]
 
 
 CLI_ARGS = ["--encoder", "resnet18", "--minus", "0,1", "--resize", "32", "--precision", "fp32",

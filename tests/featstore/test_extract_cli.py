@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 import featstore
-from cli import featstore_app
+from featstore.cli import featstore_app
 from featstore.config import ExtractConfig
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig

@@ -229,9 +229,9 @@ def test_gigapath_tiles_are_resized_to_256_then_centre_cropped_as_torchvision(tm
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    from featstore.slide import Slide
+    from featstore.read.slide import Slide
     from featstore.synth import rectangles_slide, write_pyramid_tiff
-    from featstore.tilesource import TileSource
+    from featstore.read.tilesource import TileSource
 
     write_pyramid_tiff(tmp_path / "s.tif", rectangles_slide((768, 768), [(0, 0, 768, 768)], seed=2),
                        mpp=0.5, compression="deflate")
@@ -269,7 +269,7 @@ def test_uni2h_tag_builds_24_blocks_of_1536_with_8_registers():
 def test_gigapath_encoder_preprocessing_carries_the_centre_crop_to_every_reader(tmp_path, tiny):
     """The tag's resize 256 -> crop 224 reaches Encoder.preprocessing(), which the extractor and
     the fine-tuner hand to TileSource; entries without a crop keep today's dict."""
-    from featstore.tilesource import TileSource
+    from featstore.read.tilesource import TileSource
 
     arch, kwargs, _ = TIMM_CASES["prov-gigapath"]
     ref = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs, **SHAPE)

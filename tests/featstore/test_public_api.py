@@ -10,12 +10,12 @@ import featstore
 
 def test_every_exported_name_resolves_to_its_module_object():
     import featstore.store
-    import featstore.tilesource
+    import featstore.read.tilesource
 
     for name in featstore.__all__:
         assert getattr(featstore, name) is not None, name
     assert featstore.open_store is featstore.store.open_store
-    assert featstore.TileSource is featstore.tilesource.TileSource
+    assert featstore.TileSource is featstore.read.tilesource.TileSource
     assert set(featstore.__all__) <= set(dir(featstore))
 
 

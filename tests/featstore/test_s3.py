@@ -16,7 +16,7 @@ import featstore  # noqa: E402
 from featstore.cohort import discover_slides  # noqa: E402
 from featstore.errors import StoreError  # noqa: E402
 from featstore.extract import ExtractConfig, Extractor  # noqa: E402
-from featstore.remote import is_remote, parse_storage_options, remote_options, store_location  # noqa: E402
+from featstore.read.remote import is_remote, parse_storage_options, remote_options, store_location  # noqa: E402
 from featstore.store import FeatureKey  # noqa: E402
 from featstore.synth import rectangles_slide, write_pyramid_tiff  # noqa: E402
 from featstore.tiling import TilingConfig  # noqa: E402
@@ -103,7 +103,7 @@ def test_mil_train_and_cka_on_the_s3_store(stores, slides, tmp_path):
     from typer.testing import CliRunner
 
     from analysis.cka import store_linear_cka
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     local, url = stores
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from featstore.stain import normaliser_of, stain_angle, stain_vectors
 from featstore.synth import write_gland_slides
 from featstore.tags import WeightsTag
 from featstore.tiling import TilingConfig
-from featstore.tilesource import TileSource
+from featstore.read.tilesource import TileSource
 
 TILING = TilingConfig(patch_size=96, mpp=0.5, min_tissue=0.1)
 ENC = dict(encoder="resnet18", weights="random", input_size=96, precision="fp32", batch_size=8, levels=(0,),
@@ -71,7 +71,7 @@ def test_macenko_features_beside_raw_ones_and_the_tiles_move_to_the_reference(si
 
 
 def _reference(path):
-    from featstore.stainref import reference_tiles
+    from featstore.stain.reference import reference_tiles
 
     return reference_tiles(path, tiles=9, tiling=TILING, input_size=96)
 
@@ -95,7 +95,7 @@ def test_bad_stain_settings_are_one_line(sites, tmp_path):
 def test_stain_qc_uses_the_recorded_normaliser_and_refuses_raw_features(sites, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     ref_slide, other = sites
     store = tmp_path / "q.zarr"
@@ -108,7 +108,7 @@ def test_stain_qc_uses_the_recorded_normaliser_and_refuses_raw_features(sites, t
     from PIL import Image
 
     assert Image.open(tmp_path / "qc.png").size[1] > 2 * 96     # two slides' rows
-    from featstore.stainqc import stain_qc
+    from featstore.stain.qc import stain_qc
 
     qc = stain_qc(featstore.open_store(store), "resnet18", 0, "random-s0-stain-macenko")
     assert len(qc.angles) == 2 and all(before > 8 and after < 4 for before, after in qc.angles.values()), qc.angles

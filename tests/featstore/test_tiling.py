@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featstore.errors import FeatstoreError
-from featstore.slide import Slide
+from featstore.read.slide import Slide
 from featstore.synth import add_grain, rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig, TilingError, Tiles, coverage, otsu_threshold, tile_slide, tissue_mask
 

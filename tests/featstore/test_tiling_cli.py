@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import pytest
 from typer.testing import CliRunner
 
-from cli import featstore_app
+from featstore.cli import featstore_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 
 

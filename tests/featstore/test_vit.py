@@ -223,7 +223,7 @@ def test_extract_a_vit_into_a_store_equals_a_direct_forward(tmp_path):
     import featstore
     from featstore.cohort import discover_slides
     from featstore.extract import ExtractConfig, Extractor
-    from featstore.slide import Slide
+    from featstore.read.slide import Slide
     from featstore.synth import write_pyramid_tiff
     from featstore.tiling import TilingConfig, tile_slide
 
@@ -256,7 +256,7 @@ def test_extract_a_vit_into_a_store_equals_a_direct_forward(tmp_path):
 
 
 def test_cli_lists_vits_with_levels_and_pooling(monkeypatch):
-    from cli import featstore_app
+    from featstore.cli import featstore_app
 
     monkeypatch.setenv("COLUMNS", "200")
     res = CliRunner().invoke(featstore_app, ["encoders", "vit_large_patch16*"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cli import mil_app
-from core.errors import ConfigError
+from featstore.cli import mil_app
+from featstore.core.errors import ConfigError
 from mil.train import RunSpec, TrainConfig, train_run
 
 

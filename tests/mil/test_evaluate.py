@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from typer.testing import CliRunner
 
-from cli import mil_app
-from core.stats import auc, bootstrap_ci
+from featstore.cli import mil_app
+from featstore.core.stats import auc, bootstrap_ci
 from featstore.store import FeatureKey, open_store
 from mil.errors import MilError
 from mil.evaluate import evaluate_external

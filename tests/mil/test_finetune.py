@@ -18,7 +18,7 @@ from featstore.errors import SlideChangedError
 from featstore.extract import ExtractConfig, Extractor
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig
-from featstore.tilesource import TileSource
+from featstore.read.tilesource import TileSource
 from mil.errors import MilError, RunError
 from mil.finetune import (FinetuneConfig, FinetuneSpec, build_model, finetune_run, load_parent, make_optimizer,
                           train_step)
@@ -170,7 +170,7 @@ def test_encoder_checkpoint_round_trips_through_the_extractor(parent, tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(parent, tmp_path):
-    from cli import mil_app
+    from featstore.cli import mil_app
 
     slides, store, run, _ = parent
     with pytest.raises(RunError, match="does not exist") as e:

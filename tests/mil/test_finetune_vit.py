@@ -110,7 +110,7 @@ def _extract(slides, store, weights: str) -> None:
 
 def test_vit_end_to_end_extract_train_finetune_last_blocks_extract_cka(tmp_path):
     from analysis.blockwise import blockwise_cka
-    from cli import mil_app
+    from featstore.cli import mil_app
     from featstore.encoders.weights import file_tag
     from mil.train import RunSpec, TrainConfig, train_run
 
@@ -161,8 +161,8 @@ def test_vit_end_to_end_extract_train_finetune_last_blocks_extract_cka(tmp_path)
 
 
 def test_a_study_yaml_takes_a_vit_with_block_levels_and_train_blocks(tmp_path):
-    from study.errors import StudyError
-    from study.study import StudyConfig
+    from mil.study.errors import StudyError
+    from mil.study.study import StudyConfig
 
     base = {"slides": ["slides"], "labels": "labels.csv", "finetune": {"enabled": True, "k": 2, "train_blocks": 2}}
     cfg = StudyConfig.from_dict({**base, "encoders": [{"name": VIT_S, "levels": [0, 4, 11]}]}, tmp_path)

@@ -31,7 +31,7 @@ def test_rank_normalisation_makes_folds_comparable():
 
 
 def test_heatmap_of_a_real_slide_highlights_the_planted_lesion(tmp_path):
-    pytest.importorskip("featstore.slide")
+    pytest.importorskip("featstore.read.slide")
     from mil.heatmap import make_heatmap
 
     # a 1024 px slide at 0.5 um/px: tissue everywhere, a "lesion" in the top-right quarter

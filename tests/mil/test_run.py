@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import mil_app
+from featstore.cli import mil_app
 from featstore.store import FeatureKey, open_store
 from mil.errors import MilError, RunError
 from mil.predict import predict

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import mil_app
+from featstore.cli import mil_app
 from mil.data import _check_no_leak, assign_sites, fold_balance, make_splits
 from mil.errors import LabelsError, MilError
-from mil.labels import read_labels
+from featstore.core.labels import read_labels
 from mil.metrics import fold_metrics
 
 from .conftest import write_labels

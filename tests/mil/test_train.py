@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.stats import auc
+from featstore.core.stats import auc
 from mil.data import Bags
 from mil.errors import MilError
 from mil.train import TrainConfig, fit, score_bags

@@ -38,7 +38,7 @@ def _dump(report, store):
         json.dump({"pid": os.getpid(), "done": report.done, "skipped": report.skipped, "busy": report.busy,
                    "failed": report.failed, "tiles": report.tiles, "seconds": report.seconds}, fh)
 E.print_report = _dump
-from cli import featstore_app
+from featstore.cli import featstore_app
 featstore_app()
 """
 

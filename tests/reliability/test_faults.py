@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 import featstore
 from featstore.errors import StoreError
-from cli import featstore_app, mil_app
+from featstore.cli import featstore_app, mil_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from mil.outlock import LOCK_NAME
 from mil.run import RunWriter, load_run
@@ -37,8 +37,8 @@ from tests.mil.conftest import KEY, planted_cohort, write_labels
 
 REPO = Path(__file__).parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
-FS = "from cli import featstore_app; featstore_app()"
-MIL = "from cli import mil_app; mil_app()"
+FS = "from featstore.cli import featstore_app; featstore_app()"
+MIL = "from featstore.cli import mil_app; mil_app()"
 #: resnet18, random weights, 32 px tiles at 1 µm/px; 64 px inputs so a slide takes a visible moment
 FAST = ["--encoder", "resnet18", "--weights", "random", "--resize", "64", "--precision", "fp32",
         "--batch-size", "8", "--workers", "1", "--minus", "0", "--patch-size", "32", "--mpp", "1.0"]
@@ -482,7 +482,7 @@ def test_ctrl_c_during_mil_finetune_then_the_same_command_reruns(ft_parent, tmp_
 
 
 TINY_CLI = ("from tests.featstore.pretrain.conftest import register_tiny; register_tiny(); "
-            "from cli import featstore_app; featstore_app()")
+            "from featstore.cli import featstore_app; featstore_app()")
 
 
 def _pretrain_args(store, out):

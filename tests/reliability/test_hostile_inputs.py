@@ -17,10 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 import featstore
-from cli import featstore_app, mil_app
+from featstore.cli import featstore_app, mil_app
 from featstore.synth import rectangles_slide, write_pyramid_tiff
 from tests.mil.conftest import KEY, planted_cohort, write_labels
-from tests.study.test_study_config import BASE
+from tests.mil.study.test_study_config import BASE
 
 ENV = {"COLUMNS": "300"}
 #: A fast extraction: resnet18 random weights on 32 px inputs, 64 px patches at 0.5 µm/px.

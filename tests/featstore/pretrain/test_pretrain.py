@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import featstore
-from cli import featstore_app
+from featstore.cli import featstore_app
 from featstore.checkpoint import read_encoder_checkpoint
 from featstore.cohort import SlideRef
 from featstore.encoders import create_encoder

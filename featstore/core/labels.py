@@ -1,0 +1,243 @@
+"""The toolkit's one labels reader: a strict, BOM-safe CSV primitive and the labels table on top.
+
+Labels: ``slide_id,label[,patient_id][,site][,split|fold]``, one row per slide. Every reader of a
+labels file (`mil train`, `mil finetune`, the probes) goes through :func:`read_labels`, so the
+rules are the same everywhere: a UTF-8 BOM is ignored, cells and headers are stripped, unknown
+columns, empty/NaN labels and duplicate slides are refused, and every problem is one
+``LabelsError`` line naming the file and the CSV line numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from featstore.core.errors import LabelsError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("slide_id", "label")
+OPTIONAL = ("patient_id", "site", "split", "fold")
+SPLIT_VALUES = ("train", "val", "test")
+NA = frozenset({"", "nan", "na", "n/a", "none", "null"})
+
+
+class Row(dict):
+    """One CSV record: ``{column: stripped cell}``, with ``line`` its line number in the file."""
+
+    line: int = 0
+
+
+class Rows(list):
+    """The records of a table, with ``columns`` the (kept) header names in file order."""
+
+    columns: tuple[str, ...] = ()
+
+
+def rows_text(rows: Sequence, limit: int = 10) -> str:
+    """``"3, 5, 9"``, shortened to *limit* items with the total."""
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+def sort_classes(values: Iterable[str]) -> list[str]:
+    """Distinct class names, numerically when every one is a number, else as strings."""
+    uniq = set(values)
+    try:
+        return sorted(uniq, key=lambda v: (float(v), v))
+    except ValueError:
+        return sorted(uniq)
+
+
+def _need(required: Sequence[str], optional: Sequence[str]) -> str:
+    return ",".join(required) + (f" and optionally {', '.join(optional)}" if optional else "")
+
+
+def read_table(path: str | Path, required: Sequence[str], optional: Sequence[str] = (), *,
+               extra: str = "error", what: str = "CSV file") -> Rows:
+    """Rows of a CSV with a header, every cell stripped; a UTF-8 BOM is ignored.
+
+    Missing *required* columns raise ``LabelsError``; columns in neither *required* nor
+    *optional* raise too (``extra="error"``) or are dropped (``extra="ignore"``). A record with
+    more cells than the header raises with its line number.
+    """
+    if extra not in ("error", "ignore"):
+        raise ValueError(f"extra={extra!r}: choose 'error' or 'ignore'")
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"{what} {path} does not exist; pass a CSV with columns {','.join(required)}")
+    allowed = (*required, *optional)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        raw_header = next(reader, [])
+        header = [h.strip() for h in raw_header]
+        if not any(header):
+            raise LabelsError(f"{path}: empty file (no header line); need a header {','.join(required)}")
+        if len(header) == 1:
+            guess = next((d for d in (";", "\t", "|") if d in header[0]), None)
+            if guess is not None:
+                raise LabelsError(f"{path}: the delimiter looks like {guess!r} (header {header[0]!r}); "
+                                  f"write a comma-separated file with columns {','.join(required)}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise LabelsError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+                              f"(need {_need(required, optional)})")
+        unknown = [c for c in header if c not in allowed]
+        if unknown and extra == "error":
+            raise LabelsError(f"{path}: unknown column(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        rows = Rows()
+        rows.columns = tuple(h for h in header if h in allowed)
+        for cells in reader:
+            if not cells:
+                continue   # a blank line
+            if len(cells) > len(header):
+                raise LabelsError(f"{path}: line {reader.line_num} has {len(cells)} cells but the header "
+                                  f"has {len(header)}; quote cells that contain commas")
+            row = Row({h: (cells[i].strip() if i < len(cells) else "") for i, h in enumerate(header)
+                       if h in allowed})
+            row.line = reader.line_num
+            rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A parsed labels CSV: one row per slide, labels as class indices into ``classes``."""
+
+    path: str
+    slide_ids: tuple[str, ...]
+    y: np.ndarray                        # (n,) int64 index into classes
+    classes: tuple[str, ...]             # sorted (numerically when every label is an integer)
+    patients: tuple[str, ...]            # patient_id, or the slide_id when the column is absent
+    split: tuple[str, ...] | None = None  # train/val/test per slide
+    fold: tuple[str, ...] | None = None   # predefined fold per slide
+    site: tuple[str, ...] | None = None   # acquisition site per slide (hospital, TCGA tissue-source site)
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def subset(self, keep: Sequence[int]) -> "Labels":
+        """Rows *keep* (in that order)."""
+        keep = list(keep)
+        pick = lambda t: None if t is None else tuple(t[i] for i in keep)  # noqa: E731
+        return replace(self, slide_ids=pick(self.slide_ids), y=self.y[keep],
+                       patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold),
+                       site=pick(self.site))
+
+
+def _lines(rows: Sequence[Row], bad) -> list[int]:
+    return [r.line for r in rows if bad(r)]
+
+
+def _check_rows(path: Path, rows: Sequence[Row], header: set[str]) -> None:
+    """Every per-row rule of a labels file; the first broken one raises."""
+    if "split" in header and "fold" in header:
+        raise LabelsError(f"{path}: has both 'split' and 'fold' columns; keep one")
+    if not rows:
+        raise LabelsError(f"{path}: no rows; add one line per slide (slide_id,label)")
+    no_id = _lines(rows, lambda r: r["slide_id"].lower() in NA)
+    if no_id:
+        raise LabelsError(f"{path}: empty slide_id on line(s) {rows_text(no_id)}")
+    nan = _lines(rows, lambda r: r["label"].lower() in NA)
+    if nan:
+        raise LabelsError(f"{path}: empty/NaN label on line(s) {rows_text(nan)}; fill them or drop those rows")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["slide_id"]] = counts.get(r["slide_id"], 0) + 1
+    dup = sorted(s for s, c in counts.items() if c > 1)
+    if dup:
+        raise LabelsError(f"{path}: duplicate slide_id(s) {rows_text(dup)}; one row per slide")
+    if "split" in header:
+        bad = _lines(rows, lambda r: r["split"].lower() not in SPLIT_VALUES)
+        if bad:
+            raise LabelsError(f"{path}: split must be train/val/test; bad value on line(s) {rows_text(bad)}")
+    if "fold" in header:
+        bad = _lines(rows, lambda r: r["fold"].lower() in NA)
+        if bad:
+            raise LabelsError(f"{path}: empty fold on line(s) {rows_text(bad)}")
+    if "patient_id" in header:
+        _check_patients(path, rows)
+    if "site" in header:
+        _check_sites(path, rows)
+
+
+def _patient(row: Row) -> str:
+    """The row's patient: patient_id, or the slide itself when the column is absent or empty."""
+    return row.get("patient_id", "") or row["slide_id"]
+
+
+def _check_patients(path: Path, rows: Sequence[Row]) -> None:
+    """Warn (one line naming the patients) when a patient's slides carry different labels.
+
+    Not refused: existing cohorts (and tests) hold such patients; patient-grouped folds keep all
+    of a patient's slides in one fold, so nothing leaks, but the user should know."""
+    labels: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        labels.setdefault(_patient(r), {}).setdefault(r["label"], []).append(r.line)
+    mixed = sorted(p for p, ls in labels.items() if len(ls) > 1)
+    if mixed:
+        shown = [f"{p} ({', '.join(f'{lab} on line {rows_text(ln)}' for lab, ln in sorted(labels[p].items()))})"
+                 for p in mixed]
+        log.warning("%s: patient(s) %s have slides with different labels; folds are grouped by patient, "
+                    "so each such patient's slides stay in one fold", path, rows_text(shown))
+
+
+def _check_sites(path: Path, rows: Sequence[Row]) -> None:
+    """Every slide has a site, and a patient's slides all come from one site."""
+    bad = _lines(rows, lambda r: r["site"].lower() in NA)
+    if bad:
+        raise LabelsError(f"{path}: empty site on line(s) {rows_text(bad)}; fill them or drop the site column")
+    sites: dict[str, set[str]] = {}
+    for r in rows:
+        sites.setdefault(_patient(r), set()).add(r["site"])
+    mixed = sorted(p for p, s in sites.items() if len(s) > 1)
+    if mixed:
+        shown = [f"{p} ({', '.join(sorted(sites[p]))})" for p in mixed]
+        raise LabelsError(f"{path}: patient(s) {rows_text(shown)} have slides from more than one site; "
+                          "a patient belongs to one site")
+
+
+def read_labels(path: str | Path) -> Labels:
+    """Parse and validate a labels CSV; every problem is one ``LabelsError`` line."""
+    path = Path(path)
+    rows = read_table(path, REQUIRED, OPTIONAL, what="labels file")
+    header = set(rows.columns)
+    _check_rows(path, rows, header)
+    classes = sort_classes(r["label"] for r in rows)
+    if len(classes) < 2:
+        raise LabelsError(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
+                          "a classifier needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    column = lambda c: tuple(r[c] for r in rows) if c in header else None  # noqa: E731
+    split = column("split")
+    return Labels(str(path), column("slide_id"), np.array([index[r["label"]] for r in rows], dtype=np.int64),
+                  tuple(classes), tuple(_patient(r) for r in rows),
+                  None if split is None else tuple(s.lower() for s in split), column("fold"), column("site"))
+
+
+def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
+                store_name: str = "the store") -> Labels:
+    """Drop (with --allow-missing) or reject slides of *labels* whose features *available* lacks."""
+    avail = set(available)
+    missing = [s for s in labels.slide_ids if s not in avail]
+    if not missing:
+        return labels
+    if not allow_missing:
+        raise LabelsError(f"{len(missing)} slide(s) of {labels.path} have no features in {store_name}: "
+                          f"{rows_text(missing)}; extract them or pass --allow-missing to skip them")
+    log.warning("skipping %d slide(s) without features in %s: %s", len(missing), store_name,
+                rows_text(missing))
+    kept = labels.subset([i for i, s in enumerate(labels.slide_ids) if s in avail])
+    if len(kept) == 0 or len(set(kept.y.tolist())) < 2:
+        raise LabelsError(f"after skipping slides missing from {store_name}, {labels.path} has "
+                          f"{len(kept)} slide(s) and fewer than two classes; extract the missing slides")
+    return kept
+
+
+__all__ = ["Labels", "Row", "Rows", "read_table", "read_labels", "match_store", "sort_classes", "rows_text",
+           "REQUIRED", "OPTIONAL", "SPLIT_VALUES", "NA"]

@@ -1,0 +1,67 @@
+"""The declared configs of segmentation (`mil seg train`, whole-slide datasets).
+
+Apart from the training code so that building the CLI's options imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featstore.core.config import Config, option
+from mil.seg.errors import SegError
+
+
+@dataclass(frozen=True)
+class SegConfig(Config):
+    """One segmentation run (`mil seg train`; docs/segmentation.md)."""
+
+    encoder: str = option(help="Encoder name (see `featstore encoders`; CNNs).", flags=("--encoder", "-e"))
+    weights: str = option("random", "Encoder weights: random | imagenet | a tag | a file (pretrain, fine-tuned).")
+    arch: str = option("unet", "unet | unetplusplus (segmentation_models_pytorch decoders).")
+    mask_kind: str = option("instance", "binary | multiclass | instance (instance masks train on foreground).")
+    classes: int = option(2, "Classes including background (binary and instance masks: 2).")
+    fraction: float = option(1.0, "Share of the training images (nested across fractions for a seed).")
+    val: float = option(0.2, "Share of the images for validation (early stopping).")
+    test: float = option(0.2, "Share of the images held out for the in-domain test.")
+    epochs: int = option(30, "Maximum epochs (the lowest validation loss is kept).")
+    patience: int = option(8, "Early stopping: epochs without a lower validation loss (0: never).")
+    batch_size: int = option(8, "Crops per step.")
+    crop: int = option(256, "Training crop side in px (images smaller than it are padded).")
+    lr: float = option(1e-3, "Decoder learning rate (AdamW).")
+    encoder_lr: float = option(1e-4, "Encoder learning rate (AdamW; 0 freezes the encoder).")
+    augment: bool = option(True, "Flips, 90° rotations (image and mask), colour jitter (image).")
+    hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
+    seed: int = option(0, "Seed: split, subset, decoder init, augmentations, batch order.")
+    n_boot: int = option(1000, "Bootstrap resamples (over images) for the metrics' CIs.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    threads: int = option(0, "CPU threads for torch (0: torch's default).")
+
+    def __post_init__(self) -> None:
+        if not (0 < self.fraction <= 1) or not (0 <= self.val < 1) or not (0 < self.test < 1):
+            raise SegError("--fraction in (0, 1], --val in [0, 1), --test in (0, 1), please")
+        if self.epochs < 1 or self.batch_size < 1 or self.crop < 32 or self.classes < 2:
+            raise SegError("--epochs >= 1, --batch-size >= 1, --crop >= 32 and --classes >= 2, please")
+
+
+@dataclass(frozen=True)
+class WsiSource(Config):
+    """Whole slides with annotations as a segmentation dataset (docs/segmentation.md,
+    "Whole-slide datasets"): patches of ``patch`` px at ``mpp``."""
+
+    config_error = SegError
+
+    slides: str | None = option(None, "Folder of slides (any OpenSlide format) paired by name with "
+                                      "X.geojson / X.json (QuPath) or a label TIFF X.tif.")
+    annotations: str | None = option(None, "Folder of the annotation files (default: the slides' folder).")
+    mpp: float = option(1.0, "Patch resolution in µm/px (0.5 ~ 20x, 1.0 ~ 10x).")
+    patch: int = option(256, "Patch side in px at --mpp.")
+    stride: int | None = option(None, "Grid step in px at --mpp (default: --patch).")
+    min_annotated: float = option(0.05, "Keep a patch when at least this share of its pixels is annotated.")
+    max_patches: int | None = option(None, "At most this many patches per slide (seeded subsample).")
+    class_names: str | None = option(None, "GeoJSON class names in id order, comma-separated (ids 1..n; "
+                                           "others not drawn). Default: every name, sorted.")
+    default_class: str | None = option(None, "Class of unclassified GeoJSON objects (default: skip them).")
+    slide_mpp: float | None = option(None, "Override the slides' µm/px (files without it).")
+
+    def class_map(self) -> dict[str, int] | None:
+        names = [n.strip() for n in (self.class_names or "").split(",") if n.strip()]
+        return {n: i for i, n in enumerate(names, start=1)} or None

@@ -1,0 +1,336 @@
+"""report.md of a study: the answers first, then the tables and pictures behind them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from analysis.compare import format_p
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mil.study.study import Study
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _f(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _clip(x):
+    """AUC confidence bounds live in [0, 1] (a t-interval of a mean can overshoot)."""
+    return None if x is None else min(1.0, max(0.0, x))
+
+
+def _table(rows: Sequence, title: str) -> list[str]:
+    out = [f"| {title} | runs x folds | AUC mean ± sd | 95% CI | bal. acc. | F1 | Δ AUC vs baseline | p (Welch) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r.key.label()}** (baseline)" if r.is_baseline else r.key.label()
+        out.append(
+            f"| {name} | {r.n_runs} x {r.n // max(r.n_runs, 1)} | {_f(r.mean.get('auc'))} ± {_f(r.sd.get('auc'))} "
+            f"| {_f(_clip(r.ci[0]))}–{_f(_clip(r.ci[1]))} | {_f(r.mean.get('balanced_accuracy'))} | {_f(r.mean.get('f1'))} "
+            f"| {'' if r.delta is None else format(r.delta, '+.3f')} | {format_p(r.p) if r.p is not None else ''} |"
+        )
+    return out
+
+
+def _best_per_level(rows: Sequence) -> list[str]:
+    """HistoTransfer Table II: per encoder x weights, AUC at each truncation level."""
+    frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
+    groups: dict[tuple[str, str], dict[int, object]] = {}
+    for r in frozen:
+        groups.setdefault((r.key.encoder, r.key.weights), {})[r.key.minus] = r
+    levels = sorted({lv for g in groups.values() for lv in g})
+    out = ["| encoder | weights | " + " | ".join(f"minus{lv}" for lv in levels) + " | best level |",
+           "|---|---|" + "---|" * len(levels) + "---|"]
+    for (enc, w), g in sorted(groups.items()):
+        cells = [f"{_f(g[lv].mean.get('auc'))} ± {_f(g[lv].sd.get('auc'))}" if lv in g else "" for lv in levels]
+        best = max(g.values(), key=lambda r: r.mean.get("auc") or -1)
+        out.append(f"| {enc} | {w} | " + " | ".join(cells) + f" | minus{best.key.minus} |")
+    return out
+
+
+def _fraction_table(rows: Sequence) -> list[str]:
+    fr = [r for r in rows if r.key.kind == "train" and r.key.train_fraction is not None]
+    fracs = sorted({r.key.train_fraction for r in fr})
+    if len(fracs) < 2:
+        return []
+    groups: dict[tuple, dict[float, object]] = {}
+    for r in fr:
+        groups.setdefault((r.key.encoder, r.key.weights, r.key.minus), {})[r.key.train_fraction] = r
+    out = ["| encoder:weights:level | " + " | ".join(f"{f:g} of training slides" for f in fracs) + " |",
+           "|---|" + "---|" * len(fracs)]
+    for (enc, w, lv), g in sorted(groups.items()):
+        out.append(f"| {enc}:{w}:minus{lv} | " + " | ".join(
+            f"{_f(g[f].mean.get('auc'))} ± {_f(g[f].sd.get('auc'))}" if f in g else "" for f in fracs) + " |")
+    return out
+
+
+def _finetune_section(ft_run: Path, base: Path) -> list[str]:
+    m = json.loads((ft_run / "metrics.json").read_text())
+    cfg = json.loads((ft_run / "config.json").read_text())
+    out = ["| model | slides | AUC | 95% CI | balanced accuracy | F1 |", "|---|---|---|---|---|---|"]
+    for name, block in (("frozen (MIL on stored features)", m.get("frozen", {})), ("top-k fine-tuned", m)):
+        for fold, v in (block.get("folds") or {}).items():
+            ci = v.get("auc_ci") or [None, None]
+            out.append(f"| {name} [{fold}] | {v.get('n', '')} | {_f(v.get('auc'))} | {_f(ci[0])}–{_f(ci[1])} "
+                       f"| {_f(v.get('balanced_accuracy'))} | {_f(v.get('f1'))} |")
+    extra = []
+    if "comparison" in m:
+        extra.append(f"Paired comparison on the same slides: {json.dumps(m['comparison'])}")
+    keys = ("k", "epochs", "lr", "head_lr", "fold")
+    settings = ", ".join(f"{k}={cfg.get(k, cfg.get('finetune', {}).get(k))}" for k in keys)
+    return out + ["", f"Fine-tune settings: {settings}. Run: `{_rel(ft_run, base)}`.", *extra]
+
+
+def _answers(study: "Study", rows: Sequence, best, ft_run: Path | None) -> list[str]:
+    if best is None:
+        return ["- No MIL run finished; see the failures below."]
+    frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
+    a = [f"- **Best frozen configuration:** `{best.key.encoder}` with `{best.key.weights}` weights at "
+         f"**minus{best.key.minus}**: AUC {_f(best.mean.get('auc'))} ± {_f(best.sd.get('auc'))} "
+         f"(95% CI {_f(best.ci[0])}–{_f(best.ci[1])}, {best.n} fold results)."]
+    by_enc: dict[tuple[str, str], list] = {}
+    for r in frozen:
+        by_enc.setdefault((r.key.encoder, r.key.weights), []).append(r)
+    for (enc, w), rs in sorted(by_enc.items()):
+        rs = sorted(rs, key=lambda r: r.key.minus)
+        full = next((r for r in rs if r.key.minus == 0), None)
+        top = max(rs, key=lambda r: r.mean.get("auc") or -1)
+        if full is not None and top is not full:
+            a.append(f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches AUC {_f(top.mean.get('auc'))} vs "
+                     f"{_f(full.mean.get('auc'))} for the full network (Δ {top.mean['auc'] - full.mean['auc']:+.3f}).")
+        elif full is not None:
+            a.append(f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, AUC {_f(full.mean.get('auc'))}.")
+    weights = sorted({r.key.weights for r in frozen})
+    if len(weights) > 1:
+        best_w = {w: max((r for r in frozen if r.key.weights == w), key=lambda r: r.mean.get("auc") or -1) for w in weights}
+        a.append("- **Pre-training:** best AUC per weights: " + ", ".join(
+            f"{w} {_f(r.mean.get('auc'))} ({r.key.encoder} minus{r.key.minus})" for w, r in best_w.items()) + ".")
+    if ft_run is not None and (ft_run / "metrics.json").exists():
+        m = json.loads((ft_run / "metrics.json").read_text())
+        fa, fb = m.get("frozen", {}).get("mean", {}).get("auc"), m.get("mean", {}).get("auc")
+        if fa is not None and fb is not None:
+            a.append(f"- **Fine-tuning helps?** On the same test slides: frozen AUC {_f(fa)} → fine-tuned {_f(fb)} "
+                     f"(Δ {fb - fa:+.3f}). See the fine-tuning table for CIs.")
+    a.append("- Differences whose Welch p ≥ 0.05 or whose CIs overlap widely are not evidence of a real "
+             "difference on this cohort; add seeds/folds or slides before concluding.")
+    return a
+
+
+def _external_table(records: Sequence[dict]) -> list[str]:
+    """Table V rows: per external cohort x configuration, internal and external AUC over seeds."""
+    import numpy as np
+
+    if not records:
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["cohort"], r["encoder"], str(r["weights"]), int(r["minus"])), []).append(r)
+
+    def ms(vals) -> str:
+        v = [x for x in vals if x is not None]
+        if not v:
+            return "-"
+        return f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
+    rows = ["| cohort | configuration | seeds | internal AUC | external AUC | drop | external 95 % CI (first seed) | "
+            "external slides |", "|---|---|---|---|---|---|---|---|"]
+    for (coh, enc, w, lv), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        ia = [r["internal_auc"] for r in rs if r["internal_auc"] is not None]
+        ea = [r["external_auc"] for r in rs if r["external_auc"] is not None]
+        drop = f"{np.mean(ia) - np.mean(ea):+.3f}" if ia and ea else "-"
+        ci = rs[0].get("external_ci") or [None, None]
+        ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and ci[0] is not None else "-"
+        rows.append(f"| {coh} | {enc}:{w}:minus{lv} | {len(rs)} | {ms(ia)} | {ms(ea)} | {drop} | {ci_s} | "
+                    f"{rs[0].get('n_external', '-')} |")
+    return rows
+
+
+def stain_note(extract: dict) -> str:
+    """One sentence on the stain setting of a study's ``extract:`` section."""
+    method = (extract or {}).get("stain", "none")
+    if method == "none":
+        return "Stain: raw tiles (no stain normalisation)."
+    return (f"Stain: **{method}** normalisation of every tile before the encoder, fitted to "
+            f"`{extract.get('stain_reference')}` ({extract.get('stain_tiles', 32)} tissue tiles if a slide); "
+            "features keyed `<weights>-stain-<method>-<hash>`.")
+
+
+def _stain_section(study, store, rep_dir: Path) -> list[str]:
+    """The stain note and, with normalisation, the QC picture of the first encoder's features."""
+    lines = [stain_note(study.cfg.extract), ""]
+    if (study.cfg.extract or {}).get("stain", "none") == "none" or not getattr(study, "weights_used", None):
+        return lines
+    from featstore.stain.qc import stain_qc
+
+    (enc, _), tag = next(iter(study.weights_used.items()))
+    level = next(lv for e, w, lv in study.plans() if e == enc)[0]
+    try:
+        qc = stain_qc(store, enc, level, tag, rep_dir / "stain-qc.png")
+    except Exception as exc:  # noqa: BLE001 -- the QC picture must not cost the report
+        study.failures.append({"stage": "stain QC", "item": tag, "error": str(exc).splitlines()[0]})
+        return lines
+    if qc.picture is not None:
+        lines += [f"![tiles before and after {qc.method}]({_rel(qc.picture, rep_dir)})", ""]
+    lines += ["| slide | angle to the reference's H/E vectors before (°) | after (°) |", "|---|---|---|",
+              *[f"| {sid} | {a:.1f} | {b:.1f} |" for sid, (a, b) in qc.angles.items()], ""]
+    return lines
+
+
+def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft_run: Path | None,
+                 cka_files: dict, heatmaps: list, seconds: float) -> Path:
+    """Write ``<out>/report/report.md`` and return its path."""
+    from featstore.store import open_store
+
+    cfg = study.cfg
+    rep_dir = study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(cfg.store)
+    n_slides = len(store.slide_ids())
+    lines = [f"# Transfer-learning study: {cfg.name}", "",
+             f"Cohort: {n_slides} slides in `{cfg.store}`; labels `{cfg.labels}`; "
+             f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; seeds {cfg.seeds}; "
+             f"{'%d-fold CV' % cfg.folds if cfg.folds else 'hold-out split'}; train fractions {cfg.train_fractions}. "
+             f"This run took {seconds:.0f} s and did: {study.new_work}.", "",
+             *_stain_section(study, store, rep_dir),
+             "## Answers", "", *_answers(study, rows, best, ft_run), ""]
+    base = next((r for r in rows if r.is_baseline), None)
+    lines += ["## Table I: every frozen configuration (attention MIL on stored features)", "",
+              f"Δ and Welch p are against **{base.key.label()}**"
+              + (" (the study's baseline)." if cfg.baseline else " (the best frozen configuration).") if base else "",
+              "",
+              *_table(rows, "encoder:weights:level kind"), "",
+              "![AUC by configuration](frozen/compare.png)", "",
+              "## Table II: AUC by truncation level", "", *_best_per_level(rows), ""]
+    if ft_run is not None and (ft_run / "metrics.json").exists():
+        lines += ["## Table III: frozen vs top-k fine-tuned (same test slides)", "", *_finetune_section(ft_run, rep_dir), ""]
+    frac = _fraction_table(rows)
+    if frac:
+        lines += ["## Table IV: AUC by amount of training data", "", *frac, ""]
+    ext = _external_table(getattr(study, "external_records", []))
+    if ext:
+        lines += ["## Table V: internal vs external validation", "",
+                  "Internal: the run's cross-validated test AUC (mean over folds). External: the mean of the "
+                  "fold models' probabilities on the external cohort, never trained on (`mil evaluate`). Both "
+                  "are mean ± sd over seeds, and the external 95 % CI is the first seed's bootstrap. Pick an "
+                  "encoder by the external column: a large drop means the features learned this site.", "",
+                  *ext, ""]
+    if cka_files.get("png"):
+        lines += ["## CKA: frozen vs fine-tuned encoder, level by level", "",
+                  f"![CKA heatmap]({_rel(cka_files['png'], rep_dir)})", "",
+                  f"Values: `{_rel(cka_files['csv'], rep_dir)}`. A diagonal near 1 means fine-tuning left that "
+                  "block's representation unchanged; low values mark the blocks that moved.", ""]
+    if best_dir is not None and (best_dir / "roc.png").exists():
+        lines += ["## ROC curves of the best frozen configuration", "",
+                  f"![ROC]({_rel(best_dir / 'roc.png', rep_dir)})", ""]
+    if heatmaps:
+        lines += ["## Attention heatmaps (best frozen configuration)", ""]
+        for sid, png in heatmaps:
+            lines += [f"### {sid}", "", f"![{sid}]({_rel(png, rep_dir)})", ""]
+    fails = list(study.failures) + [{"stage": "extract (store log)", "item": k, "error": v}
+                                    for k, v in store.failures().items()]
+    lines += ["## Failures", ""]
+    if fails:
+        lines += ["| stage | item | error |", "|---|---|---|"] + [
+            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in fails]
+    else:
+        lines += ["None."]
+    lines += ["", "## Files", "", "- `frozen/compare.csv`, `frozen/compare.md`: Table I as data.",
+              "- `../runs/*/`: one directory per MIL run (config.json, metrics.json, predictions.csv, plots).",
+              "- `../study.json`: the study configuration as run.", ""]
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _calibration_rows(records: Sequence[dict]) -> list[str]:
+    rows = ["| run | accuracy | ECE | T | ECE after T |", "|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["encoder"], str(r["weights"]), r["minus"], r["method"], -r["fraction"])):
+        if r["seed"] != min(x["seed"] for x in records) or r["fraction"] != max(x["fraction"] for x in records):
+            continue
+        rows.append(f"| {r['encoder']}:{r['weights']}:minus{r['minus']} {r['method']} | {_f(r.get('accuracy'))} | "
+                    f"{_f(r.get('ece'))} | {_f(r.get('temperature'), '.2f')} | {_f(r.get('ece_after_temperature'))} |")
+    return rows
+
+
+def write_patch_report(study, files: dict, seconds: float) -> Path:
+    """``<out>/report/report.md`` of a ``task: patch`` study (mil.study.patchstudy)."""
+    cfg, rep_dir = study.cfg, study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Patch-classification study: {cfg.name}", "",
+             f"Images `{cfg.images}` in `{cfg.store}`; encoders "
+             f"{', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; methods {cfg.methods}"
+             f"{' + finetune' if cfg.finetune.get('enabled') else ''}; seeds {cfg.seeds}; training fractions "
+             f"{cfg.train_fractions}. This run took {seconds:.0f} s and did: {study.new_work}.", "",
+             stain_note(cfg.extract), ""]
+    if files.get("table_md"):
+        table = Path(files["table_md"]).read_text().splitlines()
+        lines += ["## Table I: every configuration (test split; mean ± sd over seeds, Welch p against random init)",
+                  "", *[ln for ln in table if not ln.startswith("# ")], ""]
+        for metric in ("balanced_accuracy", "ece"):
+            if files.get(f"{metric}_plot"):
+                lines += [f"![{metric} vs training fraction]({_rel(Path(files[f'{metric}_plot']), rep_dir)})", ""]
+        lines += ["## Calibration (largest fraction, first seed): ECE before and after temperature scaling", "",
+                  *_calibration_rows(study.records), "",
+                  "Each run's reliability diagram, confidence histograms and confusion matrix are in "
+                  "`../patches/runs/<run>/`.", ""]
+    lines += _failures(study.failures)
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _failures(failures: Sequence[dict]) -> list[str]:
+    lines = ["## Failures", ""]
+    if failures:
+        return lines + ["| stage | item | error |", "|---|---|---|"] + [
+            f"| {f['stage']} | {f['item']} | {f['error'].replace('|', '/')} |" for f in failures]
+    return lines + ["None."]
+
+
+def write_seg_report(study, seconds: float) -> Path:
+    """``<out>/report/report.md`` of a ``task: segmentation`` study (mil.study.segstudy): the init
+    table (in-domain beside out-of-domain), Dice vs fraction, the run folders, failures."""
+    from mil.seg.compare import compare_seg, read_seg_records
+
+    cfg, rep_dir = study.cfg, study.out / "report"
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    ood = ", ".join(f"`{d.source}` (ood:{d.name}, {len(d)} images)" for d in study.ood_sets) or "none"
+    lines = [f"# Segmentation-transfer study: {cfg.name}", "",
+             f"Trained on `{study.train_set.source}` ({len(study.train_set)} pairs, {len(study.train_set.data.skipped)} "
+             f"skipped); out-of-domain sets {ood}. Encoders "
+             f"{', '.join(f'{e.name}:{w}' for e in cfg.encoders for w in e.weights)}; architectures {cfg.archs}; "
+             f"training fractions {cfg.train_fractions}; seeds {cfg.seeds}; seg settings {cfg.seg or 'defaults'}. "
+             f"This run took {seconds:.0f} s and did: {study.new_work}.", ""]
+    if study.run_dirs:
+        records = read_seg_records(study.run_dirs)
+        files = compare_seg(records, rep_dir, cfg.baseline)
+        table_rows = _csv(files["table_csv"])
+        base = next((r["weights"] for r in table_rows if r.get("baseline") == "baseline"), None)
+        table = Path(files["table_md"]).read_text().splitlines()
+        lines += [f"## Table I: init x architecture x evaluation set x fraction (mean ± sd over seeds, Welch p "
+                  f"against {base or 'no baseline'})", "",
+                  "`test` is the held-out split of the training images (in-domain); `ood:<name>` the same "
+                  "models on another set without retraining.", "",
+                  *[ln for ln in table if not ln.startswith("# ")], "",
+                  f"![Dice vs training fraction]({_rel(Path(files['dice_plot']), rep_dir)})", "",
+                  "Each run's folder (model.pt, config.json, metrics.json with bootstrap CIs over images, overlays "
+                  "in pictures/) is under `../seg/runs/`.", ""]
+    lines += _failures(study.failures)
+    path = rep_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

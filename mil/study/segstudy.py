@@ -1,0 +1,227 @@
+"""The segmentation form of a study (``task: segmentation``): image/mask pairs -> a U-Net /
+U-Net++ per encoder x weights x architecture x training fraction x seed -> one report with the
+seed papers' init table (Welch p against ImageNet, else random), in-domain beside
+out-of-domain scores, and Dice against the training fraction.
+
+    task: segmentation
+    images: glands-he/images        # masks in the sibling masks/ (or masks: DIR);
+                                    # or annotated slides: {slides: DIR, mpp: 1.0, patch: 256, ...}
+    test_images: [glands-dark/images]   # out-of-domain sets (folders or slide mappings), no retraining
+    encoders:
+      - {name: resnet18, weights: [random, imagenet-or-random, pretrain-out/f1/pretrain-simclr-resnet18-f1.pt]}
+    archs: [unet, unetplusplus]
+    seeds: [0, 1, 2]
+    train_fractions: [0.25, 1.0]
+    seg: {epochs: 20, crop: 128, mask_kind: instance}   # SegConfig fields (docs/segmentation.md)
+
+Every dataset is loaded once; each run writes ``<out>/seg/runs/<run>/`` (the `mil seg train`
+folder) and a rerun skips every run whose folder holds metrics for the same configuration.
+An encoder's ``levels`` are not used: a U-Net takes the whole encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from featstore.core.config import coerce_fields, from_dict
+from featstore.core.errors import CoreError
+from mil.study.errors import StudyError
+from mil.study.study import EncoderPlan, StudyEvent, _at, _expand_shorthand, _resolve, check_plans, weights_request
+
+#: SegConfig fields the study sets itself (from encoders, archs, train_fractions, seeds).
+STUDY_SETS = ("encoder", "weights", "arch", "fraction", "seed")
+
+
+def _looks_like_file(w: str) -> bool:
+    return "/" in w or "\\" in w or w.endswith((".pt", ".pth", ".safetensors", ".bin"))
+
+
+@dataclass
+class SegStudyConfig:
+    """The ``task: segmentation`` YAML, validated (paths relative to the YAML's folder)."""
+
+    images: str | dict
+    encoders: list[EncoderPlan]
+    task: str = "segmentation"
+    masks: str | None = None
+    test_images: list[str | dict] = field(default_factory=list)
+    out: str = "study"
+    name: str = "segmentation study"
+    archs: list[str] = field(default_factory=lambda: ["unet"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_fractions: list[float] = field(default_factory=lambda: [1.0])
+    baseline: str | None = None
+    seg: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "SegStudyConfig":
+        try:
+            d = _expand_shorthand(d)          # an encoder by name, weights: tag
+            if isinstance(d.get("test_images"), str):
+                d["test_images"] = [d["test_images"]]
+            if isinstance(d.get("archs"), str):
+                d["archs"] = [d["archs"]]
+            kw = coerce_fields(cls, d, error=StudyError)
+            missing = [k for k in ("images", "encoders") if k not in kw]
+            if missing:
+                raise StudyError(f"missing keys {missing}")
+            kw["encoders"] = [_plan(e, i) for i, e in enumerate(kw["encoders"])]
+            kw["images"] = _source(root, kw["images"], "images")
+            kw["out"] = _resolve(root, kw.get("out", "study"))
+            if kw.get("masks"):
+                kw["masks"] = _resolve(root, kw["masks"])
+            kw["test_images"] = [_source(root, t, f"test_images[{i}]") for i, t in enumerate(kw.get("test_images", []))]
+            for plan in kw["encoders"]:
+                plan.weights[:] = [_resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
+            cfg = cls(**kw)
+            cfg.validate()
+        except CoreError as exc:
+            raise StudyError(f"{source}: {exc}") from None
+        return cfg
+
+    def validate(self) -> None:
+        from mil.seg.model import ARCHITECTURES
+
+        if self.task != "segmentation":
+            raise StudyError(f"task: {self.task!r}; this form is task: segmentation")
+        check_plans(self.encoders, self.seeds)
+        for a in self.archs:
+            if a not in ARCHITECTURES:
+                raise StudyError(f"archs: {a!r} is not one of {', '.join(ARCHITECTURES)}")
+        if not self.archs or not self.train_fractions:
+            raise StudyError("archs and train_fractions need at least one entry each")
+        for f in self.train_fractions:
+            _at("train_fractions", self.seg_config, self.encoders[0].name, "random", self.archs[0], f, self.seeds[0])
+        for plan in self.encoders:
+            for w in plan.weights:
+                if _looks_like_file(w) and not Path(w).is_file():
+                    raise StudyError(f"encoders: weights file {w} does not exist")
+
+    def seg_config(self, encoder: str, weights: str, arch: str, fraction: float, seed: int):
+        from mil.seg.train import SegConfig
+
+        kw = coerce_fields(SegConfig, self.seg, where="seg", exclude=STUDY_SETS, error=StudyError)
+        return from_dict(SegConfig, {**kw, "encoder": encoder, "weights": weights, "arch": arch,
+                                     "fraction": float(fraction), "seed": int(seed)}, where="seg", error=StudyError)
+
+
+def _source(root: Path, spec: str | dict, where: str) -> str | dict:
+    """A dataset entry with its paths resolved: a folder, or a :class:`mil.seg.run.WsiSource` mapping
+    (checked here, so a bad key fails before any training)."""
+    if isinstance(spec, str):
+        return _resolve(root, spec)
+    from mil.seg.run import WsiSource
+
+    spec = {**spec, **{k: _resolve(root, spec[k]) for k in ("slides", "annotations") if spec.get(k)}}
+    src = from_dict(WsiSource, spec, where=where, error=StudyError)
+    if not src.slides:
+        raise StudyError(f"{where}: a slide dataset needs slides: DIR")
+    return spec
+
+
+def _plan(e, i: int) -> EncoderPlan:
+    if isinstance(e, EncoderPlan):
+        return e
+    e = {"name": e} if isinstance(e, str) else dict(e)
+    if isinstance(e.get("weights"), str):
+        e["weights"] = [e["weights"]]
+    return from_dict(EncoderPlan, e, where=f"encoders[{i}]", error=StudyError)
+
+
+def run_name(encoder: str, weights: str, arch: str, fraction: float, seed: int) -> str:
+    """The run folder's name: a weights file is named by its stem."""
+    w = Path(weights).stem if _looks_like_file(weights) else weights
+    return f"{encoder}-{w}-{arch}-f{fraction:g}-s{seed}"
+
+
+@dataclass
+class SegStudyResult:
+    out: Path
+    report: Path
+    failures: list[dict]
+    new_work: dict
+
+
+class SegStudy:
+    """Runs a :class:`SegStudyConfig` (module docstring)."""
+
+    def __init__(self, cfg: SegStudyConfig, progress: Callable[[StudyEvent], None] | None = None):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.progress = progress or (lambda e: None)
+        self.failures: list[dict] = []
+        self.new_work = {"seg_runs": 0, "reused_runs": 0}
+        self.run_dirs: list[Path] = []
+
+    def _fail(self, stage: str, item: str, exc: BaseException) -> None:
+        self.failures.append({"stage": stage, "item": item,
+                              "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+
+    def jobs(self) -> list:
+        """Every run's SegConfig, in plan order (weights resolved: ``imagenet-or-random``)."""
+        c = self.cfg
+        return [c.seg_config(e.name, weights_request(e.name, w), a, f, s)
+                for e in c.encoders for w in e.weights for a in c.archs for f in c.train_fractions for s in c.seeds]
+
+    def _done(self, run: Path, cfg) -> bool:
+        try:
+            old = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        same = all(old.get(k) == v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items())
+        return same and (run / "metrics.json").is_file() and (run / "model.pt").is_file()
+
+    def datasets(self, cfg):
+        """The training set and the out-of-domain sets, each loaded once (a bad out-of-domain set
+        is a listed failure; a bad training set stops the study)."""
+        from mil.seg.run import WsiSource, load_folder, load_wsi
+
+        def load(spec, masks=None):
+            if isinstance(spec, str):
+                return load_folder(spec, masks, cfg)
+            return load_wsi(from_dict(WsiSource, spec, error=StudyError), cfg)
+
+        train = load(self.cfg.images, self.cfg.masks)
+        ood = []
+        for spec in self.cfg.test_images:
+            try:
+                ood.append(load(spec))
+            except CoreError as exc:
+                self._fail("load", spec if isinstance(spec, str) else spec["slides"], exc)
+        names = [d.name for d in ood]
+        if len(set(names)) < len(names):
+            raise StudyError(f"test_images: two out-of-domain sets are both called {names}; rename a folder")
+        return train, ood
+
+    def run(self) -> SegStudyResult:
+        from mil.seg.run import run_segmentation
+        from mil.study.report import write_seg_report
+
+        t0 = time.perf_counter()
+        jobs = self.jobs()
+        train, ood = self.datasets(jobs[0])
+        for i, cfg in enumerate(jobs):
+            name = run_name(cfg.encoder, cfg.weights, cfg.arch, cfg.fraction, cfg.seed)
+            run = self.out / "seg" / "runs" / name
+            self.progress(StudyEvent("segment", i, len(jobs), name))
+            if self._done(run, cfg):
+                self.new_work["reused_runs"] += 1
+                self.run_dirs.append(run)
+                continue
+            try:
+                run_segmentation(cfg, train, run, ood)
+            except Exception as exc:  # noqa: BLE001 -- one configuration failing must not stop the study
+                self._fail("segment", name, exc)
+                continue
+            self.new_work["seg_runs"] += 1
+            self.run_dirs.append(run)
+        self.progress(StudyEvent("segment", len(jobs), len(jobs)))
+        self.train_set, self.ood_sets = train, ood
+        report = write_seg_report(self, time.perf_counter() - t0)
+        return SegStudyResult(self.out, report, self.failures, self.new_work)
+
+
+__all__ = ["SegStudy", "SegStudyConfig", "SegStudyResult", "run_name"]

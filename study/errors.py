@@ -1,9 +1,0 @@
-"""Errors raised by study: one base type, messages a user can act on."""
-
-from __future__ import annotations
-
-from core.errors import CoreError
-
-
-class StudyError(CoreError, ValueError):
-    """The study file is invalid, or a study stage cannot start."""
