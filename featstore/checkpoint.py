@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from featstore.core.errors import first_line
 from featstore.errors import WeightsError, WeightsNotFoundError
 from featstore.tags import WeightsTag, file_sha256
 
@@ -40,14 +41,14 @@ def load_torch_file(path: str | Path) -> Any:
         found = re.search(r"GLOBAL [\w.]+", str(exc))
         if not found:
             why = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            detail = why.group(1).strip() if why else str(exc).splitlines()[0]
+            detail = why.group(1).strip() if why else first_line(exc)
             raise WeightsError(f"{path} is not a readable torch checkpoint: {detail}") from None
         raise WeightsError(
             f"{path} pickles Python objects beyond tensors ({found.group(0)}); refused (weights_only). "
             "If you trust it, re-save only its state_dict with torch.save()"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise WeightsError(f"{path} is not a readable torch checkpoint: {first}") from None
 
 

@@ -27,18 +27,15 @@ from typing import Any, Iterator
 
 import torch
 
+from featstore.core.errors import first_line
 from featstore.core.runtime import cpu_threads
 from featstore.cohort import SlideRef
-from featstore.errors import FeatstoreError
+from featstore.errors import ClusterError, FeatstoreError
 from featstore.extract import ExtractConfig, Extractor, ExtractReport, Progress, _NoProgress, store_tiling
 from featstore.read.remote import remote_options, store_location
 from featstore.store import open_store_writer
 
 log = logging.getLogger(__name__)
-
-
-class ClusterError(FeatstoreError, RuntimeError):
-    """The cluster cannot be reached, or a task failed for a reason that is not the slide's."""
 
 
 @dataclass(frozen=True)
@@ -221,7 +218,7 @@ def extract_distributed(refs: list[SlideRef], store: str | Path, cfg: ExtractCon
                 progress.slide_finished(ref.slide_id, "failed")
                 continue
             except Exception as exc:  # noqa: BLE001 -- not a slide error: stop the whole run
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                msg = first_line(exc)
                 raise ClusterError(f"{ref.slide_id}: task failed on the cluster ({msg})") from exc
             status = out["status"]
             if status == "done":

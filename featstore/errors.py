@@ -7,7 +7,7 @@ either (``except FileNotFoundError`` still works), as zarr-python does.
 
 from __future__ import annotations
 
-from featstore.core.errors import CoreError
+from featstore.core.errors import ConfigError, CoreError
 
 
 class FeatstoreError(CoreError):
@@ -63,3 +63,19 @@ class StainError(FeatstoreError, ValueError):
 
 class PretrainError(FeatstoreError, ValueError):
     """Self-supervised pretraining cannot run as asked (method vs encoder, empty store, ...)."""
+
+
+class FeatstoreConfigError(FeatstoreError, ConfigError):
+    """A featstore config value is outside what the field declares (also a ConfigError, a ValueError)."""
+
+
+class TilingError(FeatstoreConfigError):
+    """An invalid tiling configuration."""
+
+
+class ClusterError(FeatstoreError, RuntimeError):
+    """The cluster cannot be reached, or a task failed for a reason that is not the slide's."""
+
+
+class StoreReadOnlyError(StoreError, AttributeError):
+    """A writer method was called on a store opened for reading (``hasattr`` says False)."""

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from featstore.core.config import Config, option
-from featstore.errors import FeatstoreError
+from featstore.errors import TilingError
 from featstore.read.slide import Slide
 
 log = logging.getLogger(__name__)
@@ -27,36 +27,27 @@ _MIN_SATURATION = 0.05   # below this nothing is tissue, whatever Otsu says (bla
 _MIN_DARKNESS = 20.0     # gray mode: 255 - gray must exceed this
 
 
-class TilingError(FeatstoreError, ValueError):
-    """An invalid tiling configuration."""
-
-
 @dataclass(frozen=True)
 class TilingConfig(Config):
     """How a slide is cut into patches (frozen; round-trips through ``to_dict`` / ``from_dict``)."""
 
     config_error: ClassVar[type[Exception]] = TilingError
 
-    patch_size: int = option(512, "Patch side in pixels at --mpp.")
-    mpp: float = option(0.5, "Target microns per pixel of a patch (0.5 ≈ 20x).")
-    overlap: int = option(0, "Overlap between patches in pixels at --mpp.")
-    min_tissue: float = option(0.5, "Keep patches with at least this tissue fraction.")
-    mask: str = option("saturation", "Tissue mask: saturation (H&E) or gray (inverted grayscale).")
-    thumb_mpp: float = option(8.0, "Resolution of the tissue mask in µm/px (finer for tiny patches).")
+    patch_size: int = option(512, "Patch side in pixels at --mpp.", gt=0)
+    mpp: float = option(0.5, "Target microns per pixel of a patch (0.5 ≈ 20x).", gt=0)
+    overlap: int = option(0, "Overlap between patches in pixels at --mpp.", ge=0)
+    min_tissue: float = option(0.5, "Keep patches with at least this tissue fraction.", ge=0, le=1)
+    mask: str = option("saturation", "Tissue mask: saturation (H&E) or gray (inverted grayscale).", choices=MASKS)
+    thumb_mpp: float = option(8.0, "Resolution of the tissue mask in µm/px (finer for tiny patches).", gt=0)
 
     def __post_init__(self) -> None:
-        if int(self.patch_size) != self.patch_size or self.patch_size <= 0:
-            raise TilingError(f"patch_size must be a positive integer, got {self.patch_size}")
-        if not (self.mpp > 0 and math.isfinite(self.mpp)):
-            raise TilingError(f"mpp must be a positive number, got {self.mpp}")
-        if not (0 <= self.overlap < self.patch_size):
-            raise TilingError(f"overlap must be in [0, patch_size), got {self.overlap}")
-        if not (0.0 <= self.min_tissue <= 1.0):
-            raise TilingError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
-        if self.mask not in MASKS:
-            raise TilingError(f"mask must be one of {MASKS}, got {self.mask!r}")
-        if not self.thumb_mpp > 0:
-            raise TilingError(f"thumb_mpp must be positive, got {self.thumb_mpp}")
+        super().__post_init__()     # declared choices and bounds
+        if int(self.patch_size) != self.patch_size:
+            raise TilingError(f"--patch-size {self.patch_size} must be a whole number of pixels")
+        if not math.isfinite(self.mpp):
+            raise TilingError(f"--mpp {self.mpp} must be a finite number")
+        if self.overlap >= self.patch_size:
+            raise TilingError(f"--overlap {self.overlap} must be < --patch-size {self.patch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

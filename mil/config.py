@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from featstore.core.config import Config, option
-from mil.errors import MilError
+from mil.errors import MilConfigError, MilError
 
 
 class _Optimizers(Mapping):
@@ -56,17 +56,19 @@ def _show_widths(widths: Sequence[int]) -> str:
 class TrainConfig(Config):
     """Hyper-parameters of one MIL fit (one bag per optimiser step)."""
 
+    config_error = MilConfigError
+
     model: str = option("abmil", "abmil | abmil-gated | mean | max.")
     hidden: tuple[int, ...] = option((256, 64), "Instance MLP widths, comma-separated (CLAM-like: 512).",
                                      parse=parse_widths, show=_show_widths)
     attn_dim: int = option(32, "Attention width (CLAM-like: 256).")
     dropout: float = option(0.25, "Dropout after each MLP layer.")
-    epochs: int = option(50, "Maximum epochs per fold.")
-    lr: float = option(2e-4, "Learning rate.")
-    weight_decay: float = option(1e-5, "Weight decay.")
-    optimizer: str = option("adam", "adam | adamw.")
-    patience: int = option(10, "Early stopping: epochs without validation improvement (0 = off).")
-    monitor: str = option("val_loss", "Early-stopping criterion: val_loss | val_auc.")
+    epochs: int = option(50, "Maximum epochs per fold.", ge=1)
+    lr: float = option(2e-4, "Learning rate.", gt=0)
+    weight_decay: float = option(1e-5, "Weight decay.", ge=0)
+    optimizer: str = option("adam", "adam | adamw.", choices=_OPTIMIZERS)
+    patience: int = option(10, "Early stopping: epochs without validation improvement (0 = off).", ge=0)
+    monitor: str = option("val_loss", "Early-stopping criterion: val_loss | val_auc.", choices=_MONITORS)
     seed: int = option(0, "Seed for splits, init, order; same seed -> same run on CPU.")
     device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
     val_fraction: float = option(0.2, "Share of training patients held out for early stopping.")
@@ -75,13 +77,7 @@ class TrainConfig(Config):
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
-        if self.optimizer not in _OPTIMIZERS:
-            raise MilError(f"optimizer {self.optimizer!r}: choose {', '.join(_OPTIMIZERS)}")
-        if self.monitor not in _MONITORS:
-            raise MilError(f"monitor {self.monitor!r}: choose {', '.join(_MONITORS)}")
-        if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
-            raise MilError(f"need epochs >= 1, lr > 0, weight_decay >= 0, patience >= 0 "
-                           f"(got {self.epochs}, {self.lr}, {self.weight_decay}, {self.patience})")
+        super().__post_init__()     # declared choices and bounds
 
     def widths(self) -> dict:
         """Keyword widths for create_mil_model."""
@@ -123,43 +119,31 @@ EVAL_TILES = ("all", "topk")
 class FinetuneConfig(Config):
     """Hyper-parameters of one top-k fine-tune."""
 
-    k: int = option(64, "Tiles per slide: the k highest raw attention of the frozen run.", flags=("--k",))
-    epochs: int = option(3, "Fine-tuning epochs (the best validation epoch is kept).")
-    lr: float = option(1e-5, "Encoder learning rate.")
-    head_lr: float = option(1e-4, "Head learning rate.")
-    weight_decay: float = option(1e-5, "Adam weight decay.")
-    micro_batch: int = option(16, "Tiles per encoder forward while training (activation memory).")
+    config_error = MilConfigError
+
+    k: int = option(64, "Tiles per slide: the k highest raw attention of the frozen run.", flags=("--k",), ge=1)
+    epochs: int = option(3, "Fine-tuning epochs (the best validation epoch is kept).", ge=1)
+    lr: float = option(1e-5, "Encoder learning rate.", ge=0)
+    head_lr: float = option(1e-4, "Head learning rate.", ge=0)
+    weight_decay: float = option(1e-5, "Adam weight decay.", ge=0)
+    micro_batch: int = option(16, "Tiles per encoder forward while training (activation memory).", ge=1)
     train_blocks: int = option(0, "Train only the last N blocks the level runs (ViT: plus the final norm; "
-                                  "CNN: the last N stages); 0 = all of them, embedding included.")
-    accumulate: int = option(1, "Slides (bags) per optimiser step.")
+                                  "CNN: the last N stages); 0 = all of them, embedding included.", ge=0)
+    accumulate: int = option(1, "Slides (bags) per optimiser step.", ge=1)
     hed_jitter: float = option(0.0, "Stain augmentation of the training tiles: HED jitter strength "
                                     "(sigma = bias; 0.02-0.05 typical; 0: off).")
     reselect: bool = option(False, "Recompute each training slide's top-k from the current model every epoch "
                                    "(embeds all its tiles).")
-    eval_tiles: str = option("all", "Score test slides on 'all' their tiles or the frozen 'topk'.")
-    eval_batch: int = option(64, "Tiles per forward when scoring.")
+    eval_tiles: str = option("all", "Score test slides on 'all' their tiles or the frozen 'topk'.", choices=EVAL_TILES)
+    eval_batch: int = option(64, "Tiles per forward when scoring.", ge=1)
     fold: str | None = option(None, "Fold of the run to fine-tune (default: its first; one fold per fine-tune "
                                     "run).")
     precision: str = option("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on capable CPUs, fp16 on CUDA).")
     device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
-    workers: int = option(2, "Tile reader threads.")
+    workers: int = option(2, "Tile reader threads.", ge=1)
     seed: int = option(0, "Seed for bag order and dropout; same seed -> same run on CPU.")
     n_boot: int = option(1000, "Bootstrap resamples for the AUC confidence interval.", cli=False)
     threads: int = option(0, "Torch CPU threads (0 = torch default).")
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.epochs < 1 or self.micro_batch < 1 or self.accumulate < 1 or self.eval_batch < 1:
-            raise MilError(f"need --k, --epochs, --micro-batch, --accumulate, --eval-batch >= 1 (got {self.k}, "
-                           f"{self.epochs}, {self.micro_batch}, {self.accumulate}, {self.eval_batch})")
-        if self.lr < 0 or self.head_lr < 0 or self.weight_decay < 0:
-            raise MilError(f"need --lr, --head-lr, --weight-decay >= 0 (got {self.lr}, {self.head_lr}, "
-                           f"{self.weight_decay})")
-        if self.eval_tiles not in EVAL_TILES:
-            raise MilError(f"--eval-tiles {self.eval_tiles!r}: choose {' or '.join(EVAL_TILES)}")
-        if self.train_blocks < 0:
-            raise MilError(f"--train-blocks {self.train_blocks} must be >= 0 (0 = every block the level runs)")
-        if self.workers < 1:
-            raise MilError(f"--workers {self.workers} must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

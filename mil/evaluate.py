@@ -25,7 +25,7 @@ from featstore.core.stats import auc
 from featstore.errors import StoreError
 from featstore.store import FeatureKey, Store, open_store
 from mil.data import load_bags
-from mil.errors import MilError
+from mil.errors import LabelsError, MilError
 from featstore.core.labels import Labels, match_store, read_labels
 from mil.metrics import fold_metrics
 from mil.predict import check_store, run_key
@@ -239,7 +239,7 @@ def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | P
     resolve_device(device)   # a bad device fails before any work
     run = run if isinstance(run, Run) else load_run(run)
     st = store if isinstance(store, Store) else open_store(store)
-    lab = labels if isinstance(labels, Labels) else read_labels(labels)
+    lab = labels if isinstance(labels, Labels) else read_labels(labels, error=LabelsError)
     name = name or Path(str(st.path).rstrip("/")).stem
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise MilError(f"--name {name!r} must be a plain folder name")
@@ -251,7 +251,8 @@ def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | P
         have = [s for s in lab.slide_ids if st.has_features(s, key.encoder, key.minus, key.weights)]
     except StoreError as exc:
         raise MilError(f"{st.path} cannot serve run {run.path}: {exc}") from None
-    lab = match_store(lab, have, allow_missing=allow_missing, store_name=f"{st.path} ({key})")
+    lab = match_store(lab, have, allow_missing=allow_missing, store_name=f"{st.path} ({key})",
+                      error=LabelsError)
     y = run_labels(lab, classes)
     ids = list(lab.slide_ids)
     check_tiling(run, st, key, ids[0])

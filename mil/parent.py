@@ -101,7 +101,7 @@ def _fold(run: Run, fold: str | None) -> tuple[str, dict[str, list[str]]]:
 
 def _labels(run: Run, need: list[str]) -> dict[str, int]:
     """{slide_id: class index} from the run's labels file, which must match the run."""
-    labels = read_labels(run.config["labels"])
+    labels = read_labels(run.config["labels"], error=LabelsError)
     if tuple(labels.classes) != tuple(run.classes):
         raise LabelsError(f"{labels.path}: classes {list(labels.classes)} differ from run {run.path}'s "
                           f"{run.classes}; use the run's labels file")

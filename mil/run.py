@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featstore.core.errors import first_line
 from mil.errors import MilError, RunError
 from mil.models import model_from_config
 from mil.outlock import OutLock
@@ -316,7 +317,7 @@ class Run:
             m.load_state_dict(self.states[fold])
         except RuntimeError as exc:
             raise RunError(f"{self.path / 'model.pt'}: weights of fold {fold!r} do not fit this version's "
-                           f"{self.model_config.get('name')} head ({str(exc).splitlines()[0]}); retrain the run") from None
+                           f"{self.model_config.get('name')} head ({first_line(exc)}); retrain the run") from None
         return m.eval()
 
     def models(self) -> dict[str, nn.Module]:
@@ -352,7 +353,7 @@ def load_run(run_dir: str | Path) -> Run:
     try:
         payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError) as exc:
-        raise RunError(f"{run_dir / 'model.pt'} cannot be read ({str(exc).splitlines()[0]}); rerun `mil train`") from None
+        raise RunError(f"{run_dir / 'model.pt'} cannot be read ({first_line(exc)}); rerun `mil train`") from None
     if not isinstance(payload, dict) or not {"state_dict", "config", "classes"} <= set(payload):
         raise RunError(f"{run_dir / 'model.pt'} lacks state_dict/config/classes; rerun `mil train`")
     states = payload["state_dict"]

@@ -27,7 +27,7 @@ from featstore.core import fit as core_fit
 from featstore.core.runtime import cpu_threads, deterministic, resolve_device
 from mil.config import _OPTIMIZERS, RunSpec, TrainConfig
 from mil.data import Bags, Split
-from mil.errors import MilError
+from mil.errors import LabelsError, MilError
 from featstore.core.labels import Labels
 from mil.models import create_mil_model
 from mil.run import RunWriter
@@ -230,11 +230,12 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
 
     stage = on_stage or (lambda text: log.info(text))
     device = resolve_device(cfg.device)   # a bad --device fails before any work
-    labels = read_labels(spec.labels)
+    labels = read_labels(spec.labels, error=LabelsError)
     store = open_store(spec.store)
     key = store.resolve_key(spec.encoder, spec.minus, spec.weights)
     have = [s for s in labels.slide_ids if store.has_features(s, key.encoder, key.minus, key.weights)]
-    labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})")
+    labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})",
+                         error=LabelsError)
     splits = make_splits(labels, folds=spec.folds, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          train_fraction=spec.train_fraction, split=spec.split)
     with RunWriter(spec.out, overwrite=spec.overwrite) as writer:   # claims --out until finished or failed

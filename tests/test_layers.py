@@ -132,9 +132,8 @@ def test_readers_use_the_public_read_api(pkg):
     assert not bad, f"{pkg} reaches past featstore's read API:\n" + "\n".join(bad)
 
 
-def test_no_import_cycle_at_module_level():
-    graph = {name: {t for _, t, top in _imports(path, name) if top and t in MODULES and t != name}
-             for name, path in MODULES.items()}
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of *graph* (module -> modules it imports), or None."""
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -155,7 +154,25 @@ def test_no_import_cycle_at_module_level():
     for start in sorted(graph):
         if start not in state:
             cycle = visit(start)
-            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+            if cycle:
+                return cycle
+    return None
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["module-level", "deferred-too"])
+def test_no_import_cycle(deferred):
+    """No cycle among module-level imports; and none either when imports inside functions count
+    (a deferred import that closes a circle hides a design knot: the study report once imported
+    the study that imported it, the store reader the writer that subclasses it)."""
+    graph = {name: {t for _, t, top in _imports(path, name) if (top or deferred) and t in MODULES and t != name}
+             for name, path in MODULES.items()}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_a_deferred_circle():
+    assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_no_function_is_longer_than_80_lines():

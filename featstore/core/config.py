@@ -50,17 +50,80 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING,
            flags: Sequence[str] = (), parse: Callable[[str], Any] | None = None,
-           show: Callable[[Any], str] | None = None, cli: bool = True) -> Any:
-    """A dataclass field carrying its help text and how it appears on the command line.
+           show: Callable[[Any], str] | None = None, cli: bool = True,
+           choices: Collection[Any] | Callable[[], Collection[Any]] | None = None,
+           ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A dataclass field carrying its help text, how it appears on the command line and what
+    values it takes.
 
     ``flags``: option names (default ``--field-name``); ``parse``: text -> value for options
     given as text (e.g. ``--hidden 256,64``), with ``show`` rendering the default as that text;
     ``cli=False`` keeps the field out of generated commands (it keeps its default there).
+    ``choices`` (a collection, or a function returning one so a registry is read lazily) and the
+    bounds ``ge``/``gt``/``le``/``lt`` are checked wherever a value enters: the YAML / dict
+    loader names the key path (``extract.reader``), a generated command names the flag
+    (``--reader``), and direct construction (``Config.__post_init__``) names the flag too. None
+    passes (optional fields); a sequence is checked element by element.
     """
-    meta = {"help": help, "flags": tuple(flags), "parse": parse, "show": show, "cli": cli}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "flags": tuple(flags), "parse": parse, "show": show, "cli": cli, "choices": choices,
+            "bounds": bounds}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The long command-line flag of field *f* (``--field-name`` unless declared otherwise)."""
+    return next((x for x in f.metadata.get("flags", ()) if x.startswith("--")), "--" + f.name.replace("_", "-"))
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _rule(bounds: Mapping[str, float]) -> str:
+    """``>= 1``, or an interval such as ``in (0, 1]`` when both ends are declared."""
+    lo = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    hi = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+    k, v = lo or hi
+    return f"{_OPS[k][0]} {v:g}"
+
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show_value(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else f"{value}"
+
+
+def check_value(f: dataclasses.Field, value: Any, name: str) -> str | None:
+    """What is wrong with *value* for field *f* under its declared choices and bounds, worded
+    ``<name> <value> must be ...`` with *name* the key path or flag it came from; None if fine."""
+    choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds") or {}
+    if value is None or (choices is None and not bounds):
+        return None
+    allowed = tuple(choices()) if callable(choices) else choices
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if allowed is not None and v not in allowed:
+            return f"{name} {_show_value(value)} must be one of {', '.join(map(str, allowed))}"
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if numeric and not all(_OPS[k][1](v, b) for k, b in bounds.items()):
+            return f"{name} {_show_value(value)} must be {_rule(bounds)}"
+    return None
+
+
+def check_fields(cfg: Any, *, names: Mapping[str, str] | None = None) -> None:
+    """Raise ``cfg.config_error`` for the first field of dataclass *cfg* outside its declared
+    choices or bounds, named by *names* (field -> key path or flag; default: the flag)."""
+    for f in dataclasses.fields(cfg):
+        problem = check_value(f, getattr(cfg, f.name), (names or {}).get(f.name) or flag_of(f))
+        if problem:
+            raise getattr(cfg, "config_error", ConfigError)(problem)
 
 
 def help_of(f: dataclasses.Field) -> str:
@@ -76,6 +139,11 @@ class Config:
     """
 
     config_error: ClassVar[type[Exception]] = ConfigError
+
+    def __post_init__(self) -> None:
+        """Check the declared choices and bounds; a config's own ``__post_init__`` calls this
+        first (``super().__post_init__()``) and then checks what spans several fields."""
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "") -> Any:
@@ -201,6 +269,7 @@ def coerce_fields(cls: type, data: Mapping[str, Any], *, where: str = "", exclud
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise error(f"unknown keys {[_join(where, k) for k in unknown]}{hint}; valid: {', '.join(valid)}")
     hints = _hints(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
         path = _join(where, key)
@@ -209,6 +278,9 @@ def coerce_fields(cls: type, data: Mapping[str, Any], *, where: str = "", exclud
         except _Mismatch:
             raise error(f"{path}: expected {_type_name(hints[key])}, got {value!r} "
                         f"({type(value).__name__})") from None
+        problem = check_value(by_name[key], out[key], path)
+        if problem:
+            raise error(problem)
     return out
 
 
@@ -308,6 +380,9 @@ def _build(opts: Options, values: dict[str, Any]) -> Any:
         out[name] = parse(value) if parse and isinstance(value, str) else value
         if isinstance(out[name], list) and typing.get_origin(_hints(opts.cls)[name]) is tuple:
             out[name] = tuple(out[name])
+        problem = check_value(by_name[name], out[name], flag_of(by_name[name]))
+        if problem:
+            raise getattr(opts.cls, "config_error", ConfigError)(problem)
     return out if opts.overrides else opts.cls(**out)
 
 
@@ -354,4 +429,5 @@ def config_command(**configs: type | Options) -> Callable[[Callable], Callable]:
     return decorate
 
 
-__all__ = ["Config", "ConfigError", "Options", "coerce_fields", "config_command", "from_dict", "help_of", "option"]
+__all__ = ["Config", "ConfigError", "Options", "check_fields", "check_value", "coerce_fields", "config_command",
+           "flag_of", "from_dict", "help_of", "option"]

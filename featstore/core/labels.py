@@ -4,7 +4,8 @@ Labels: ``slide_id,label[,patient_id][,site][,split|fold]``, one row per slide. 
 labels file (`mil train`, `mil finetune`, the probes) goes through :func:`read_labels`, so the
 rules are the same everywhere: a UTF-8 BOM is ignored, cells and headers are stripped, unknown
 columns, empty/NaN labels and duplicate slides are refused, and every problem is one
-``LabelsError`` line naming the file and the CSV line numbers.
+``LabelsError`` line naming the file and the CSV line numbers (``error=`` picks the subclass a
+package raises: mil passes :class:`mil.errors.LabelsError`, a MilError too).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _need(required: Sequence[str], optional: Sequence[str]) -> str:
 
 
 def read_table(path: str | Path, required: Sequence[str], optional: Sequence[str] = (), *,
-               extra: str = "error", what: str = "CSV file") -> Rows:
+               extra: str = "error", what: str = "CSV file", error: type[Exception] = LabelsError) -> Rows:
     """Rows of a CSV with a header, every cell stripped; a UTF-8 BOM is ignored.
 
     Missing *required* columns raise ``LabelsError``; columns in neither *required* nor
@@ -70,33 +71,33 @@ def read_table(path: str | Path, required: Sequence[str], optional: Sequence[str
         raise ValueError(f"extra={extra!r}: choose 'error' or 'ignore'")
     path = Path(path)
     if not path.is_file():
-        raise LabelsError(f"{what} {path} does not exist; pass a CSV with columns {','.join(required)}")
+        raise error(f"{what} {path} does not exist; pass a CSV with columns {','.join(required)}")
     allowed = (*required, *optional)
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         raw_header = next(reader, [])
         header = [h.strip() for h in raw_header]
         if not any(header):
-            raise LabelsError(f"{path}: empty file (no header line); need a header {','.join(required)}")
+            raise error(f"{path}: empty file (no header line); need a header {','.join(required)}")
         if len(header) == 1:
             guess = next((d for d in (";", "\t", "|") if d in header[0]), None)
             if guess is not None:
-                raise LabelsError(f"{path}: the delimiter looks like {guess!r} (header {header[0]!r}); "
+                raise error(f"{path}: the delimiter looks like {guess!r} (header {header[0]!r}); "
                                   f"write a comma-separated file with columns {','.join(required)}")
         missing = [c for c in required if c not in header]
         if missing:
-            raise LabelsError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+            raise error(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
                               f"(need {_need(required, optional)})")
         unknown = [c for c in header if c not in allowed]
         if unknown and extra == "error":
-            raise LabelsError(f"{path}: unknown column(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            raise error(f"{path}: unknown column(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
         rows = Rows()
         rows.columns = tuple(h for h in header if h in allowed)
         for cells in reader:
             if not cells:
                 continue   # a blank line
             if len(cells) > len(header):
-                raise LabelsError(f"{path}: line {reader.line_num} has {len(cells)} cells but the header "
+                raise error(f"{path}: line {reader.line_num} has {len(cells)} cells but the header "
                                   f"has {len(header)}; quote cells that contain commas")
             row = Row({h: (cells[i].strip() if i < len(cells) else "") for i, h in enumerate(header)
                        if h in allowed})
@@ -134,36 +135,36 @@ def _lines(rows: Sequence[Row], bad) -> list[int]:
     return [r.line for r in rows if bad(r)]
 
 
-def _check_rows(path: Path, rows: Sequence[Row], header: set[str]) -> None:
+def _check_rows(path: Path, rows: Sequence[Row], header: set[str], *, error: type[Exception] = LabelsError) -> None:
     """Every per-row rule of a labels file; the first broken one raises."""
     if "split" in header and "fold" in header:
-        raise LabelsError(f"{path}: has both 'split' and 'fold' columns; keep one")
+        raise error(f"{path}: has both 'split' and 'fold' columns; keep one")
     if not rows:
-        raise LabelsError(f"{path}: no rows; add one line per slide (slide_id,label)")
+        raise error(f"{path}: no rows; add one line per slide (slide_id,label)")
     no_id = _lines(rows, lambda r: r["slide_id"].lower() in NA)
     if no_id:
-        raise LabelsError(f"{path}: empty slide_id on line(s) {rows_text(no_id)}")
+        raise error(f"{path}: empty slide_id on line(s) {rows_text(no_id)}")
     nan = _lines(rows, lambda r: r["label"].lower() in NA)
     if nan:
-        raise LabelsError(f"{path}: empty/NaN label on line(s) {rows_text(nan)}; fill them or drop those rows")
+        raise error(f"{path}: empty/NaN label on line(s) {rows_text(nan)}; fill them or drop those rows")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["slide_id"]] = counts.get(r["slide_id"], 0) + 1
     dup = sorted(s for s, c in counts.items() if c > 1)
     if dup:
-        raise LabelsError(f"{path}: duplicate slide_id(s) {rows_text(dup)}; one row per slide")
+        raise error(f"{path}: duplicate slide_id(s) {rows_text(dup)}; one row per slide")
     if "split" in header:
         bad = _lines(rows, lambda r: r["split"].lower() not in SPLIT_VALUES)
         if bad:
-            raise LabelsError(f"{path}: split must be train/val/test; bad value on line(s) {rows_text(bad)}")
+            raise error(f"{path}: split must be train/val/test; bad value on line(s) {rows_text(bad)}")
     if "fold" in header:
         bad = _lines(rows, lambda r: r["fold"].lower() in NA)
         if bad:
-            raise LabelsError(f"{path}: empty fold on line(s) {rows_text(bad)}")
+            raise error(f"{path}: empty fold on line(s) {rows_text(bad)}")
     if "patient_id" in header:
-        _check_patients(path, rows)
+        _check_patients(path, rows, error=error)
     if "site" in header:
-        _check_sites(path, rows)
+        _check_sites(path, rows, error=error)
 
 
 def _patient(row: Row) -> str:
@@ -171,7 +172,7 @@ def _patient(row: Row) -> str:
     return row.get("patient_id", "") or row["slide_id"]
 
 
-def _check_patients(path: Path, rows: Sequence[Row]) -> None:
+def _check_patients(path: Path, rows: Sequence[Row], *, error: type[Exception] = LabelsError) -> None:
     """Warn (one line naming the patients) when a patient's slides carry different labels.
 
     Not refused: existing cohorts (and tests) hold such patients; patient-grouped folds keep all
@@ -187,30 +188,30 @@ def _check_patients(path: Path, rows: Sequence[Row]) -> None:
                     "so each such patient's slides stay in one fold", path, rows_text(shown))
 
 
-def _check_sites(path: Path, rows: Sequence[Row]) -> None:
+def _check_sites(path: Path, rows: Sequence[Row], *, error: type[Exception] = LabelsError) -> None:
     """Every slide has a site, and a patient's slides all come from one site."""
     bad = _lines(rows, lambda r: r["site"].lower() in NA)
     if bad:
-        raise LabelsError(f"{path}: empty site on line(s) {rows_text(bad)}; fill them or drop the site column")
+        raise error(f"{path}: empty site on line(s) {rows_text(bad)}; fill them or drop the site column")
     sites: dict[str, set[str]] = {}
     for r in rows:
         sites.setdefault(_patient(r), set()).add(r["site"])
     mixed = sorted(p for p, s in sites.items() if len(s) > 1)
     if mixed:
         shown = [f"{p} ({', '.join(sorted(sites[p]))})" for p in mixed]
-        raise LabelsError(f"{path}: patient(s) {rows_text(shown)} have slides from more than one site; "
+        raise error(f"{path}: patient(s) {rows_text(shown)} have slides from more than one site; "
                           "a patient belongs to one site")
 
 
-def read_labels(path: str | Path) -> Labels:
+def read_labels(path: str | Path, *, error: type[Exception] = LabelsError) -> Labels:
     """Parse and validate a labels CSV; every problem is one ``LabelsError`` line."""
     path = Path(path)
-    rows = read_table(path, REQUIRED, OPTIONAL, what="labels file")
+    rows = read_table(path, REQUIRED, OPTIONAL, what="labels file", error=error)
     header = set(rows.columns)
-    _check_rows(path, rows, header)
+    _check_rows(path, rows, header, error=error)
     classes = sort_classes(r["label"] for r in rows)
     if len(classes) < 2:
-        raise LabelsError(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
+        raise error(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
                           "a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     column = lambda c: tuple(r[c] for r in rows) if c in header else None  # noqa: E731
@@ -221,20 +222,20 @@ def read_labels(path: str | Path) -> Labels:
 
 
 def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
-                store_name: str = "the store") -> Labels:
+                store_name: str = "the store", error: type[Exception] = LabelsError) -> Labels:
     """Drop (with --allow-missing) or reject slides of *labels* whose features *available* lacks."""
     avail = set(available)
     missing = [s for s in labels.slide_ids if s not in avail]
     if not missing:
         return labels
     if not allow_missing:
-        raise LabelsError(f"{len(missing)} slide(s) of {labels.path} have no features in {store_name}: "
+        raise error(f"{len(missing)} slide(s) of {labels.path} have no features in {store_name}: "
                           f"{rows_text(missing)}; extract them or pass --allow-missing to skip them")
     log.warning("skipping %d slide(s) without features in %s: %s", len(missing), store_name,
                 rows_text(missing))
     kept = labels.subset([i for i, s in enumerate(labels.slide_ids) if s in avail])
     if len(kept) == 0 or len(set(kept.y.tolist())) < 2:
-        raise LabelsError(f"after skipping slides missing from {store_name}, {labels.path} has "
+        raise error(f"after skipping slides missing from {store_name}, {labels.path} has "
                           f"{len(kept)} slide(s) and fewer than two classes; extract the missing slides")
     return kept
 

@@ -57,6 +57,7 @@ class PretrainConfig(Config):
     workers: int = option(1, "Tile reader threads (the next batch is read while the current one trains).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()     # declared choices and bounds
         if not self.fractions or any(not (0 < f <= 1) or not math.isfinite(f) for f in self.fractions):
             raise PretrainError(f"--fraction {show_fractions(self.fractions)}: each must be in (0, 1]")
         if self.tiles is not None and self.tiles < 1:

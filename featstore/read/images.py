@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featstore.core.errors import first_line
 from featstore.cohort import SlideRef
 from featstore.errors import FeatstoreError, SlideNotFoundError, SlideReadError
 from featstore.read.slide import composite_white, resize_filter
@@ -244,14 +245,14 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def _tiff_fallback(path: Path, exc: Exception) -> Image.Image:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = first_line(exc)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         try:
             return array_to_rgb(tifffile.imread(path, key=0))
         except Exception as exc2:  # noqa: BLE001
-            reason = f"{reason}; tifffile: {str(exc2).splitlines()[0] if str(exc2) else type(exc2).__name__}"
+            reason = f"{reason}; tifffile: {first_line(exc2)}"
     raise SlideReadError(f"{path}: unreadable image ({reason})") from None
 
 
@@ -334,7 +335,7 @@ class ImageShard:
                 self.load(i)
                 kept.append(row)
             except SlideReadError as exc:
-                bad[row] = str(exc).splitlines()[0]
+                bad[row] = first_line(exc)
         return kept, bad
 
     def close(self) -> None:

@@ -13,13 +13,9 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from featstore.errors import StoreError, StoreKeyError
+from featstore.errors import StoreError, StoreKeyError, StoreReadOnlyError
 from featstore.store._layout import FAILURES, SLIDES, FeatureKey, features_path, preview
 from featstore.store.catalog import Catalog, SlideEntry
-
-
-class StoreReadOnlyError(StoreError, AttributeError):
-    """A writer method was called on a store opened for reading (``hasattr`` says False)."""
 
 
 def _weights_match(stored: str, requested: str) -> bool:
@@ -33,6 +29,9 @@ class StoreReader:
     """A featstore cohort store opened for reading. Use :func:`featstore.store.open_store`."""
 
     mode = "r"
+    #: the writer's own methods: calling one on a reader says "read-only" (featstore.store.writer
+    #: fills it when it defines StoreWriter, so the reader never imports the writer)
+    writer_methods: frozenset[str] = frozenset()
 
     def __init__(self, root: zarr.Group, path: str):
         self._root = root
@@ -44,11 +43,8 @@ class StoreReader:
         return f"{type(self).__name__}({self.path!r}, slides={len(self.slide_ids())})"
 
     def __getattr__(self, name: str) -> Any:
-        if not name.startswith("_"):
-            from featstore.store.writer import StoreWriter
-
-            if callable(getattr(StoreWriter, name, None)):
-                raise StoreReadOnlyError(f"{self.path} is open read-only; open_store(path, mode='a') to write")
+        if name in type(self).writer_methods:
+            raise StoreReadOnlyError(f"{self.path} is open read-only; open_store(path, mode='a') to write")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property

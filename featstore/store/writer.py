@@ -205,3 +205,7 @@ class StoreWriter(StoreReader):
         if local is None:
             return NullLock()
         return SlideLock(local / ".locks" / f"{slide_id}.lock", stale_after=stale_after)
+
+
+StoreReader.writer_methods = frozenset(name for name, value in vars(StoreWriter).items()
+                                       if not name.startswith("_") and callable(value))

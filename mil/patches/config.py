@@ -74,6 +74,7 @@ class PatchConfig(Config):
     keep_encoder: bool = option(False, "finetune: keep each run's fine-tuned encoder.pt (loads with --weights).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()     # declared choices and bounds
         if self.method not in METHODS:
             raise PatchError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.fractions or any(not (0 < f <= 1) or not math.isfinite(f) for f in self.fractions):
@@ -111,6 +112,7 @@ class FinetuneSettings(Config):
     threads: int = option(0, "CPU threads for torch (0: torch's default).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()     # declared choices and bounds
         if self.optimizer not in ("sgd", "adamw"):
             raise PatchError(f"--optimizer {self.optimizer!r}: sgd or adamw")
         if self.head_init not in ("probe", "random"):

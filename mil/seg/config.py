@@ -36,6 +36,7 @@ class SegConfig(Config):
     threads: int = option(0, "CPU threads for torch (0: torch's default).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()     # declared choices and bounds
         if not (0 < self.fraction <= 1) or not (0 <= self.val < 1) or not (0 < self.test < 1):
             raise SegError("--fraction in (0, 1], --val in [0, 1), --test in (0, 1), please")
         if self.epochs < 1 or self.batch_size < 1 or self.crop < 32 or self.classes < 2:

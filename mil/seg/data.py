@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featstore.core.errors import CoreError
+from featstore.core.errors import CoreError, first_line
 from featstore.read.images import load_rgb
 from mil.seg.errors import SegError
 
@@ -94,11 +94,6 @@ def discover_pairs(images_dir: str | Path, masks_dir: str | Path | None = None) 
 
 
 # ------------------------------------------------------------------ reading
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _decode_mask(path: Path) -> np.ndarray:
     """The mask's pixel array as stored (PIL; TIFFs PIL cannot read through tifffile)."""
     if not path.is_file():
@@ -112,14 +107,14 @@ def _decode_mask(path: Path) -> np.ndarray:
                 return np.asarray(im, dtype=np.uint8)
             return np.array(im)   # P: palette indices, I;16: uint16, I: int32
     except Exception as exc:  # noqa: BLE001 -- any decoder error means this mask is unreadable
-        reason = _first_line(exc)
+        reason = first_line(exc)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         try:
             return np.asarray(tifffile.imread(path, key=0))
         except Exception as exc:  # noqa: BLE001
-            reason = f"{reason}; tifffile: {_first_line(exc)}"
+            reason = f"{reason}; tifffile: {first_line(exc)}"
     raise SegError(f"{path}: unreadable mask ({reason})")
 
 
@@ -186,7 +181,7 @@ def load_pair(pair: SegPair, *, mask_kind: str = "binary",
     try:
         image = np.array(load_rgb(pair.image), dtype=np.uint8)   # writable (torch.from_numpy)
     except CoreError as exc:   # featstore's SlideReadError already names the file
-        raise SegError(_first_line(exc)) from None
+        raise SegError(first_line(exc)) from None
     mask = _single_channel(_decode_mask(pair.mask), pair.mask)
     if mask.shape != image.shape[:2]:
         raise SegError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featstore.core.errors import first_line
 from mil.seg.errors import SegError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def load_run(run: str | Path) -> tuple[torch.nn.Module, dict, dict]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise SegError(f"{run}/model.pt does not fit {cfg['arch']} on {cfg['encoder']}: "
-                       f"{str(exc).splitlines()[0]}") from None
+                       f"{first_line(exc)}") from None
     return model.eval(), cfg, enc.preprocessing()
 
 

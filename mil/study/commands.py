@@ -15,7 +15,7 @@ from rich.progress import TextColumn
 from featstore.core.ui import out_console, progress_bar
 
 #: Package loggers whose per-run INFO lines the study's progress display replaces.
-QUIET_LOGGERS = ("core", "featstore", "mil", "analysis", "study")
+QUIET_LOGGERS = ("featstore", "mil", "analysis")
 
 #: The demo study: resnet18 random vs pretrained on the cohort (2 fractions) and densenet121,
 #: x levels 0-3 x 3 seeds, fine-tune the best, CKA. Sized for a
@@ -60,9 +60,8 @@ def quiet_package_logs(names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]
 
 
 def _run_study(cfg) -> None:
-    from mil.study.patchstudy import PatchStudy, PatchStudyConfig
-    from mil.study.segstudy import SegStudy, SegStudyConfig
-    from mil.study.study import Study, StudyEvent
+    """Run any study form (its config's ``runner``) under one progress display."""
+    from mil.study.base import StudyEvent
 
     with quiet_package_logs(), progress_bar(TextColumn("{task.fields[item]}")) as p:
         tasks: dict[str, int] = {}
@@ -72,8 +71,7 @@ def _run_study(cfg) -> None:
                 tasks[e.stage] = p.add_task(e.stage, total=e.total, item="")
             p.update(tasks[e.stage], completed=e.done, total=e.total, item=e.text[:60])
 
-        runner = {PatchStudyConfig: PatchStudy, SegStudyConfig: SegStudy}.get(type(cfg), Study)
-        result = runner(cfg, on_event).run()
+        result = cfg.runner(on_event).run()
     out = out_console
     if result.failures:
         out.print(f"[yellow]{len(result.failures)} item(s) failed[/]; they are listed in the report")
@@ -87,7 +85,7 @@ def register(featstore_app: typer.Typer, mil_app: typer.Typer) -> None:
         study_file: Annotated[Path, typer.Argument(help="Study YAML (slides, labels, encoders x weights x levels, seeds, ...; task: patch for labelled images, task: segmentation for image/mask pairs).")],
     ) -> None:
         """Run a whole transfer-learning study and write report/report.md (reruns do only what is missing)."""
-        from mil.study.patchstudy import load_study
+        from mil.study.forms import load_study
 
         _run_study(load_study(study_file))
 

@@ -23,20 +23,39 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from featstore.core.config import coerce_fields, from_dict
 from featstore.core.errors import CoreError
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans, resolve,
+                            resolve_extract_paths, section, weights_request, with_fields)
 from mil.study.errors import StudyError
-from mil.study.study import EncoderPlan, StudyEvent, _at, _resolve, check_plans, resolve_extract_paths
+from mil.study.report import PatchReport, write_patch_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from featstore.config import ExtractConfig
+    from mil.patches.config import PatchConfig
+    from mil.patches.finetune import FinetuneSettings
 
 #: PatchConfig fields the study sets itself (from encoders, train_fractions, seeds, methods).
 STUDY_SETS = ("encoder", "levels", "weights", "method", "fractions", "seeds")
 
 
+@dataclass(frozen=True)
+class PatchSections:
+    """The patch study's sections as configs, built once: a run replaces the encoder, levels,
+    weights and method of ``patches`` and the encoder, weights and levels of ``extract``."""
+
+    extract: ExtractConfig
+    patches: PatchConfig
+    finetune: FinetuneSettings | None
+    finetune_levels: list[int] | None
+
+
 @dataclass
 class PatchStudyConfig:
-    """The ``task: patch`` YAML, validated (paths relative to the YAML's folder)."""
+    """The ``task: patch`` YAML, validated (paths relative to the YAML's folder); the dict
+    sections keep the YAML's keys, :attr:`sections` the configs built from them."""
 
     images: str
     encoders: list[EncoderPlan]
@@ -63,7 +82,7 @@ class PatchStudyConfig:
                                                                                  error=StudyError)
                               for i, e in enumerate(kw["encoders"])]
             for k, default in (("images", None), ("store", "patches.zarr"), ("out", "study")):
-                kw[k] = _resolve(root, kw.get(k, default))
+                kw[k] = resolve(root, kw.get(k, default))
             kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
             cfg = cls(**kw)
             cfg.validate()
@@ -72,65 +91,64 @@ class PatchStudyConfig:
         return cfg
 
     def validate(self) -> None:
+        """Build :attr:`sections` once, so a bad key or value fails before any work."""
+        from featstore.config import ExtractConfig
+        from mil.patches.config import PatchConfig
+        from mil.patches.finetune import FinetuneSettings
+
         if self.task != "patch":
             raise StudyError(f"task: {self.task!r}; this form is task: patch")
         check_plans(self.encoders, self.seeds)
-        for m in self.methods:
-            _at("methods", self.patch_config, self.encoders[0].name, [0], None, m)
-        self.finetune_settings()
-        self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
-
-    def patch_config(self, encoder: str, levels, weights: str | None, method: str):
-        from mil.patches.config import PatchConfig
-
-        kw = coerce_fields(PatchConfig, self.patches, where="patches", exclude=STUDY_SETS, error=StudyError)
-        return from_dict(PatchConfig, {**kw, "encoder": encoder, "levels": tuple(levels), "weights": weights,
-                                       "method": method, "fractions": tuple(self.train_fractions),
-                                       "seeds": tuple(self.seeds)}, where="patches", error=StudyError)
-
-    def finetune_settings(self):
-        """(FinetuneSettings, levels or None) when ``finetune.enabled``, else None."""
-        from mil.patches.finetune import FinetuneSettings
-
+        first = self.encoders[0]
         ft = dict(self.finetune)
         enabled, levels = ft.pop("enabled", False), ft.pop("levels", None)
         if not isinstance(enabled, bool):
             raise StudyError(f"finetune.enabled: expected bool, got {enabled!r}")
         settings = from_dict(FinetuneSettings, ft, where="finetune", error=StudyError)
-        return (settings, levels) if enabled else None
+        patches = section(PatchConfig, self.patches, "patches", exclude=STUDY_SETS, encoder=first.name,
+                          fractions=tuple(self.train_fractions), seeds=tuple(self.seeds))
+        self._sections = PatchSections(
+            extract=section(ExtractConfig, self.extract, "extract", encoder=first.name, weights="random",
+                            levels=tuple(first.levels)),
+            patches=patches, finetune=settings if enabled else None, finetune_levels=levels)
+        for m in self.methods:
+            at("methods", self.patch_config, first.name, [0], None, m)
 
-    def extract_config(self, encoder: str, weights: str, levels):
-        from featstore.config import ExtractConfig
+    @property
+    def sections(self) -> PatchSections:
+        if getattr(self, "_sections", None) is None:
+            self.validate()
+        return self._sections
 
-        return from_dict(ExtractConfig, {**self.extract, "encoder": encoder, "weights": weights,
-                                         "levels": tuple(levels)}, where="extract", error=StudyError)
+    def patch_config(self, encoder: str, levels, weights: str | None, method: str) -> PatchConfig:
+        return with_fields(self.sections.patches, "patches", encoder=encoder, levels=tuple(levels),
+                           weights=weights, method=method)
+
+    def finetune_settings(self) -> tuple[FinetuneSettings, list[int] | None] | None:
+        """(FinetuneSettings, levels or None) when ``finetune.enabled``, else None."""
+        s = self.sections
+        return None if s.finetune is None else (s.finetune, s.finetune_levels)
+
+    def extract_config(self, encoder: str, weights: str, levels) -> ExtractConfig:
+        return with_fields(self.sections.extract, "extract", encoder=encoder, weights=weights, levels=tuple(levels))
+
+    def runner(self, progress: Progress | None = None) -> "PatchStudy":
+        return PatchStudy(self, progress)
 
 
-@dataclass
-class PatchStudyResult:
-    out: Path
-    report: Path
-    failures: list[dict]
-    new_work: dict
+PatchStudyResult = StudyResult   # one result type for every form
 
 
-class PatchStudy:
+class PatchStudy(StudyBase):
     """Runs a :class:`PatchStudyConfig`'s stages (module docstring)."""
 
-    def __init__(self, cfg: PatchStudyConfig, progress: Callable[[StudyEvent], None] | None = None):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.progress = progress or (lambda e: None)
-        self.failures: list[dict] = []
-        self.new_work = {"extracted_images": 0, "patch_runs": 0}
+    new_work_keys = ("extracted_images", "patch_runs")
+
+    def __init__(self, cfg: PatchStudyConfig, progress: Progress | None = None):
+        super().__init__(cfg, progress)
         self.records: list[dict] = []
 
-    def _fail(self, stage: str, item: str, exc: BaseException) -> None:
-        self.failures.append({"stage": stage, "item": item, "error": str(exc).splitlines()[0] if str(exc) else
-                              type(exc).__name__})
-
     def plans(self) -> list[tuple[str, str, list[int]]]:
-        from mil.study.study import weights_request
-
         return [(e.name, weights_request(e.name, w), e.levels) for e in self.cfg.encoders for w in e.weights]
 
     def extract(self) -> dict[tuple[str, str], str]:
@@ -144,7 +162,7 @@ class PatchStudy:
                 ex = Extractor(self.cfg.extract_config(enc, w, levels))
                 rep = ex.run(refs, self.cfg.store)
             except Exception as exc:  # noqa: BLE001 -- one encoder failing must not stop the study
-                self._fail("extract", f"{enc}:{w}", exc)
+                self.fail("extract", f"{enc}:{w}", exc)
                 continue
             tags[(enc, w)] = ex.feature_tag
             self.new_work["extracted_images"] += rep.tiles
@@ -160,14 +178,13 @@ class PatchStudy:
             try:
                 res = run_patches(cfg, self.cfg.store, self.out / "patches", settings=settings)
             except Exception as exc:  # noqa: BLE001
-                self._fail(stage, f"{cfg.encoder}:{cfg.weights}:{cfg.method}", exc)
+                self.fail(stage, f"{cfg.encoder}:{cfg.weights}:{cfg.method}", exc)
                 continue
             self.records += res.records
         self.progress(StudyEvent(stage, len(jobs), len(jobs)))
 
-    def run(self) -> PatchStudyResult:
+    def run(self) -> StudyResult:
         from mil.patches.outputs import write_study
-        from mil.study.report import write_patch_report
 
         t0 = time.perf_counter()
         tags = self.extract()
@@ -183,35 +200,13 @@ class PatchStudy:
             self._runs("finetune", jobs)
         self.new_work["patch_runs"] = len(self.records)
         files = write_study(self.out / "report", self.records) if self.records else {}
-        report = write_patch_report(self, files, time.perf_counter() - t0)
-        return PatchStudyResult(self.out, report, self.failures, self.new_work)
+        cfg = self.cfg
+        report = write_patch_report(PatchReport(
+            name=cfg.name, out=self.out, new_work=self.new_work, failures=self.failures,
+            seconds=time.perf_counter() - t0, images=cfg.images, store=cfg.store, plans=self.plans(),
+            methods=cfg.methods, finetune=ft is not None, seeds=cfg.seeds, train_fractions=cfg.train_fractions,
+            extract=cfg.extract, records=self.records, files=files))
+        return self.result(report)
 
 
-def load_study(path: str | Path):
-    """The study of a YAML file: :class:`PatchStudyConfig` for ``task: patch``,
-    :class:`mil.study.segstudy.SegStudyConfig` for ``task: segmentation``, else the slide study."""
-    import yaml
-
-    from mil.study.study import StudyConfig
-
-    path = Path(path)
-    if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("tasks"), str) and "task" not in data:
-            data["task"] = data.pop("tasks")        # the issue's spelling, `tasks: segmentation`
-        form = data.get("task") if isinstance(data, dict) else None
-        if form == "patch":
-            return PatchStudyConfig.from_dict(data, path.parent.resolve(), source=str(path))
-        if form == "segmentation":
-            from mil.study.segstudy import SegStudyConfig
-
-            return SegStudyConfig.from_dict(data, path.parent.resolve(), source=str(path))
-        if form is not None:
-            raise StudyError(f"{path}: task: {form!r}; choose patch or segmentation (leave it out for slides)")
-    return StudyConfig.from_yaml(path)
-
-
-__all__ = ["PatchStudy", "PatchStudyConfig", "PatchStudyResult", "load_study"]
+__all__ = ["PatchSections", "PatchStudy", "PatchStudyConfig", "PatchStudyResult"]

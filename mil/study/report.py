@@ -1,16 +1,89 @@
-"""report.md of a study: the answers first, then the tables and pictures behind them."""
+"""report.md of a study: the answers first, then the tables and pictures behind them.
+
+Each form hands its report an inputs object (:class:`SlideReport`, :class:`PatchReport`,
+:class:`SegReport`) holding what the report shows; the report never reaches back into a study,
+so the study modules import it and not the other way round.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from analysis.compare import format_p
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mil.study.study import Study
+Plan = tuple[str, str, list[int]]   # (encoder, weights, levels)
+
+
+@dataclass
+class ReportInputs:
+    """What every form's report states: the study's name and folder, the run's work and failures."""
+
+    name: str
+    out: Path
+    new_work: dict
+    failures: list[dict]          # the report appends its own failures (stain QC) here
+    seconds: float
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out / "report"
+
+
+@dataclass
+class SlideReport(ReportInputs):
+    """The slide study's results: the comparison rows and the files of the later stages."""
+
+    store: str = ""
+    labels: str = ""
+    plans: list[Plan] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    folds: int | None = None
+    train_fractions: list[float] = field(default_factory=list)
+    extract: dict = field(default_factory=dict)       # the YAML's extract section (the stain note)
+    weights_used: dict = field(default_factory=dict)  # (encoder, requested weights) -> store tag
+    baseline_given: bool = False
+    rows: Sequence = ()
+    best: Any = None
+    best_dir: Path | None = None
+    ft_run: Path | None = None
+    cka_files: dict = field(default_factory=dict)
+    heatmaps: list = field(default_factory=list)
+    external_records: list = field(default_factory=list)
+
+
+@dataclass
+class PatchReport(ReportInputs):
+    """The patch study's records and the files `write_study` made of them."""
+
+    images: str = ""
+    store: str = ""
+    plans: list[Plan] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    finetune: bool = False
+    seeds: list[int] = field(default_factory=list)
+    train_fractions: list[float] = field(default_factory=list)
+    extract: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+
+
+@dataclass
+class SegReport(ReportInputs):
+    """The segmentation study's datasets and run folders."""
+
+    encoders: list[str] = field(default_factory=list)   # "encoder:weights"
+    archs: list[str] = field(default_factory=list)
+    train_fractions: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    seg: dict = field(default_factory=dict)
+    baseline: str | None = None
+    train_set: Any = None
+    ood_sets: list = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -88,7 +161,7 @@ def _finetune_section(ft_run: Path, base: Path) -> list[str]:
     return out + ["", f"Fine-tune settings: {settings}. Run: `{_rel(ft_run, base)}`.", *extra]
 
 
-def _answers(study: "Study", rows: Sequence, best, ft_run: Path | None) -> list[str]:
+def _answers(rows: Sequence, best, ft_run: Path | None) -> list[str]:
     if best is None:
         return ["- No MIL run finished; see the failures below."]
     frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
@@ -163,19 +236,21 @@ def stain_note(extract: dict) -> str:
             "features keyed `<weights>-stain-<method>-<hash>`.")
 
 
-def _stain_section(study, store, rep_dir: Path) -> list[str]:
+def _stain_section(inputs: SlideReport, store, rep_dir: Path) -> list[str]:
     """The stain note and, with normalisation, the QC picture of the first encoder's features."""
-    lines = [stain_note(study.cfg.extract), ""]
-    if (study.cfg.extract or {}).get("stain", "none") == "none" or not getattr(study, "weights_used", None):
+    from featstore.core.errors import first_line
+
+    lines = [stain_note(inputs.extract), ""]
+    if (inputs.extract or {}).get("stain", "none") == "none" or not inputs.weights_used:
         return lines
     from featstore.stain.qc import stain_qc
 
-    (enc, _), tag = next(iter(study.weights_used.items()))
-    level = next(lv for e, w, lv in study.plans() if e == enc)[0]
+    (enc, _), tag = next(iter(inputs.weights_used.items()))
+    level = next(lv for e, w, lv in inputs.plans if e == enc)[0]
     try:
         qc = stain_qc(store, enc, level, tag, rep_dir / "stain-qc.png")
     except Exception as exc:  # noqa: BLE001 -- the QC picture must not cost the report
-        study.failures.append({"stage": "stain QC", "item": tag, "error": str(exc).splitlines()[0]})
+        inputs.failures.append({"stage": "stain QC", "item": tag, "error": first_line(exc)})
         return lines
     if qc.picture is not None:
         lines += [f"![tiles before and after {qc.method}]({_rel(qc.picture, rep_dir)})", ""]
@@ -184,27 +259,26 @@ def _stain_section(study, store, rep_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft_run: Path | None,
-                 cka_files: dict, heatmaps: list, seconds: float) -> Path:
-    """Write ``<out>/report/report.md`` and return its path."""
+def write_report(r: SlideReport) -> Path:
+    """Write ``<out>/report/report.md`` of a slide study and return its path."""
     from featstore.store import open_store
 
-    cfg = study.cfg
-    rep_dir = study.out / "report"
+    rows, best, best_dir, ft_run, cka_files, heatmaps = r.rows, r.best, r.best_dir, r.ft_run, r.cka_files, r.heatmaps
+    rep_dir = r.report_dir
     rep_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg.store)
+    store = open_store(r.store)
     n_slides = len(store.slide_ids())
-    lines = [f"# Transfer-learning study: {cfg.name}", "",
-             f"Cohort: {n_slides} slides in `{cfg.store}`; labels `{cfg.labels}`; "
-             f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; seeds {cfg.seeds}; "
-             f"{'%d-fold CV' % cfg.folds if cfg.folds else 'hold-out split'}; train fractions {cfg.train_fractions}. "
-             f"This run took {seconds:.0f} s and did: {study.new_work}.", "",
-             *_stain_section(study, store, rep_dir),
-             "## Answers", "", *_answers(study, rows, best, ft_run), ""]
-    base = next((r for r in rows if r.is_baseline), None)
+    lines = [f"# Transfer-learning study: {r.name}", "",
+             f"Cohort: {n_slides} slides in `{r.store}`; labels `{r.labels}`; "
+             f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in r.plans)}; seeds {r.seeds}; "
+             f"{'%d-fold CV' % r.folds if r.folds else 'hold-out split'}; train fractions {r.train_fractions}. "
+             f"This run took {r.seconds:.0f} s and did: {r.new_work}.", "",
+             *_stain_section(r, store, rep_dir),
+             "## Answers", "", *_answers(rows, best, ft_run), ""]
+    base = next((row for row in rows if row.is_baseline), None)
     lines += ["## Table I: every frozen configuration (attention MIL on stored features)", "",
               f"Δ and Welch p are against **{base.key.label()}**"
-              + (" (the study's baseline)." if cfg.baseline else " (the best frozen configuration).") if base else "",
+              + (" (the study's baseline)." if r.baseline_given else " (the best frozen configuration).") if base else "",
               "",
               *_table(rows, "encoder:weights:level kind"), "",
               "![AUC by configuration](frozen/compare.png)", "",
@@ -214,7 +288,7 @@ def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft
     frac = _fraction_table(rows)
     if frac:
         lines += ["## Table IV: AUC by amount of training data", "", *frac, ""]
-    ext = _external_table(getattr(study, "external_records", []))
+    ext = _external_table(r.external_records)
     if ext:
         lines += ["## Table V: internal vs external validation", "",
                   "Internal: the run's cross-validated test AUC (mean over folds). External: the mean of the "
@@ -234,8 +308,8 @@ def write_report(study: "Study", rows: Sequence, best, best_dir: Path | None, ft
         lines += ["## Attention heatmaps (best frozen configuration)", ""]
         for sid, png in heatmaps:
             lines += [f"### {sid}", "", f"![{sid}]({_rel(png, rep_dir)})", ""]
-    fails = list(study.failures) + [{"stage": "extract (store log)", "item": k, "error": v}
-                                    for k, v in store.failures().items()]
+    fails = list(r.failures) + [{"stage": "extract (store log)", "item": k, "error": v}
+                                for k, v in store.failures().items()]
     lines += ["## Failures", ""]
     if fails:
         lines += ["| stage | item | error |", "|---|---|---|"] + [
@@ -260,16 +334,16 @@ def _calibration_rows(records: Sequence[dict]) -> list[str]:
     return rows
 
 
-def write_patch_report(study, files: dict, seconds: float) -> Path:
+def write_patch_report(r: PatchReport) -> Path:
     """``<out>/report/report.md`` of a ``task: patch`` study (mil.study.patchstudy)."""
-    cfg, rep_dir = study.cfg, study.out / "report"
+    files, rep_dir = r.files, r.report_dir
     rep_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Patch-classification study: {cfg.name}", "",
-             f"Images `{cfg.images}` in `{cfg.store}`; encoders "
-             f"{', '.join(f'{e}:{w} levels {lv}' for e, w, lv in study.plans())}; methods {cfg.methods}"
-             f"{' + finetune' if cfg.finetune.get('enabled') else ''}; seeds {cfg.seeds}; training fractions "
-             f"{cfg.train_fractions}. This run took {seconds:.0f} s and did: {study.new_work}.", "",
-             stain_note(cfg.extract), ""]
+    lines = [f"# Patch-classification study: {r.name}", "",
+             f"Images `{r.images}` in `{r.store}`; encoders "
+             f"{', '.join(f'{e}:{w} levels {lv}' for e, w, lv in r.plans)}; methods {r.methods}"
+             f"{' + finetune' if r.finetune else ''}; seeds {r.seeds}; training fractions "
+             f"{r.train_fractions}. This run took {r.seconds:.0f} s and did: {r.new_work}.", "",
+             stain_note(r.extract), ""]
     if files.get("table_md"):
         table = Path(files["table_md"]).read_text().splitlines()
         lines += ["## Table I: every configuration (test split; mean ± sd over seeds, Welch p against random init)",
@@ -278,10 +352,10 @@ def write_patch_report(study, files: dict, seconds: float) -> Path:
             if files.get(f"{metric}_plot"):
                 lines += [f"![{metric} vs training fraction]({_rel(Path(files[f'{metric}_plot']), rep_dir)})", ""]
         lines += ["## Calibration (largest fraction, first seed): ECE before and after temperature scaling", "",
-                  *_calibration_rows(study.records), "",
+                  *_calibration_rows(r.records), "",
                   "Each run's reliability diagram, confidence histograms and confusion matrix are in "
                   "`../patches/runs/<run>/`.", ""]
-    lines += _failures(study.failures)
+    lines += _failures(r.failures)
     path = rep_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -295,23 +369,23 @@ def _failures(failures: Sequence[dict]) -> list[str]:
     return lines + ["None."]
 
 
-def write_seg_report(study, seconds: float) -> Path:
+def write_seg_report(r: SegReport) -> Path:
     """``<out>/report/report.md`` of a ``task: segmentation`` study (mil.study.segstudy): the init
     table (in-domain beside out-of-domain), Dice vs fraction, the run folders, failures."""
     from mil.seg.compare import compare_seg, read_seg_records
 
-    cfg, rep_dir = study.cfg, study.out / "report"
+    rep_dir = r.report_dir
     rep_dir.mkdir(parents=True, exist_ok=True)
-    ood = ", ".join(f"`{d.source}` (ood:{d.name}, {len(d)} images)" for d in study.ood_sets) or "none"
-    lines = [f"# Segmentation-transfer study: {cfg.name}", "",
-             f"Trained on `{study.train_set.source}` ({len(study.train_set)} pairs, {len(study.train_set.data.skipped)} "
+    ood = ", ".join(f"`{d.source}` (ood:{d.name}, {len(d)} images)" for d in r.ood_sets) or "none"
+    lines = [f"# Segmentation-transfer study: {r.name}", "",
+             f"Trained on `{r.train_set.source}` ({len(r.train_set)} pairs, {len(r.train_set.data.skipped)} "
              f"skipped); out-of-domain sets {ood}. Encoders "
-             f"{', '.join(f'{e.name}:{w}' for e in cfg.encoders for w in e.weights)}; architectures {cfg.archs}; "
-             f"training fractions {cfg.train_fractions}; seeds {cfg.seeds}; seg settings {cfg.seg or 'defaults'}. "
-             f"This run took {seconds:.0f} s and did: {study.new_work}.", ""]
-    if study.run_dirs:
-        records = read_seg_records(study.run_dirs)
-        files = compare_seg(records, rep_dir, cfg.baseline)
+             f"{', '.join(r.encoders)}; architectures {r.archs}; "
+             f"training fractions {r.train_fractions}; seeds {r.seeds}; seg settings {r.seg or 'defaults'}. "
+             f"This run took {r.seconds:.0f} s and did: {r.new_work}.", ""]
+    if r.run_dirs:
+        records = read_seg_records(r.run_dirs)
+        files = compare_seg(records, rep_dir, r.baseline)
         table_rows = _csv(files["table_csv"])
         base = next((r["weights"] for r in table_rows if r.get("baseline") == "baseline"), None)
         table = Path(files["table_md"]).read_text().splitlines()
@@ -323,7 +397,7 @@ def write_seg_report(study, seconds: float) -> Path:
                   f"![Dice vs training fraction]({_rel(Path(files['dice_plot']), rep_dir)})", "",
                   "Each run's folder (model.pt, config.json, metrics.json with bootstrap CIs over images, overlays "
                   "in pictures/) is under `../seg/runs/`.", ""]
-    lines += _failures(study.failures)
+    lines += _failures(r.failures)
     path = rep_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

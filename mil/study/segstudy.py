@@ -25,12 +25,17 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from featstore.core.config import coerce_fields, from_dict
 from featstore.core.errors import CoreError
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans,
+                            expand_shorthand, resolve, section, weights_request, with_fields)
 from mil.study.errors import StudyError
-from mil.study.study import EncoderPlan, StudyEvent, _at, _expand_shorthand, _resolve, check_plans, weights_request
+from mil.study.report import SegReport, write_seg_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mil.seg.config import SegConfig
 
 #: SegConfig fields the study sets itself (from encoders, archs, train_fractions, seeds).
 STUDY_SETS = ("encoder", "weights", "arch", "fraction", "seed")
@@ -42,7 +47,8 @@ def _looks_like_file(w: str) -> bool:
 
 @dataclass
 class SegStudyConfig:
-    """The ``task: segmentation`` YAML, validated (paths relative to the YAML's folder)."""
+    """The ``task: segmentation`` YAML, validated (paths relative to the YAML's folder); ``seg``
+    keeps the YAML's keys, :attr:`sections` the SegConfig built from them once."""
 
     images: str | dict
     encoders: list[EncoderPlan]
@@ -60,7 +66,7 @@ class SegStudyConfig:
     @classmethod
     def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "SegStudyConfig":
         try:
-            d = _expand_shorthand(d)          # an encoder by name, weights: tag
+            d = expand_shorthand(d)          # an encoder by name, weights: tag
             if isinstance(d.get("test_images"), str):
                 d["test_images"] = [d["test_images"]]
             if isinstance(d.get("archs"), str):
@@ -71,12 +77,12 @@ class SegStudyConfig:
                 raise StudyError(f"missing keys {missing}")
             kw["encoders"] = [_plan(e, i) for i, e in enumerate(kw["encoders"])]
             kw["images"] = _source(root, kw["images"], "images")
-            kw["out"] = _resolve(root, kw.get("out", "study"))
+            kw["out"] = resolve(root, kw.get("out", "study"))
             if kw.get("masks"):
-                kw["masks"] = _resolve(root, kw["masks"])
+                kw["masks"] = resolve(root, kw["masks"])
             kw["test_images"] = [_source(root, t, f"test_images[{i}]") for i, t in enumerate(kw.get("test_images", []))]
             for plan in kw["encoders"]:
-                plan.weights[:] = [_resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
+                plan.weights[:] = [resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
             cfg = cls(**kw)
             cfg.validate()
         except CoreError as exc:
@@ -84,6 +90,8 @@ class SegStudyConfig:
         return cfg
 
     def validate(self) -> None:
+        """Check the plans and architectures and build the ``seg`` section once (:attr:`sections`)."""
+        from mil.seg.config import SegConfig
         from mil.seg.model import ARCHITECTURES
 
         if self.task != "segmentation":
@@ -94,29 +102,38 @@ class SegStudyConfig:
                 raise StudyError(f"archs: {a!r} is not one of {', '.join(ARCHITECTURES)}")
         if not self.archs or not self.train_fractions:
             raise StudyError("archs and train_fractions need at least one entry each")
+        self._seg = section(SegConfig, self.seg, "seg", exclude=STUDY_SETS, encoder=self.encoders[0].name,
+                            weights="random", arch=self.archs[0], fraction=1.0, seed=self.seeds[0])
         for f in self.train_fractions:
-            _at("train_fractions", self.seg_config, self.encoders[0].name, "random", self.archs[0], f, self.seeds[0])
+            at("train_fractions", self.seg_config, self.encoders[0].name, "random", self.archs[0], f, self.seeds[0])
         for plan in self.encoders:
             for w in plan.weights:
                 if _looks_like_file(w) and not Path(w).is_file():
                     raise StudyError(f"encoders: weights file {w} does not exist")
 
-    def seg_config(self, encoder: str, weights: str, arch: str, fraction: float, seed: int):
-        from mil.seg.train import SegConfig
+    @property
+    def sections(self) -> SegConfig:
+        """The ``seg:`` section as a SegConfig (the first plan's encoder, arch and seed)."""
+        if getattr(self, "_seg", None) is None:
+            self.validate()
+        return self._seg
 
-        kw = coerce_fields(SegConfig, self.seg, where="seg", exclude=STUDY_SETS, error=StudyError)
-        return from_dict(SegConfig, {**kw, "encoder": encoder, "weights": weights, "arch": arch,
-                                     "fraction": float(fraction), "seed": int(seed)}, where="seg", error=StudyError)
+    def seg_config(self, encoder: str, weights: str, arch: str, fraction: float, seed: int) -> SegConfig:
+        return with_fields(self.sections, "seg", encoder=encoder, weights=weights, arch=arch,
+                           fraction=float(fraction), seed=int(seed))
+
+    def runner(self, progress: Progress | None = None) -> "SegStudy":
+        return SegStudy(self, progress)
 
 
 def _source(root: Path, spec: str | dict, where: str) -> str | dict:
     """A dataset entry with its paths resolved: a folder, or a :class:`mil.seg.run.WsiSource` mapping
     (checked here, so a bad key fails before any training)."""
     if isinstance(spec, str):
-        return _resolve(root, spec)
+        return resolve(root, spec)
     from mil.seg.run import WsiSource
 
-    spec = {**spec, **{k: _resolve(root, spec[k]) for k in ("slides", "annotations") if spec.get(k)}}
+    spec = {**spec, **{k: resolve(root, spec[k]) for k in ("slides", "annotations") if spec.get(k)}}
     src = from_dict(WsiSource, spec, where=where, error=StudyError)
     if not src.slides:
         raise StudyError(f"{where}: a slide dataset needs slides: DIR")
@@ -138,27 +155,17 @@ def run_name(encoder: str, weights: str, arch: str, fraction: float, seed: int) 
     return f"{encoder}-{w}-{arch}-f{fraction:g}-s{seed}"
 
 
-@dataclass
-class SegStudyResult:
-    out: Path
-    report: Path
-    failures: list[dict]
-    new_work: dict
+SegStudyResult = StudyResult   # one result type for every form
 
 
-class SegStudy:
+class SegStudy(StudyBase):
     """Runs a :class:`SegStudyConfig` (module docstring)."""
 
-    def __init__(self, cfg: SegStudyConfig, progress: Callable[[StudyEvent], None] | None = None):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.progress = progress or (lambda e: None)
-        self.failures: list[dict] = []
-        self.new_work = {"seg_runs": 0, "reused_runs": 0}
-        self.run_dirs: list[Path] = []
+    new_work_keys = ("seg_runs", "reused_runs")
 
-    def _fail(self, stage: str, item: str, exc: BaseException) -> None:
-        self.failures.append({"stage": stage, "item": item,
-                              "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+    def __init__(self, cfg: SegStudyConfig, progress: Progress | None = None):
+        super().__init__(cfg, progress)
+        self.run_dirs: list[Path] = []
 
     def jobs(self) -> list:
         """Every run's SegConfig, in plan order (weights resolved: ``imagenet-or-random``)."""
@@ -190,15 +197,14 @@ class SegStudy:
             try:
                 ood.append(load(spec))
             except CoreError as exc:
-                self._fail("load", spec if isinstance(spec, str) else spec["slides"], exc)
+                self.fail("load", spec if isinstance(spec, str) else spec["slides"], exc)
         names = [d.name for d in ood]
         if len(set(names)) < len(names):
             raise StudyError(f"test_images: two out-of-domain sets are both called {names}; rename a folder")
         return train, ood
 
-    def run(self) -> SegStudyResult:
+    def run(self) -> StudyResult:
         from mil.seg.run import run_segmentation
-        from mil.study.report import write_seg_report
 
         t0 = time.perf_counter()
         jobs = self.jobs()
@@ -214,14 +220,19 @@ class SegStudy:
             try:
                 run_segmentation(cfg, train, run, ood)
             except Exception as exc:  # noqa: BLE001 -- one configuration failing must not stop the study
-                self._fail("segment", name, exc)
+                self.fail("segment", name, exc)
                 continue
             self.new_work["seg_runs"] += 1
             self.run_dirs.append(run)
         self.progress(StudyEvent("segment", len(jobs), len(jobs)))
         self.train_set, self.ood_sets = train, ood
-        report = write_seg_report(self, time.perf_counter() - t0)
-        return SegStudyResult(self.out, report, self.failures, self.new_work)
+        c = self.cfg
+        report = write_seg_report(SegReport(
+            name=c.name, out=self.out, new_work=self.new_work, failures=self.failures,
+            seconds=time.perf_counter() - t0, encoders=[f"{e.name}:{w}" for e in c.encoders for w in e.weights],
+            archs=c.archs, train_fractions=c.train_fractions, seeds=c.seeds, seg=c.seg, baseline=c.baseline,
+            train_set=train, ood_sets=ood, run_dirs=self.run_dirs))
+        return self.result(report)
 
 
 __all__ = ["SegStudy", "SegStudyConfig", "SegStudyResult", "run_name"]

@@ -21,29 +21,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from featstore.core.config import Config, coerce_fields, from_dict, option
-from featstore.core.errors import CoreError
+from featstore.core.errors import CoreError, first_line
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans,
+                            expand_shorthand, resolve, resolve_extract_paths, section, weights_request, with_fields)
 from mil.study.errors import StudyError
+from mil.study.report import SlideReport, write_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from featstore.config import ExtractConfig
+    from featstore.pretrain import PretrainConfig
+    from mil.config import FinetuneConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EncoderPlan(Config):
-    """One encoder architecture with the weights and truncation levels to study."""
-
-    config_error = StudyError
-
-    name: str = option(help="Encoder name (see `featstore encoders`).")
-    weights: list[str] = option(default_factory=lambda: ["random"], help="Weights tags (or one tag).")
-    levels: list[int] = option(default_factory=lambda: [0, 1, 2, 3], help="Truncation levels (minus K).")
 
 
 @dataclass(frozen=True)
@@ -63,16 +59,35 @@ class ExternalCohort(Config):
 STUDY_SETS_EXTRACT = ("encoder", "levels", "weights", "tiling")
 
 
+@dataclass(frozen=True)
+class SlideSections:
+    """The slide study's YAML sections as configs, checked and built once when the file is loaded.
+
+    Each run fills only the fields the study sets (``dataclasses.replace``): the encoder, weights
+    and levels of ``extract``, the seed of ``mil``, the encoder of ``pretrain``. ``tiling`` stays
+    the file's keys, laid over the store's own tiling when a stage opens the store."""
+
+    tiling: dict
+    extract: ExtractConfig
+    mil: TrainConfig
+    finetune: FinetuneConfig | None
+    pretrain: PretrainConfig
+
+
 @dataclass
 class StudyConfig:
     """The YAML file, validated. Relative paths are relative to the YAML's folder.
 
-    ``tiling``, ``extract``, ``mil``, ``finetune`` and ``pretrain`` hold the YAML's keys, checked
-    against TilingConfig, ExtractConfig (minus :data:`STUDY_SETS_EXTRACT`), TrainConfig (minus
-    ``seed``, which comes from ``seeds``), FinetuneConfig (plus ``enabled``) and PretrainConfig
-    (minus ``encoder``: every plan whose weights list ``pretrain``) when the file is loaded;
-    :meth:`train_config`, :meth:`extract_config` and :meth:`finetune_config` build the configs.
+    ``tiling``, ``extract``, ``mil``, ``finetune`` and ``pretrain`` hold the YAML's keys (what
+    study.json records), checked against TilingConfig, ExtractConfig (minus
+    :data:`STUDY_SETS_EXTRACT`), TrainConfig (minus ``seed``, which comes from ``seeds``),
+    FinetuneConfig (plus ``enabled``) and PretrainConfig (minus ``encoder``: every plan whose
+    weights list ``pretrain``) when the file is loaded, and built once into :attr:`sections`;
+    :meth:`train_config`, :meth:`extract_config`, :meth:`finetune_config` and
+    :meth:`pretrain_config` fill in what one run sets.
     """
+
+    task = "slide"
 
     slides: list[str]
     labels: str
@@ -103,14 +118,14 @@ class StudyConfig:
         work is done.
         """
         try:
-            kw = coerce_fields(cls, _expand_shorthand(d), error=StudyError)
+            kw = coerce_fields(cls, expand_shorthand(d), error=StudyError)
             missing = [k for k in ("slides", "labels", "encoders") if k not in kw]
             if missing:
                 raise StudyError(f"missing keys {missing}")
-            kw["slides"] = [_resolve(root, s) for s in kw["slides"]]
-            kw["labels"] = _resolve(root, kw["labels"])
-            kw["store"] = _resolve(root, kw.get("store", "cohort.zarr"))
-            kw["out"] = _resolve(root, kw.get("out", "study"))
+            kw["slides"] = [resolve(root, s) for s in kw["slides"]]
+            kw["labels"] = resolve(root, kw["labels"])
+            kw["store"] = resolve(root, kw.get("store", "cohort.zarr"))
+            kw["out"] = resolve(root, kw.get("out", "study"))
             kw["external"] = [_external(root, e, i) for i, e in enumerate(kw.get("external", []))]
             kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
             cfg = cls(**kw)
@@ -127,15 +142,18 @@ class StudyConfig:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise StudyError(f"{path}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise StudyError(f"{path}: a study file is a mapping of keys (slides, labels, encoders, ...)")
         return cls.from_dict(data, path.parent.resolve(), source=str(path))
 
     def validate(self) -> None:
-        """Build every nested config once, so a bad key or value fails now, not in each run."""
+        """Build every nested config once (:attr:`sections`), so a bad key or value fails now, not
+        in each run; the dict sections keep the YAML's keys as checked (e.g. ``lr: "1e-4"``, a
+        string to YAML 1.1, becomes 0.0001)."""
         from analysis.compare import parse_baseline
         from featstore.config import ExtractConfig
+        from featstore.pretrain import PretrainConfig
         from featstore.tiling import TilingConfig
         from mil.config import FinetuneConfig, TrainConfig
 
@@ -143,158 +161,64 @@ class StudyConfig:
         if self.split not in ("patient", "site", "site-preserved"):
             raise StudyError(f"split: {self.split!r}; choose patient, site or site-preserved")
         from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
-        self.extract_config(self.encoders[0].name, "random", self.encoders[0].levels)
-        self.train_config(self.seeds[0])
-        self.finetune_config()
-        self.pretrain_config(self.encoders[0].name)
-        # keep the sections as checked (e.g. lr: "1e-4", a string to YAML 1.1, becomes 0.0001)
-        self.tiling = coerce_fields(TilingConfig, self.tiling)
-        self.extract = coerce_fields(ExtractConfig, self.extract)
-        self.mil = coerce_fields(TrainConfig, self.mil)
-        ft = dict(self.finetune)
-        enabled = {"enabled": ft.pop("enabled")} if "enabled" in ft else {}
-        self.finetune = {**enabled, **coerce_fields(FinetuneConfig, ft)}
-        from featstore.pretrain import PretrainConfig
-
-        self.pretrain = coerce_fields(PretrainConfig, self.pretrain, exclude=("encoder",))
-        if self.baseline is not None:
-            _at("baseline", parse_baseline, self.baseline)
-
-    def train_config(self, seed: int):
-        """The ``mil:`` section as a TrainConfig for one seed."""
-        from mil.config import TrainConfig
-
-        kw = coerce_fields(TrainConfig, self.mil, where="mil", exclude=("seed",), error=StudyError)
-        cfg = from_dict(TrainConfig, {**kw, "seed": seed}, where="mil", error=StudyError)
-        _at("mil.device", _check_device, cfg.device)
-        return cfg
-
-    def extract_config(self, encoder: str, weights: str, levels, tiling=None):
-        """The ``extract:`` section as an ExtractConfig for one encoder x weights (tiling: default)."""
-        from featstore.config import ExtractConfig
-
-        kw = coerce_fields(ExtractConfig, self.extract, where="extract", exclude=STUDY_SETS_EXTRACT,
-                           error=StudyError)
-        cfg = from_dict(ExtractConfig, {**kw, "encoder": encoder, "weights": weights, "levels": tuple(levels)},
-                        where="extract", error=StudyError)
-        _at("extract.device", _check_device, cfg.device)
-        return cfg if tiling is None else replace(cfg, tiling=tiling)
-
-    def finetune_config(self):
-        """The ``finetune:`` section as a FinetuneConfig (seed: the first study seed), or None if disabled."""
-        from mil.config import FinetuneConfig
-
+        first = self.encoders[0]
         ft = dict(self.finetune)
         enabled = ft.pop("enabled", False)
         if not isinstance(enabled, bool):
             raise StudyError(f"finetune.enabled: expected bool, got {enabled!r} ({type(enabled).__name__})")
-        cfg = from_dict(FinetuneConfig, {"seed": self.seeds[0], **ft}, where="finetune", error=StudyError)
-        _at("finetune.device", _check_device, cfg.device)
-        return cfg if enabled else None
+        finetune = section(FinetuneConfig, {"seed": self.seeds[0], **ft}, "finetune")  # checked even if disabled
+        self._sections = SlideSections(
+            tiling=coerce_fields(TilingConfig, self.tiling),
+            extract=section(ExtractConfig, self.extract, "extract", exclude=STUDY_SETS_EXTRACT,
+                            encoder=first.name, weights="random", levels=tuple(first.levels)),
+            mil=section(TrainConfig, self.mil, "mil", exclude=("seed",), seed=self.seeds[0]),
+            finetune=finetune if enabled else None,
+            pretrain=section(PretrainConfig, self.pretrain, "pretrain", exclude=("encoder",), encoder=first.name))
+        self.tiling = self._sections.tiling
+        self.extract = coerce_fields(ExtractConfig, self.extract)
+        self.mil = coerce_fields(TrainConfig, self.mil)
+        self.finetune = {**({"enabled": enabled} if "enabled" in self.finetune else {}), **coerce_fields(FinetuneConfig, ft)}
+        self.pretrain = coerce_fields(PretrainConfig, self.pretrain, exclude=("encoder",))
+        if self.baseline is not None:
+            at("baseline", parse_baseline, self.baseline)
 
-    def pretrain_config(self, encoder: str):
-        """The ``pretrain:`` section as a PretrainConfig for *encoder*."""
-        from featstore.pretrain import PretrainConfig
+    @property
+    def sections(self) -> SlideSections:
+        """The typed sections :meth:`validate` built (``from_dict`` / ``from_yaml`` validate)."""
+        if getattr(self, "_sections", None) is None:
+            self.validate()
+        return self._sections
 
-        kw = coerce_fields(PretrainConfig, self.pretrain, where="pretrain", exclude=("encoder",), error=StudyError)
-        cfg = from_dict(PretrainConfig, {**kw, "encoder": encoder}, where="pretrain", error=StudyError)
-        _at("pretrain.device", _check_device, cfg.device)
-        return cfg
+    def train_config(self, seed: int) -> TrainConfig:
+        """The ``mil:`` section's TrainConfig for one seed."""
+        return with_fields(self.sections.mil, "mil", seed=seed)
+
+    def extract_config(self, encoder: str, weights: str, levels, tiling=None) -> ExtractConfig:
+        """The ``extract:`` section's ExtractConfig for one encoder x weights (tiling: default)."""
+        cfg = with_fields(self.sections.extract, "extract", encoder=encoder, weights=weights, levels=tuple(levels))
+        return cfg if tiling is None else replace(cfg, tiling=tiling)
+
+    def finetune_config(self) -> FinetuneConfig | None:
+        """The ``finetune:`` section's FinetuneConfig (seed: the first study seed), or None if disabled."""
+        return self.sections.finetune
+
+    def pretrain_config(self, encoder: str) -> PretrainConfig:
+        """The ``pretrain:`` section's PretrainConfig for *encoder*."""
+        return with_fields(self.sections.pretrain, "pretrain", encoder=encoder)
+
+    def runner(self, progress: Progress | None = None) -> "Study":
+        return Study(self, progress)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_extract_paths(root: Path, extract: dict) -> dict:
-    """The ``extract:`` section with its file paths (``stain_reference``) relative to the study file."""
-    if isinstance(extract, dict) and extract.get("stain_reference"):
-        return {**extract, "stain_reference": _resolve(root, str(extract["stain_reference"]))}
-    return extract
 
 
 def _external(root: Path, c: "ExternalCohort", i: int) -> "ExternalCohort":
     """An ``external:`` entry checked, with its paths resolved against the study file's folder."""
     if not c.name or "/" in c.name or c.name in (".", ".."):
         raise StudyError(f"external[{i}].name: {c.name!r} must be a plain folder name")
-    return replace(c, slides=[_resolve(root, x) for x in c.slides], labels=_resolve(root, c.labels),
-                   store=_resolve(root, c.store or f"{c.name}.zarr"))
-
-
-def check_plans(encoders: list[EncoderPlan], seeds: list[int]) -> None:
-    """Every plan names a known encoder and levels it has; at least one plan and one seed."""
-    from featstore.encoders import get_spec
-
-    if not encoders or not seeds:
-        raise StudyError("encoders and seeds need at least one entry each")
-    for i, plan in enumerate(encoders):
-        spec = _at(f"encoders[{i}].name", get_spec, plan.name)
-        for lv in plan.levels:
-            _at(f"encoders[{i}].levels", spec.check_level, lv)
-
-
-def weights_request(enc: str, w: str) -> str:
-    """A plan's weights as the extractor takes them: ``imagenet-or-random`` becomes ``imagenet``
-    where the file is on this machine, else ``random``; anything else is returned as is."""
-    if w == "imagenet-or-random":
-        from featstore.encoders import find_weights, get_spec
-
-        ws = get_spec(enc).weights.get("imagenet")
-        return "imagenet" if ws is not None and find_weights(ws) is not None else "random"
-    return w
-
-
-def _expand_shorthand(d: dict) -> dict:
-    """``slides: dir`` -> [dir]; an encoder given by name; ``weights: tag`` -> [tag]."""
-    d = dict(d)
-    if isinstance(d.get("slides"), str):
-        d["slides"] = [d["slides"]]
-    if isinstance(d.get("external"), list):
-        d["external"] = [{**e, "slides": [e["slides"]]} if isinstance(e, dict) and isinstance(e.get("slides"), str)
-                         else e for e in d["external"]]
-    if isinstance(d.get("encoders"), list):
-        encs = [{"name": e} if isinstance(e, str) else e for e in d["encoders"]]
-        d["encoders"] = [{**e, "weights": [e["weights"]]} if isinstance(e, dict) and isinstance(e.get("weights"), str)
-                         else e for e in encs]
-    return d
-
-
-def _check_device(name: str) -> None:
-    from featstore.core.runtime import resolve_device
-
-    resolve_device(name)
-
-
-def _at(path: str, check: Callable[..., Any], *args: Any) -> Any:
-    """``check(*args)``; its one-line error is re-raised as a StudyError prefixed with the key path."""
-    try:
-        return check(*args)
-    except CoreError as exc:
-        raise StudyError(f"{path}: {exc}") from None
-
-
-def _resolve(root: Path, p: str) -> str:
-    if "://" in str(p):
-        return str(p)
-    q = Path(p).expanduser()
-    return str(q if q.is_absolute() else (root / q))
-
-
-@dataclass
-class StudyEvent:
-    """Progress of the study: stage name, item k of n, a short text."""
-
-    stage: str
-    done: int
-    total: int
-    text: str = ""
-
-
-@dataclass
-class StudyResult:
-    out: Path
-    report: Path
-    failures: list[dict]
-    new_work: dict[str, int]
+    return replace(c, slides=[resolve(root, x) for x in c.slides], labels=resolve(root, c.labels),
+                   store=resolve(root, c.store or f"{c.name}.zarr"))
 
 
 def run_tag(enc: str, weights: str, minus: int, seed: int, frac: float) -> str:
@@ -302,29 +226,18 @@ def run_tag(enc: str, weights: str, minus: int, seed: int, frac: float) -> str:
     return tag + (f"-frac{frac:g}" if frac != 1.0 else "")
 
 
-class Study:
+class Study(StudyBase):
     """Runs a :class:`StudyConfig`; ``progress`` receives :class:`StudyEvent`s."""
 
-    def __init__(self, cfg: StudyConfig, progress: Callable[[StudyEvent], None] | None = None):
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.progress = progress or (lambda e: None)
-        self.failures: list[dict] = []
-        self.new_work = {"extracted_tiles": 0, "trained_runs": 0, "finetuned_runs": 0, "pretrained_encoders": 0}
+    new_work_keys = ("extracted_tiles", "trained_runs", "finetuned_runs", "pretrained_encoders")
+
+    def __init__(self, cfg: StudyConfig, progress: Progress | None = None):
+        super().__init__(cfg, progress)
         self.weights_used: dict[tuple[str, str], str] = {}  # (encoder, requested) -> store tag
         self.pretrained: dict[str, list[str]] = {}          # encoder -> its pretrained checkpoints
         self.labels: dict[tuple[str, str], str] = {}        # (encoder, checkpoint) -> run-name label
 
     # ------------------------------------------------------------------ helpers
-    def _fail(self, stage: str, item: str, exc: BaseException) -> None:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.error("%s %s failed: %s", stage, item, msg)
-        log.debug("".join(traceback.format_exception(exc)))
-        self.failures.append({"stage": stage, "item": item, "error": msg})
-
-    def _weights(self, enc: str, w: str) -> str:
-        return weights_request(enc, w)
-
     def plans(self) -> list[tuple[str, str, list[int]]]:
         """(encoder, weights, levels) to extract and train; ``pretrain`` stands for the encoder's
         pretrained checkpoints once :meth:`pretrain` made them (none before)."""
@@ -334,7 +247,7 @@ class Study:
                 if w == "pretrain":
                     out += [(e.name, p, e.levels) for p in self.pretrained.get(e.name, [])]
                 else:
-                    out.append((e.name, self._weights(e.name, w), e.levels))
+                    out.append((e.name, weights_request(e.name, w), e.levels))
         return out
 
     # ------------------------------------------------------------------ stages
@@ -355,7 +268,7 @@ class Study:
                 self.weights_used[(enc, w)] = ex.feature_tag
                 rep = ex.run(refs, store)
             except Exception as exc:  # noqa: BLE001 -- one encoder failing must not stop the study
-                self._fail("extract", f"{enc}:{w}", exc)
+                self.fail("extract", f"{enc}:{w}", exc)
                 continue
             self.new_work["extracted_tiles"] += rep.tiles
             for sid, why in rep.failed.items():
@@ -376,7 +289,7 @@ class Study:
                 results = pretrain(self.cfg.pretrain_config(enc), self.cfg.store, self.out / "pretrain" / enc,
                                    slides=self.cfg.slides, on_step=on_step)
             except Exception as exc:  # noqa: BLE001 -- the rest of the study goes on without it
-                self._fail("pretrain", enc, exc)
+                self.fail("pretrain", enc, exc)
                 continue
             self.pretrained[enc] = [str(r.path) for r in results]
             for r in results:
@@ -413,7 +326,7 @@ class Study:
                 train_run(spec, self.cfg.train_config(seed))
                 self.new_work["trained_runs"] += 1
             except Exception as exc:  # noqa: BLE001
-                self._fail("train", path.name, exc)
+                self.fail("train", path.name, exc)
         self.progress(StudyEvent("train", len(runs), len(runs)))
 
     def compare(self, name: str, run_dirs: list[Path]):
@@ -431,7 +344,7 @@ class Study:
         try:
             rows = compare_runs(run_dirs, baseline=baseline)
         except StudyError as exc:
-            self._fail("compare", name, exc)
+            self.fail("compare", name, exc)
             rows = compare_runs(run_dirs)
         return rows, write_outputs(rows, self.out / "report" / name)
 
@@ -466,7 +379,7 @@ class Study:
                              cfg)
                 self.new_work["finetuned_runs"] += 1
             except Exception as exc:  # noqa: BLE001
-                self._fail("finetune", out.name, exc)
+                self.fail("finetune", out.name, exc)
                 return None
         self.progress(StudyEvent("finetune", 1, 1, out.name))
         return out
@@ -487,7 +400,7 @@ class Study:
             rep = ex.run(discover_slides(self.cfg.slides), store)
             self.new_work["extracted_tiles"] += rep.tiles
         except Exception as exc:  # noqa: BLE001
-            self._fail("extract fine-tuned", encoder, exc)
+            self.fail("extract fine-tuned", encoder, exc)
             return None
         self.progress(StudyEvent("extract fine-tuned", 1, 1, encoder))
         return ex.feature_tag
@@ -502,7 +415,7 @@ class Study:
             res = blockwise_cka(open_store(self.cfg.store), (encoder, frozen_w), (encoder, ft_w), max_tiles=20000)
             paths = {"csv": res.write_csv(out / "cka.csv"), "png": res.plot(out / "cka.png")}
         except Exception as exc:  # noqa: BLE001
-            self._fail("cka", encoder, exc)
+            self.fail("cka", encoder, exc)
             return {}
         self.progress(StudyEvent("cka", 1, 1))
         return paths
@@ -531,7 +444,7 @@ class Study:
                 make_heatmap(run_dir, src, store, png, slide_id=sid)
                 out.append((sid, png))
             except Exception as exc:  # noqa: BLE001
-                self._fail("heatmap", sid, exc)
+                self.fail("heatmap", sid, exc)
         self.progress(StudyEvent("heatmaps", min(n, len(preds)), min(n, len(preds))))
         return out
 
@@ -556,14 +469,14 @@ class Study:
                 refs = discover_slides(coh.slides)
                 store = open_store(coh.store, mode="a")
             except Exception as exc:  # noqa: BLE001 -- a bad external cohort must not stop the study
-                self._fail("external", coh.name, exc)
+                self.fail("external", coh.name, exc)
                 continue
             for i, (enc, w, levels) in enumerate(self.plans()):
                 self.progress(StudyEvent(f"extract {coh.name}", i, len(self.plans()), f"{enc} {w}"))
                 try:
                     rep = Extractor(self.cfg.extract_config(enc, w, levels, tiling)).run(refs, store)
                 except Exception as exc:  # noqa: BLE001
-                    self._fail(f"extract {coh.name}", f"{enc}:{w}", exc)
+                    self.fail(f"extract {coh.name}", f"{enc}:{w}", exc)
                     continue
                 self.new_work["extracted_tiles"] += rep.tiles
                 self.failures += [{"stage": f"extract {coh.name}", "item": f"{enc}:{w} slide {sid}", "error": why}
@@ -581,7 +494,7 @@ class Study:
                         m = res.metrics
                         self.new_work["external_evaluations"] = self.new_work.get("external_evaluations", 0) + 1
                 except Exception as exc:  # noqa: BLE001
-                    self._fail(f"evaluate {coh.name}", path.name, exc)
+                    self.fail(f"evaluate {coh.name}", path.name, exc)
                     continue
                 records.append({"cohort": coh.name, "run": str(path), "encoder": enc,
                                 "weights": self.labels.get((enc, w), w), "minus": lv, "seed": seed,
@@ -594,8 +507,6 @@ class Study:
 
     # ------------------------------------------------------------------ everything
     def run(self) -> StudyResult:
-        from mil.study.report import write_report
-
         t0 = time.perf_counter()
         (self.out / "report").mkdir(parents=True, exist_ok=True)
         (self.out / "study.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
@@ -603,20 +514,26 @@ class Study:
         self.pretrain()
         self.train()
         frozen_dirs = [r[0] for r in self.frozen_runs()]
-        rows, frozen_files = self.compare("frozen", frozen_dirs)
+        rows, _ = self.compare("frozen", frozen_dirs)
         best = self.best_frozen(rows)
         ft_run = self.finetune(best)
-        cka_files, ft_rows, ft_files = {}, [], {}
+        cka_files = {}
         if ft_run is not None:
-            ft_rows, ft_files = self.compare("finetune", [ft_run])
+            self.compare("finetune", [ft_run])
             if self.cfg.cka:
                 tag = self.extract_finetuned(ft_run, best.key.encoder)
                 if tag:
                     cka_files = self.cka(best.key.encoder, best.key.weights, tag)
         best_dir = self.run_of(best) if best is not None else None
         heat = self.heatmaps(best_dir) if best_dir is not None else []
-        self.external_records = self.external()
+        external = self.external()
         self.progress(StudyEvent("report", 0, 1))
-        report = write_report(self, rows, best, best_dir, ft_run, cka_files, heat, time.perf_counter() - t0)
+        cfg = self.cfg
+        report = write_report(SlideReport(
+            name=cfg.name, out=self.out, new_work=self.new_work, failures=self.failures,
+            seconds=time.perf_counter() - t0, store=cfg.store, labels=cfg.labels, plans=self.plans(),
+            seeds=cfg.seeds, folds=cfg.folds, train_fractions=cfg.train_fractions, extract=cfg.extract,
+            weights_used=self.weights_used, baseline_given=bool(cfg.baseline), rows=rows, best=best,
+            best_dir=best_dir, ft_run=ft_run, cka_files=cka_files, heatmaps=heat, external_records=external))
         self.progress(StudyEvent("report", 1, 1))
-        return StudyResult(self.out, report, self.failures, dict(self.new_work))
+        return self.result(report)

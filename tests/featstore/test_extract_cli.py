@@ -76,7 +76,7 @@ def test_bad_values_are_one_line_before_any_work(slide_dir, tmp_path):
     store = tmp_path / "bad.zarr"
     res = CliRunner().invoke(featstore_app, ["extract", str(slide_dir), "--store", str(store), "--encoder",
                                              "resnet18", "--batch-size", "0"])
-    assert res.exit_code == 1 and "--batch-size must be >= 1" in res.stderr
+    assert res.exit_code == 1 and "--batch-size 0 must be >= 1" in res.stderr
     assert not store.exists()
     res = CliRunner().invoke(featstore_app, ["extract", str(slide_dir), "--store", str(store), "--encoder",
                                              "resnet18", "--minus", "0,x"])

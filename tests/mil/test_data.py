@@ -7,7 +7,7 @@ import pytest
 
 from featstore.store import open_store
 from mil.data import load_bags, make_splits
-from mil.errors import LabelsError
+from featstore.core.errors import LabelsError
 from featstore.core.labels import match_store, read_labels
 
 from .conftest import KEY, planted_bags, write_labels, write_store

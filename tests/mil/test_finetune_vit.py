@@ -170,5 +170,5 @@ def test_a_study_yaml_takes_a_vit_with_block_levels_and_train_blocks(tmp_path):
     assert cfg.finetune_config().train_blocks == 2
     with pytest.raises(StudyError, match=r"encoders\[0\]\.levels: encoder vit_small_patch16_224"):
         StudyConfig.from_dict({**base, "encoders": [{"name": VIT_S, "levels": [0, 12]}]}, tmp_path)
-    with pytest.raises(StudyError, match="--train-blocks -1 must be >= 0"):
+    with pytest.raises(StudyError, match="finetune.train_blocks -1 must be >= 0"):
         StudyConfig.from_dict({**base, "encoders": [VIT_S], "finetune": {"train_blocks": -1}}, tmp_path)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from featstore.cli import mil_app
 from mil.data import _check_no_leak, assign_sites, fold_balance, make_splits
-from mil.errors import LabelsError, MilError
+from featstore.core.errors import LabelsError
+from mil.errors import MilError
 from featstore.core.labels import read_labels
 from mil.metrics import fold_metrics
 

@@ -88,7 +88,7 @@ def test_callback_sees_every_bag_and_epoch():
 def test_bad_config_is_rejected():
     with pytest.raises(MilError, match="optimizer 'sgd'"):
         TrainConfig(optimizer="sgd")
-    with pytest.raises(MilError, match="epochs >= 1"):
+    with pytest.raises(MilError, match="--epochs 0 must be >= 1"):
         TrainConfig(epochs=0)
     with pytest.raises(MilError, match="no training slides"):
         fit(Bags.from_arrays({"a": np.zeros((2, 3))}), [], [], [], [], 2, TrainConfig())

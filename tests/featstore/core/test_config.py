@@ -80,7 +80,7 @@ def test_wrong_types_name_the_key_the_value_and_the_type(data, words):
 def test_missing_keys_and_post_init_errors_carry_the_path():
     with pytest.raises(ConfigError, match=r"missing keys \['enc.name'\]"):
         Toy.from_dict({}, where="enc")
-    with pytest.raises(ConfigError, match=r"^mil: optimizer 'sgd': choose adam, adamw$"):
+    with pytest.raises(ConfigError, match=r"^mil.optimizer 'sgd' must be one of adam, adamw$"):
         TrainConfig.from_dict({"optimizer": "sgd"}, where="mil")
     with pytest.raises(MilError, match="optimizer 'sgd'"):  # without a path: the config's own error
         TrainConfig.from_dict({"optimizer": "sgd"})
@@ -173,3 +173,68 @@ def test_mil_train_options_come_from_the_declarations():
     res = _invoke(mil_app, "train", "--store", "s", "--encoder", "e", "--labels", "l", "--out", "o",
                   "--hidden", "25x")
     assert res.exit_code == 1 and "--hidden '25x': give comma-separated integers, e.g. 256,64" in res.output
+
+
+# ------------------------------------------------------------------ declared choices and bounds
+_LOADED: list[str] = []
+
+
+def _modes() -> tuple[str, ...]:
+    _LOADED.append("modes")          # a registry read only when a value is checked
+    return ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class Bounded(Config):
+    reader: str = option("fast", "Reader.", choices=_modes)
+    batch_size: int = option(8, "Batch.", ge=1)
+    share: float = option(0.5, "A share.", gt=0, le=1)
+    fractions: tuple[float, ...] = option((1.0,), "Shares.", gt=0, le=1, parse=lambda s: tuple(map(float, s.split(","))),
+                                          show=lambda t: ",".join(map(str, t)))
+    limit: int | None = option(None, "Optional.", ge=0)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"reader": "slow"}, "x.reader 'slow' must be one of fast, exact"),
+    ({"batch_size": 0}, "x.batch_size 0 must be >= 1"),
+    ({"share": 0}, "x.share 0 must be in (0, 1]"),
+    ({"share": float("nan")}, "x.share nan must be in (0, 1]"),
+    ({"fractions": [0.5, 1.5]}, "x.fractions 0.5,1.5 must be in (0, 1]"),
+    ({"limit": -1}, "x.limit -1 must be >= 0"),
+])
+def test_a_yaml_value_outside_its_declaration_names_the_key_path(data, message):
+    with pytest.raises(ConfigError) as ei:
+        Bounded.from_dict(data, where="x")
+    assert str(ei.value) == message
+
+
+def test_direct_construction_names_the_flag_and_none_passes():
+    with pytest.raises(ConfigError, match=r"^--batch-size 0 must be >= 1$"):
+        Bounded(batch_size=0)
+    assert Bounded(limit=None).limit is None and Bounded(reader="exact").reader == "exact"
+    assert "modes" in _LOADED
+
+
+def test_a_command_line_value_outside_its_declaration_names_the_flag():
+    app = typer.Typer()
+
+    @app.command()
+    @config_command(cfg=Bounded)
+    def run(cfg: Bounded) -> None:
+        print(cfg.batch_size)
+
+    for args, message in ((["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+                          (["--reader", "slow"], "--reader 'slow' must be one of fast, exact"),
+                          (["--fractions", "0.5,2"], "--fractions 0.5,2 must be in (0, 1]")):
+        res = CliRunner().invoke(app, args)
+        assert isinstance(res.exception, ConfigError) and str(res.exception) == message, res.output
+    assert CliRunner().invoke(app, ["--batch-size", "3"]).output.strip() == "3"
+
+
+def test_package_configs_check_their_declarations_in_one_style():
+    with pytest.raises(TilingError, match=r"^tiling.min_tissue 1.5 must be in \[0, 1\]$"):
+        TilingConfig.from_dict({"min_tissue": 1.5}, where="tiling")
+    with pytest.raises(MilError, match=r"^--eval-tiles 'some' must be one of all, topk$"):
+        FinetuneConfig(eval_tiles="some")
+    with pytest.raises(ConfigError, match=r"^extract.reader 'tiff' must be one of "):
+        ExtractConfig.from_dict({"encoder": "resnet18", "reader": "tiff"}, where="extract")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mil.errors import LabelsError
+from featstore.core.errors import LabelsError
 from featstore.core.labels import read_labels, read_table
 
 

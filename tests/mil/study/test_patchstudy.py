@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mil.study.errors import StudyError
-from mil.study.patchstudy import PatchStudyConfig, load_study
+from mil.study.forms import load_study
+from mil.study.patchstudy import PatchStudyConfig
 from tests.mil.patches.test_run import write_digits
 
 STUDY = {

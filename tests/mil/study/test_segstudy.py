@@ -15,7 +15,7 @@ from featstore import create_encoder
 from featstore.checkpoint import save_encoder
 from featstore.synth import write_gland_dataset
 from mil.study.errors import StudyError
-from mil.study.patchstudy import load_study
+from mil.study.forms import load_study
 from mil.study.segstudy import SegStudy, SegStudyConfig
 
 

@@ -49,7 +49,7 @@ def _study(tmp_path, data: dict):
     ("mil", "epochs", "ten", ["mil.epochs", "'ten'", "expected int"]),
     ("mil", "seed", 3, ["mil.seed", "unknown"]),                        # seeds come from `seeds`
     ("extract", "weights", "imagenet", ["extract.weights", "unknown"]),  # set per encoder plan
-    ("mil", "optimizer", "sgd", ["mil: optimizer 'sgd': choose adam, adamw"]),
+    ("mil", "optimizer", "sgd", ["mil.optimizer 'sgd' must be one of adam, adamw"]),
     ("mil", "device", "gpu", ["mil.device", "'gpu' is not a device"]),
     ("finetune", "enabled", "yes", ["finetune.enabled", "expected bool"]),
     ("", "heatmaps", "three", ["heatmaps", "expected int"]),

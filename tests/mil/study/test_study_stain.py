@@ -3,14 +3,13 @@ the stain-vector angles of the features it trained on."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import featstore
 from featstore.cohort import discover_slides
 from featstore.extract import ExtractConfig, Extractor
 from featstore.synth import write_gland_slides
 from featstore.tiling import TilingConfig
-from mil.study.report import _stain_section, stain_note
+from mil.study.report import SlideReport, _stain_section, stain_note
 
 
 def test_report_stain_section(tmp_path):
@@ -20,8 +19,8 @@ def test_report_stain_section(tmp_path):
     ex = Extractor(ExtractConfig(encoder="resnet18", weights="random", input_size=96, precision="fp32", levels=(0,),
                                  tiling=TilingConfig(patch_size=96, mpp=0.5, min_tissue=0.1), **extract))
     ex.run(discover_slides([other]), tmp_path / "s.zarr")
-    study = SimpleNamespace(cfg=SimpleNamespace(extract=extract), weights_used={("resnet18", "random"): ex.feature_tag},
-                            plans=lambda: [("resnet18", "random", [0])], failures=[])
+    study = SlideReport(name="s", out=tmp_path, new_work={}, failures=[], seconds=0.0, extract=extract,
+                        weights_used={("resnet18", "random"): ex.feature_tag}, plans=[("resnet18", "random", [0])])
     lines = _stain_section(study, featstore.open_store(tmp_path / "s.zarr"), tmp_path / "report")
     text = "\n".join(lines)
     assert "**macenko**" in text and "case0.tiff" in text and "stain-qc.png" in text
