@@ -1,1 +1,2 @@
-"""analysis: CKA, probes, statistics and run comparison over featstore stores and mil runs."""
+"""analysis: CKA, probes, run comparison and the records table of patch / segmentation runs,
+over featstore stores and run folders (it imports featstore only, below mil)."""

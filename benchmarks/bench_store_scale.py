@@ -195,7 +195,7 @@ def _cli_ls(path: str, env: dict | None) -> float:
 
 
 def _cli_startup() -> float:
-    cmd = [sys.executable, "-c", "import cli, featstore.store, featstore.commands.store"]
+    cmd = [sys.executable, "-c", "import featstore.cli, featstore.store, featstore.commands.store"]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0

@@ -73,6 +73,10 @@ class TilingError(FeatstoreConfigError):
     """An invalid tiling configuration."""
 
 
+class PretrainConfigError(PretrainError, FeatstoreConfigError):
+    """A pretraining config value is outside what the field declares."""
+
+
 class ClusterError(FeatstoreError, RuntimeError):
     """The cluster cannot be reached, or a task failed for a reason that is not the slide's."""
 

@@ -1,9 +1,12 @@
-"""core: the small shared layer below featstore, mil, analysis and study.
+"""featstore.core: the small shared layer below featstore, analysis, mil and its tasks.
 
-Statistics (:mod:`featstore.core.stats`), the runtime (device, threads, determinism, allocator tuning and
+Errors (:mod:`featstore.core.errors`, the root ``CoreError``), statistics
+(:mod:`featstore.core.stats`), the runtime (device, threads, determinism, allocator tuning and
 offline mode as explicit, restorable contexts: :mod:`featstore.core.runtime`), config declaration
-(:mod:`featstore.core.config`), the training loop (:mod:`featstore.core.fit`) and the terminal UI used by commands
-(:mod:`featstore.core.ui`). It imports no other package of the toolkit.
+with choices and bounds (:mod:`featstore.core.config`), the training loop
+(:mod:`featstore.core.fit`), the labels reader (:mod:`featstore.core.labels`), plotting on Agg
+figures (:mod:`featstore.core.plotting`) and the terminal UI used by commands
+(:mod:`featstore.core.ui`). It imports nothing else of the toolkit.
 """
 
 from featstore.core.errors import CoreError

@@ -7,11 +7,10 @@ options from them and the study validates its ``pretrain:`` section against them
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from featstore.core.config import Config, option
-from featstore.errors import PretrainError
+from featstore.errors import PretrainConfigError, PretrainError
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -31,43 +30,40 @@ def show_fractions(vals: tuple[float, ...]) -> str:
 class PretrainConfig(Config):
     """Self-supervised pretraining of one encoder on a store's tiles (see docs/pretrain.md)."""
 
+    config_error = PretrainConfigError
+
     encoder: str = option(help="Encoder name (see `featstore encoders`).", flags=("--encoder", "-e"))
     method: str = option("auto", "mae | simclr | barlowtwins (auto: mae for ViTs, simclr for CNNs).")
     weights: str = option("random", "Starting weights: random | imagenet | a tag | a file (continued pretraining).")
     fractions: tuple[float, ...] = option((1.0,), "Fractions of the store's tiles, e.g. 0.1,0.25,0.5,1.0: one "
                                                   "encoder each, on nested subsets (10 % within 25 % ...).",
-                                          flags=("--fraction",), parse=parse_fractions, show=show_fractions)
-    tiles: int | None = option(None, "Train on this many tiles instead of --fraction (balanced across slides).")
-    epochs: int = option(10, "Passes over each subset's tiles.")
-    batch_size: int = option(32, "Tiles per step.")
+                                          flags=("--fraction",), parse=parse_fractions, show=show_fractions,
+                                          gt=0, le=1)
+    tiles: int | None = option(None, "Train on this many tiles instead of --fraction (balanced across slides).",
+                              ge=1)
+    epochs: int = option(10, "Passes over each subset's tiles.", ge=1)
+    batch_size: int = option(32, "Tiles per step.", ge=2)
     lr: float = option(1.5e-4, "Peak learning rate (AdamW), reached after the warm-up, then cosine decay.")
     weight_decay: float = option(0.05, "AdamW weight decay.")
     warmup: float = option(0.1, "Share of the steps spent warming the learning rate up linearly.")
-    mask_ratio: float = option(0.75, "MAE: share of the patches masked (He et al. 2022: 0.75).")
+    mask_ratio: float = option(0.75, "MAE: share of the patches masked (He et al. 2022: 0.75).", gt=0, lt=1)
     decoder_dim: int = option(256, "MAE: decoder width (a light decoder, as in the paper's ablation).")
     decoder_depth: int = option(4, "MAE: decoder blocks.")
     decoder_heads: int = option(8, "MAE: decoder attention heads.")
     temperature: float = option(0.1, "SimCLR: NT-Xent temperature.")
     hed_jitter: float = option(0.0, "Stain augmentation: HED jitter strength (sigma = bias; 0.02-0.05 typical; 0: off).")
-    holdout: int = option(8, "Tiles kept out of training: held-out loss and the MAE reconstruction picture.")
-    checkpoint_every: int = option(50, "Steps between resumable checkpoints (a killed run resumes from the last).")
+    holdout: int = option(8, "Tiles kept out of training: held-out loss and the MAE reconstruction picture.", ge=0)
+    checkpoint_every: int = option(50, "Steps between resumable checkpoints (a killed run resumes from the last).",
+                                  ge=1)
     seed: int = option(0, "Seed: tile subsets, order, augmentations, masks, random init.")
     precision: str = option("auto", "auto | bf16 | fp16 | fp32 (autocast for the forward pass).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
-    workers: int = option(1, "Tile reader threads (the next batch is read while the current one trains).")
+    workers: int = option(1, "Tile reader threads (the next batch is read while the current one trains).", ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()     # declared choices and bounds
-        if not self.fractions or any(not (0 < f <= 1) or not math.isfinite(f) for f in self.fractions):
-            raise PretrainError(f"--fraction {show_fractions(self.fractions)}: each must be in (0, 1]")
-        if self.tiles is not None and self.tiles < 1:
-            raise PretrainError("--tiles must be >= 1")
-        if self.epochs < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
-            raise PretrainError("--epochs >= 1, --batch-size >= 2 and --checkpoint-every >= 1, please")
-        if not (0 < self.mask_ratio < 1):
-            raise PretrainError(f"--mask-ratio {self.mask_ratio}: must be between 0 and 1")
-        if self.holdout < 0 or self.workers < 1:
-            raise PretrainError("--holdout >= 0 and --workers >= 1, please")
+        if not self.fractions:
+            raise PretrainError("--fraction is empty: give shares of the tiles, e.g. 0.1,0.25,1")
 
     def to_dict(self) -> dict:
         """Plain data (JSON, provenance); :meth:`from_dict` reads it back."""

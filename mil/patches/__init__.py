@@ -9,8 +9,8 @@ study can be built on top without this package reading stores itself.
 * :mod:`mil.patches.metrics`      accuracy, balanced accuracy, macro P/R/F1, confusion, AUC, bootstrap CIs
 * :mod:`mil.patches.calibration`  max-softmax confidence, ECE, reliability bins, temperature scaling, plots
 * :mod:`mil.patches.probe`        logistic-regression (C sweep) and kNN (k sweep) probes chosen on val
-* :mod:`analysis.records`      seed studies: mean ± sd over seeds, Welch p vs a baseline init, plots
 * :mod:`mil.patches.finetune`     end-to-end fine-tuning of an encoder + linear head on patch images
 
-docs/patches.md describes the definitions (ECE binning, temperature scaling, split algorithms).
+Run records are tabled by :mod:`analysis.records` (mean ± sd over seeds, Welch p vs a baseline
+init, plots). docs/patches.md describes the definitions (ECE binning, temperature scaling, split algorithms).
 """

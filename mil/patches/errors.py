@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from featstore.core.errors import CoreError
+from featstore.core.errors import ConfigError, CoreError
 
 
 class PatchError(CoreError, ValueError):
     """Base class of every patches error: bad labels, splits, fractions, records or arrays."""
 
 
-__all__ = ["PatchError"]
+class PatchConfigError(PatchError, ConfigError):
+    """A patches config value is outside what the field declares."""
+
+
+__all__ = ["PatchConfigError", "PatchError"]

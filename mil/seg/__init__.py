@@ -7,8 +7,8 @@ Modules:
   multiclass, instance), SegData
 - ``mil.seg.metrics``  Dice, IoU, pixel accuracy; GlaS object Dice and AJI on instance masks;
   per-image means with bootstrap CIs
-- ``mil.seg.wsi``      whole slides with QuPath GeoJSON or label-TIFF annotations, cut into patches
-  at a target mpp (WsiSegData)
+- ``mil.seg.annotations``  QuPath GeoJSON and label-TIFF annotations of whole slides, pairing
+- ``mil.seg.wsi``      annotated whole slides cut into patches at a target mpp (WsiSegData)
 - ``mil.seg.model``    segmentation models on the toolkit's encoders (segmentation-models-pytorch)
 - ``mil.seg.train``    training and evaluation of those models (splits by slide for WSI patches)
 - ``mil.seg.run``      one run end to end (datasets, train, in- and out-of-domain scores, run folder)

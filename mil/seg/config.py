@@ -7,25 +7,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featstore.core.config import Config, option
-from mil.seg.errors import SegError
+from mil.seg.errors import SegConfigError, SegError
 
 
 @dataclass(frozen=True)
 class SegConfig(Config):
     """One segmentation run (`mil seg train`; docs/segmentation.md)."""
 
+    config_error = SegConfigError
+
     encoder: str = option(help="Encoder name (see `featstore encoders`; CNNs).", flags=("--encoder", "-e"))
     weights: str = option("random", "Encoder weights: random | imagenet | a tag | a file (pretrain, fine-tuned).")
     arch: str = option("unet", "unet | unetplusplus (segmentation_models_pytorch decoders).")
     mask_kind: str = option("instance", "binary | multiclass | instance (instance masks train on foreground).")
-    classes: int = option(2, "Classes including background (binary and instance masks: 2).")
-    fraction: float = option(1.0, "Share of the training images (nested across fractions for a seed).")
-    val: float = option(0.2, "Share of the images for validation (early stopping).")
-    test: float = option(0.2, "Share of the images held out for the in-domain test.")
-    epochs: int = option(30, "Maximum epochs (the lowest validation loss is kept).")
-    patience: int = option(8, "Early stopping: epochs without a lower validation loss (0: never).")
-    batch_size: int = option(8, "Crops per step.")
-    crop: int = option(256, "Training crop side in px (images smaller than it are padded).")
+    classes: int = option(2, "Classes including background (binary and instance masks: 2).", ge=2)
+    fraction: float = option(1.0, "Share of the training images (nested across fractions for a seed).", gt=0, le=1)
+    val: float = option(0.2, "Share of the images for validation (early stopping).", ge=0, lt=1)
+    test: float = option(0.2, "Share of the images held out for the in-domain test.", gt=0, lt=1)
+    epochs: int = option(30, "Maximum epochs (the lowest validation loss is kept).", ge=1)
+    patience: int = option(8, "Early stopping: epochs without a lower validation loss (0: never).", ge=0)
+    batch_size: int = option(8, "Crops per step.", ge=1)
+    crop: int = option(256, "Training crop side in px (images smaller than it are padded).", ge=32)
     lr: float = option(1e-3, "Decoder learning rate (AdamW).")
     encoder_lr: float = option(1e-4, "Encoder learning rate (AdamW; 0 freezes the encoder).")
     augment: bool = option(True, "Flips, 90° rotations (image and mask), colour jitter (image).")
@@ -34,13 +36,6 @@ class SegConfig(Config):
     n_boot: int = option(1000, "Bootstrap resamples (over images) for the metrics' CIs.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     threads: int = option(0, "CPU threads for torch (0: torch's default).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()     # declared choices and bounds
-        if not (0 < self.fraction <= 1) or not (0 <= self.val < 1) or not (0 < self.test < 1):
-            raise SegError("--fraction in (0, 1], --val in [0, 1), --test in (0, 1), please")
-        if self.epochs < 1 or self.batch_size < 1 or self.crop < 32 or self.classes < 2:
-            raise SegError("--epochs >= 1, --batch-size >= 1, --crop >= 32 and --classes >= 2, please")
 
 
 @dataclass(frozen=True)

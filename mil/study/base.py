@@ -79,6 +79,48 @@ class StudyBase:
         return StudyResult(self.out, report, self.failures, dict(self.new_work))
 
 
+class StudyForm:
+    """The config side of a study form: :meth:`from_dict` checks the file's keys against the
+    dataclass (``required`` ones present), lets the form resolve its paths (:meth:`keywords`),
+    builds it and runs its ``validate()``, which builds the typed sections (:attr:`sections`);
+    any problem is one StudyError line ``<file>: <key path>: ...`` before any work."""
+
+    required: tuple[str, ...] = ()
+
+    @classmethod
+    def keywords(cls, kw: dict, root: Path) -> dict:
+        """The checked keys with paths resolved against *root* (the study file's folder)."""
+        return kw
+
+    @classmethod
+    def prepare(cls, d: dict) -> dict:
+        """The raw mapping before its keys are checked (shorthands expanded)."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, root: Path, *, source: str = "study"):
+        try:
+            kw = coerce_fields(cls, cls.prepare(d), error=StudyError)
+            missing = [k for k in cls.required if k not in kw]
+            if missing:
+                raise StudyError(f"missing keys {missing}")
+            cfg = cls(**cls.keywords(kw, root))
+            cfg.validate()
+        except CoreError as exc:
+            raise StudyError(f"{source}: {exc}") from None
+        return cfg
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def sections(self):
+        """The typed sections :meth:`validate` built (``from_dict`` validates)."""
+        if getattr(self, "_sections", None) is None:
+            self.validate()
+        return self._sections
+
+
 @dataclass
 class EncoderPlan(Config):
     """One encoder architecture with the weights and truncation levels to study."""
@@ -177,6 +219,6 @@ def resolve(root: Path, p: str) -> str:
     return str(q if q.is_absolute() else (root / q))
 
 
-__all__ = ["EncoderPlan", "StudyBase", "StudyEvent", "StudyResult", "StudyRunner", "at", "check_device",
+__all__ = ["EncoderPlan", "StudyBase", "StudyEvent", "StudyForm", "StudyResult", "StudyRunner", "at", "check_device",
            "check_plans", "expand_shorthand", "resolve", "resolve_extract_paths", "section", "weights_request",
            "with_fields"]

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featstore.core.config import coerce_fields, from_dict
-from featstore.core.errors import CoreError
-from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans, resolve,
+from featstore.core.config import from_dict
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyForm, StudyResult, at, check_plans, resolve,
                             resolve_extract_paths, section, weights_request, with_fields)
 from mil.study.errors import StudyError
 from mil.study.report import PatchReport, write_patch_report
@@ -53,7 +52,7 @@ class PatchSections:
 
 
 @dataclass
-class PatchStudyConfig:
+class PatchStudyConfig(StudyForm):
     """The ``task: patch`` YAML, validated (paths relative to the YAML's folder); the dict
     sections keep the YAML's keys, :attr:`sections` the configs built from them."""
 
@@ -71,24 +70,17 @@ class PatchStudyConfig:
     patches: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=lambda: {"enabled": False})
 
+    required = ("images", "encoders")
+
     @classmethod
-    def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "PatchStudyConfig":
-        try:
-            kw = coerce_fields(cls, d, error=StudyError)
-            missing = [k for k in ("images", "encoders") if k not in kw]
-            if missing:
-                raise StudyError(f"missing keys {missing}")
-            kw["encoders"] = [e if isinstance(e, EncoderPlan) else from_dict(EncoderPlan, e, where=f"encoders[{i}]",
-                                                                                 error=StudyError)
-                              for i, e in enumerate(kw["encoders"])]
-            for k, default in (("images", None), ("store", "patches.zarr"), ("out", "study")):
-                kw[k] = resolve(root, kw.get(k, default))
-            kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
-            cfg = cls(**kw)
-            cfg.validate()
-        except CoreError as exc:
-            raise StudyError(f"{source}: {exc}") from None
-        return cfg
+    def keywords(cls, kw: dict, root: Path) -> dict:
+        kw["encoders"] = [e if isinstance(e, EncoderPlan) else from_dict(EncoderPlan, e, where=f"encoders[{i}]",
+                                                                             error=StudyError)
+                          for i, e in enumerate(kw["encoders"])]
+        for k, default in (("images", None), ("store", "patches.zarr"), ("out", "study")):
+            kw[k] = resolve(root, kw.get(k, default))
+        kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
+        return kw
 
     def validate(self) -> None:
         """Build :attr:`sections` once, so a bad key or value fails before any work."""
@@ -113,12 +105,6 @@ class PatchStudyConfig:
             patches=patches, finetune=settings if enabled else None, finetune_levels=levels)
         for m in self.methods:
             at("methods", self.patch_config, first.name, [0], None, m)
-
-    @property
-    def sections(self) -> PatchSections:
-        if getattr(self, "_sections", None) is None:
-            self.validate()
-        return self._sections
 
     def patch_config(self, encoder: str, levels, weights: str | None, method: str) -> PatchConfig:
         return with_fields(self.sections.patches, "patches", encoder=encoder, levels=tuple(levels),

@@ -27,6 +27,8 @@ class ReportInputs:
     new_work: dict
     failures: list[dict]          # the report appends its own failures (stain QC) here
     seconds: float
+    seeds: list[int] = field(default_factory=list)
+    train_fractions: list[float] = field(default_factory=list)
 
     @property
     def report_dir(self) -> Path:
@@ -40,9 +42,7 @@ class SlideReport(ReportInputs):
     store: str = ""
     labels: str = ""
     plans: list[Plan] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
     folds: int | None = None
-    train_fractions: list[float] = field(default_factory=list)
     extract: dict = field(default_factory=dict)       # the YAML's extract section (the stain note)
     weights_used: dict = field(default_factory=dict)  # (encoder, requested weights) -> store tag
     baseline_given: bool = False
@@ -64,8 +64,6 @@ class PatchReport(ReportInputs):
     plans: list[Plan] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     finetune: bool = False
-    seeds: list[int] = field(default_factory=list)
-    train_fractions: list[float] = field(default_factory=list)
     extract: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     files: dict = field(default_factory=dict)
@@ -77,8 +75,6 @@ class SegReport(ReportInputs):
 
     encoders: list[str] = field(default_factory=list)   # "encoder:weights"
     archs: list[str] = field(default_factory=list)
-    train_fractions: list[float] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
     seg: dict = field(default_factory=dict)
     baseline: str | None = None
     train_set: Any = None
@@ -355,9 +351,13 @@ def write_patch_report(r: PatchReport) -> Path:
                   *_calibration_rows(r.records), "",
                   "Each run's reliability diagram, confidence histograms and confusion matrix are in "
                   "`../patches/runs/<run>/`.", ""]
-    lines += _failures(r.failures)
+    return _finish(rep_dir, lines, r.failures)
+
+
+def _finish(rep_dir: Path, lines: list[str], failures: Sequence[dict]) -> Path:
+    """``report.md`` of *lines* and the failures table, written to *rep_dir*."""
     path = rep_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + _failures(failures)) + "\n")
     return path
 
 
@@ -397,10 +397,7 @@ def write_seg_report(r: SegReport) -> Path:
                   f"![Dice vs training fraction]({_rel(Path(files['dice_plot']), rep_dir)})", "",
                   "Each run's folder (model.pt, config.json, metrics.json with bootstrap CIs over images, overlays "
                   "in pictures/) is under `../seg/runs/`.", ""]
-    lines += _failures(r.failures)
-    path = rep_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _finish(rep_dir, lines, r.failures)
 
 
 def _csv(path) -> list[dict]:

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featstore.core.config import coerce_fields, from_dict
+from featstore.core.config import from_dict
 from featstore.core.errors import CoreError
-from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans,
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyForm, StudyResult, at, check_plans,
                             expand_shorthand, resolve, section, weights_request, with_fields)
 from mil.study.errors import StudyError
 from mil.study.report import SegReport, write_seg_report
@@ -46,7 +46,7 @@ def _looks_like_file(w: str) -> bool:
 
 
 @dataclass
-class SegStudyConfig:
+class SegStudyConfig(StudyForm):
     """The ``task: segmentation`` YAML, validated (paths relative to the YAML's folder); ``seg``
     keeps the YAML's keys, :attr:`sections` the SegConfig built from them once."""
 
@@ -63,31 +63,27 @@ class SegStudyConfig:
     baseline: str | None = None
     seg: dict = field(default_factory=dict)
 
+    required = ("images", "encoders")
+
     @classmethod
-    def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "SegStudyConfig":
-        try:
-            d = expand_shorthand(d)          # an encoder by name, weights: tag
-            if isinstance(d.get("test_images"), str):
-                d["test_images"] = [d["test_images"]]
-            if isinstance(d.get("archs"), str):
-                d["archs"] = [d["archs"]]
-            kw = coerce_fields(cls, d, error=StudyError)
-            missing = [k for k in ("images", "encoders") if k not in kw]
-            if missing:
-                raise StudyError(f"missing keys {missing}")
-            kw["encoders"] = [_plan(e, i) for i, e in enumerate(kw["encoders"])]
-            kw["images"] = _source(root, kw["images"], "images")
-            kw["out"] = resolve(root, kw.get("out", "study"))
-            if kw.get("masks"):
-                kw["masks"] = resolve(root, kw["masks"])
-            kw["test_images"] = [_source(root, t, f"test_images[{i}]") for i, t in enumerate(kw.get("test_images", []))]
-            for plan in kw["encoders"]:
-                plan.weights[:] = [resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
-            cfg = cls(**kw)
-            cfg.validate()
-        except CoreError as exc:
-            raise StudyError(f"{source}: {exc}") from None
-        return cfg
+    def prepare(cls, d: dict) -> dict:
+        d = expand_shorthand(d)          # an encoder by name, weights: tag
+        for key in ("test_images", "archs"):
+            if isinstance(d.get(key), str):
+                d[key] = [d[key]]
+        return d
+
+    @classmethod
+    def keywords(cls, kw: dict, root: Path) -> dict:
+        kw["encoders"] = [_plan(e, i) for i, e in enumerate(kw["encoders"])]
+        kw["images"] = _source(root, kw["images"], "images")
+        kw["out"] = resolve(root, kw.get("out", "study"))
+        if kw.get("masks"):
+            kw["masks"] = resolve(root, kw["masks"])
+        kw["test_images"] = [_source(root, t, f"test_images[{i}]") for i, t in enumerate(kw.get("test_images", []))]
+        for plan in kw["encoders"]:
+            plan.weights[:] = [resolve(root, w) if _looks_like_file(w) else w for w in plan.weights]
+        return kw
 
     def validate(self) -> None:
         """Check the plans and architectures and build the ``seg`` section once (:attr:`sections`)."""
@@ -102,7 +98,7 @@ class SegStudyConfig:
                 raise StudyError(f"archs: {a!r} is not one of {', '.join(ARCHITECTURES)}")
         if not self.archs or not self.train_fractions:
             raise StudyError("archs and train_fractions need at least one entry each")
-        self._seg = section(SegConfig, self.seg, "seg", exclude=STUDY_SETS, encoder=self.encoders[0].name,
+        self._sections = section(SegConfig, self.seg, "seg", exclude=STUDY_SETS, encoder=self.encoders[0].name,
                             weights="random", arch=self.archs[0], fraction=1.0, seed=self.seeds[0])
         for f in self.train_fractions:
             at("train_fractions", self.seg_config, self.encoders[0].name, "random", self.archs[0], f, self.seeds[0])
@@ -110,13 +106,6 @@ class SegStudyConfig:
             for w in plan.weights:
                 if _looks_like_file(w) and not Path(w).is_file():
                     raise StudyError(f"encoders: weights file {w} does not exist")
-
-    @property
-    def sections(self) -> SegConfig:
-        """The ``seg:`` section as a SegConfig (the first plan's encoder, arch and seed)."""
-        if getattr(self, "_seg", None) is None:
-            self.validate()
-        return self._seg
 
     def seg_config(self, encoder: str, weights: str, arch: str, fraction: float, seed: int) -> SegConfig:
         return with_fields(self.sections, "seg", encoder=encoder, weights=weights, arch=arch,

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from featstore.core.config import Config, coerce_fields, from_dict, option
-from featstore.core.errors import CoreError, first_line
-from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyResult, at, check_plans,
+from featstore.core.errors import first_line
+from mil.study.base import (EncoderPlan, Progress, StudyBase, StudyEvent, StudyForm, StudyResult, at, check_plans,
                             expand_shorthand, resolve, resolve_extract_paths, section, weights_request, with_fields)
 from mil.study.errors import StudyError
 from mil.study.report import SlideReport, write_report
@@ -75,7 +75,7 @@ class SlideSections:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(StudyForm):
     """The YAML file, validated. Relative paths are relative to the YAML's folder.
 
     ``tiling``, ``extract``, ``mil``, ``finetune`` and ``pretrain`` hold the YAML's keys (what
@@ -110,29 +110,21 @@ class StudyConfig:
     imagenet_if_cached: bool = False  # use imagenet weights where the file is on this machine
     external: list[ExternalCohort] = field(default_factory=list)
 
-    @classmethod
-    def from_dict(cls, d: dict, root: Path, *, source: str = "study") -> "StudyConfig":
-        """Validate every key (nested configs included) and resolve paths against *root*.
+    required = ("slides", "labels", "encoders")
 
-        Any problem raises one :class:`StudyError` line ``<source>: <key path>: ...`` before any
-        work is done.
-        """
-        try:
-            kw = coerce_fields(cls, expand_shorthand(d), error=StudyError)
-            missing = [k for k in ("slides", "labels", "encoders") if k not in kw]
-            if missing:
-                raise StudyError(f"missing keys {missing}")
-            kw["slides"] = [resolve(root, s) for s in kw["slides"]]
-            kw["labels"] = resolve(root, kw["labels"])
-            kw["store"] = resolve(root, kw.get("store", "cohort.zarr"))
-            kw["out"] = resolve(root, kw.get("out", "study"))
-            kw["external"] = [_external(root, e, i) for i, e in enumerate(kw.get("external", []))]
-            kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
-            cfg = cls(**kw)
-            cfg.validate()
-        except CoreError as exc:
-            raise StudyError(f"{source}: {exc}") from None
-        return cfg
+    @classmethod
+    def prepare(cls, d: dict) -> dict:
+        return expand_shorthand(d)
+
+    @classmethod
+    def keywords(cls, kw: dict, root: Path) -> dict:
+        kw["slides"] = [resolve(root, s) for s in kw["slides"]]
+        kw["labels"] = resolve(root, kw["labels"])
+        kw["store"] = resolve(root, kw.get("store", "cohort.zarr"))
+        kw["out"] = resolve(root, kw.get("out", "study"))
+        kw["external"] = [_external(root, e, i) for i, e in enumerate(kw.get("external", []))]
+        kw["extract"] = resolve_extract_paths(root, kw.get("extract", {}))
+        return kw
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "StudyConfig":
@@ -181,13 +173,6 @@ class StudyConfig:
         self.pretrain = coerce_fields(PretrainConfig, self.pretrain, exclude=("encoder",))
         if self.baseline is not None:
             at("baseline", parse_baseline, self.baseline)
-
-    @property
-    def sections(self) -> SlideSections:
-        """The typed sections :meth:`validate` built (``from_dict`` / ``from_yaml`` validate)."""
-        if getattr(self, "_sections", None) is None:
-            self.validate()
-        return self._sections
 
     def train_config(self, seed: int) -> TrainConfig:
         """The ``mil:`` section's TrainConfig for one seed."""
