@@ -217,3 +217,21 @@ def test_building_the_cli_imports_no_torch():
     code = "import sys, featstore.cli; heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules); print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_no_library_module_touches_the_process_wide_matplotlib_state():
+    """Every picture is an Agg-bound Figure from featstore.core.plotting: no module imports pyplot
+    or calls matplotlib.use (either would change a notebook's backend behind the user's back)."""
+    bad = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+                if any(n.startswith("matplotlib.pyplot") for n in names):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports pyplot")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "use" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "matplotlib":
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} calls matplotlib.use")
+    assert not bad, "\n".join(bad)
