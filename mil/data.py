@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
+from featstore.core.errors import first_line
+from featstore.core.labels import Labels, rows_text, sort_classes
 from featstore.store import FeatureKey
 from mil.errors import LabelsError, MilError
-from featstore.core.labels import Labels, rows_text, sort_classes
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +158,43 @@ def _patient_folds(labels: Labels, folds: int | None, seed: int, test_fraction: 
         if k < 2:
             raise MilError(f"--folds {k} must be >= 2")
         n_groups = len(set(labels.patients))
-        if n_groups < k:
+        if folds is not None and n_groups < k:
             raise LabelsError(f"{labels.path}: {n_groups} patient(s) cannot make {k} folds; "
                               "lower --folds or add slides")
+        k = _folds_the_classes_allow(labels, k, explicit=folds is not None)
         sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        parts = list(sgkf.split(np.zeros(n), labels.y, groups=np.array(labels.patients)))
+        try:
+            parts = list(sgkf.split(np.zeros(n), labels.y, groups=np.array(labels.patients)))
+        except ValueError as exc:   # scikit-learn's own wording names no file or option
+            raise LabelsError(f"{labels.path}: cannot make {k} patient-grouped stratified folds "
+                              f"({first_line(exc)}); lower --folds or add slides") from None
         if folds is None:
             tr, te = parts[0]
             raw.append(("test", tr, None, te))
         else:
             raw.extend((f"fold{i}", tr, None, te) for i, (tr, te) in enumerate(parts))
     return raw
+
+
+def _folds_the_classes_allow(labels: Labels, k: int, *, explicit: bool) -> int:
+    """*k*, or why it cannot be: every class needs at least k patients for a stratified K-fold (a
+    hold-out of 1/k). An asked-for ``--folds`` above that is refused in one line; the default
+    hold-out shrinks to what the rarest class allows (a larger test share), with a warning."""
+    patients_of = {c: len({p for p, y in zip(labels.patients, labels.y) if y == i})
+                   for i, c in enumerate(labels.classes)}
+    rarest, fewest = min(patients_of.items(), key=lambda kv: kv[1])
+    if fewest >= k:
+        return k
+    counts = ", ".join(f"{c}: {m}" for c, m in patients_of.items())
+    if fewest < 2:
+        raise LabelsError(f"{labels.path}: class {rarest!r} has {fewest} patient(s) ({counts}); a train/test "
+                          "split needs at least 2 patients of every class; add slides")
+    if explicit:
+        raise LabelsError(f"{labels.path}: --folds {k} needs {k} patients of every class, but class {rarest!r} "
+                          f"has {fewest} ({counts}); use --folds {fewest} or fewer, or add slides")
+    log.warning("%s: class %r has %d patients, too few for a 1/%d hold-out; holding out 1/%d instead",
+                labels.path, rarest, fewest, k, fewest)
+    return fewest
 
 
 def _site_folds(labels: Labels, split: str, folds: int | None, seed: int) -> list[_RawFold]:
