@@ -22,12 +22,14 @@ _USER_ERRORS = (CoreError,)  # every package's base error derives from it
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=_err, show_path=False, show_time=False)],
-        force=True,
-    )
+    """Rich log lines on a terminal; plain ``LEVEL    message`` lines, never wrapped, in a pipe or a
+    log file (rich's log layout would pad them to the console's width)."""
+    if _err.is_terminal:
+        handler, fmt = RichHandler(console=_err, show_path=False, show_time=False), "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)-8s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, handlers=[handler],
+                        force=True)
     # the object-store client stack logs every credential lookup at INFO: keep it for --verbose
     for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -48,6 +50,20 @@ def _quiet_unraisable(unraisable) -> None:
     logging.getLogger(__name__).debug("ignored at exit: %r", unraisable.exc_value)
 
 
+def _stdout_closed() -> bool:
+    """True when stdout's reader has gone (a pipe into `head`); stdout is then pointed at
+    /dev/null so the exit-time flush stays silent."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        return False
+    except (BrokenPipeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return True
+
+
 def _guard(app: typer.Typer) -> typer.Typer:
     """Wrap every registered command so user errors exit with one clear line."""
     for info in app.registered_commands:
@@ -60,6 +76,10 @@ def _guard(app: typer.Typer) -> typer.Typer:
             except _USER_ERRORS as exc:
                 _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
+            except BrokenPipeError:
+                if not _stdout_closed():
+                    raise
+                raise typer.Exit(0) from None   # `featstore encoders | head`: the reader has all it wanted
             except KeyboardInterrupt:
                 _err.print("[yellow]interrupted[/]: completed work is kept; rerun to resume")
                 raise typer.Exit(130) from None

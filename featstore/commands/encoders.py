@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from featstore.core.ui import out_console
-
+from featstore.core.ui import check_format, out_console, write_json, write_tsv
 from featstore.errors import EncoderError
 
 if TYPE_CHECKING:
@@ -57,6 +56,24 @@ def _weights_cell(name: str, show_paths: bool) -> str:
     return "\n".join(lines)
 
 
+def _weights_records(name: str) -> list[dict]:
+    """One record per weights tag of *name* (``random`` first): its status and file, whole."""
+    from featstore.encoders import expected_paths, find_weights, get_spec
+
+    spec = get_spec(name)
+    levels = [f"{k}:{spec.dims[k]}" for k in spec.all_levels]
+    base = {"encoder": name, "levels": levels, "pooling": spec.pooling, "input_size": spec.input_size,
+            "interpolation": spec.interpolation}
+    out = [{**base, "weights": "random", "status": "built in", "path": "", "note": ""}]
+    for tag, wspec in spec.weights.items():
+        found = find_weights(wspec)
+        where = expected_paths(wspec)
+        path = str(found) if found is not None else (str(where[0]) if where else "")
+        out.append({**base, "weights": tag, "status": "present" if found is not None else "missing",
+                    "path": path, "note": _tag_note(spec, wspec).strip(" ()")})
+    return out
+
+
 def _levels_cell(name: str) -> str:
     """The ``--minus all`` levels with dims and taps; "any of 0..N-1" when all is a subset."""
     from featstore.encoders import get_spec
@@ -82,14 +99,23 @@ def encoders(
     pattern: Annotated[str, typer.Argument(help="Wildcard over encoder names, e.g. 'res*'.")] = "*",
     paths: Annotated[bool, typer.Option("--paths/--no-paths",
                                         help="Show where each weights file is or is expected.")] = True,
+    fmt: Annotated[str, typer.Option("--format", help="table (for people) | tsv | json: one record per "
+                                                      "encoder x weights tag, names and paths whole.")] = "table",
 ) -> None:
     """List encoders: the levels `--minus all` takes with dims, pooling, input, weight tags
     and whether each weights file is present on this machine (offline lookup only)."""
     from featstore.encoders import get_spec, list_encoders
 
+    check_format(fmt)
     names = list_encoders(pattern)
     if not names:
         raise EncoderError(f"no encoder matches {pattern!r}; run `featstore encoders` to see all")
+    if fmt != "table":
+        records = [r for name in names for r in _weights_records(name)]
+        if not paths:
+            records = [{k: v for k, v in r.items() if k != "path"} for r in records]
+        write_tsv(records) if fmt == "tsv" else write_json(records)
+        return
     table = Table(title="featstore encoders", show_lines=True)
     table.add_column("encoder", style="bold", overflow="fold")
     table.add_column("levels (minus K: dim)")

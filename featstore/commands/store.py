@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from featstore.core.ui import counting_bar, err_console, out_console, reason_table
+from featstore.core.ui import check_format, counting_bar, err_console, out_console, reason_table, write_json, write_tsv
 from featstore.errors import FeatstoreError
 
 
@@ -16,19 +16,25 @@ from featstore.errors import FeatstoreError
 LS_ROWS = 50
 
 
-def _coverage_table(st, store: str, show_all: bool = False) -> Table:
-    """slides x feature sets: tile counts, which features are complete, and a totals row.
+def _key_text(k) -> str:
+    return f"{k.encoder}:{k.weights}:minus{k.minus}"
+
+
+def _coverage_table(st, store: str, show_all: bool = False) -> tuple[str, Table, list[str]]:
+    """A title line, the table slides x feature sets (tile counts, which features are complete, a
+    totals row) and the legend lines naming each column's feature set in full
+    (``#1  resnet18:file-...:minus1``): a store path or weights tag is never cut or folded.
 
     One listing of the store (``coverage()``): one read on a consolidated store, whatever its size.
     Beyond :data:`LS_ROWS` slides only the first ones get a row unless *show_all*."""
     cov = st.coverage()
     keys = sorted({k for _, ks in cov.values() for k in ks})
     slides = list(cov)
-    t = Table(title=f"{store}: {len(slides)} slides, {len(keys)} feature sets")
-    t.add_column("slide")
+    t = Table()
+    t.add_column("slide", no_wrap=True)
     t.add_column("tiles", justify="right")
-    for k in keys:
-        t.add_column(f"{k.encoder}\n{k.weights}\nminus{k.minus}", justify="center")
+    for i, _ in enumerate(keys):
+        t.add_column(f"#{i + 1}", justify="center")
     totals = [0] * len(keys)
     shown = slides if show_all else slides[:LS_ROWS]
     for sid in slides:
@@ -42,7 +48,19 @@ def _coverage_table(st, store: str, show_all: bool = False) -> Table:
     if len(shown) < len(slides):
         t.add_row(f"[dim]... {len(slides) - len(shown)} more (--all)", "", *[""] * len(keys))
     t.add_row("[bold]complete", "", *[f"{n}/{len(slides)}" for n in totals], end_section=True)
-    return t
+    legend = [f"#{i + 1}  {_key_text(k)}  ({n}/{len(slides)} slides)" for i, (k, n) in enumerate(zip(keys, totals))]
+    return f"{store}: {len(slides)} slides, {len(keys)} feature sets", t, legend
+
+
+def _coverage_records(st) -> tuple[list[dict], list[str]]:
+    """One record per slide (every slide): id, tiles and ``yes``/``no`` per feature set, whose
+    column is its whole ``encoder:weights:minusK``."""
+    cov = st.coverage()
+    keys = sorted({k for _, ks in cov.values() for k in ks})
+    names = [_key_text(k) for k in keys]
+    records = [{"slide": sid, "tiles": n, **{name: "yes" if k in have else "no" for name, k in zip(names, keys)}}
+               for sid, (n, have) in cov.items()]
+    return records, ["slide", "tiles", *names]
 
 
 def _print_provenance(st) -> None:
@@ -59,12 +77,27 @@ def ls(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
     provenance: Annotated[bool, typer.Option(help="Also print the provenance of each feature set.")] = False,
     show_all: Annotated[bool, typer.Option("--all", help=f"One row per slide even beyond {LS_ROWS} slides.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table (for people) | tsv (one line per slide, a column "
+                                                      "per encoder:weights:minusK, every slide) | json (slides, "
+                                                      "feature sets and failures).")] = "table",
 ) -> None:
     """Show slides x (encoder, weights, level) with tile counts, and the failure log."""
     from featstore.store import open_store
 
+    check_format(fmt)
     st = open_store(store)
-    out_console.print(_coverage_table(st, store, show_all))
+    if fmt != "table":
+        records, columns = _coverage_records(st)
+        if fmt == "tsv":
+            write_tsv(records, columns)
+        else:
+            write_json({"store": store, "feature_sets": columns[2:], "slides": records, "failures": st.failures()})
+        return
+    title, table, legend = _coverage_table(st, store, show_all)
+    out_console.print(title, markup=False, highlight=False, soft_wrap=True)
+    out_console.print(table)
+    for line in legend:
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     if provenance and st.slide_ids():
         _print_provenance(st)
     fails = st.failures()
