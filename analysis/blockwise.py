@@ -78,11 +78,10 @@ class BlockwiseResult:
 
 
 def _levels_for(store, enc: str, weights: str | None, levels: Sequence[int] | None) -> list[tuple[str, str, int]]:
-    keys = store.encoders()
     if levels is None:
-        levels = sorted({k.minus for k in keys if k.encoder == enc and (weights is None or k.weights == weights)})
+        levels = sorted({k.minus for k in store.matching_keys(enc, weights)})
         if not levels:
-            have = ", ".join(str(k) for k in keys) or "none"
+            have = ", ".join(str(k) for k in store.encoders()) or "none"
             raise AnalysisError(f"{store.path}: no features for {enc}{':' + weights if weights else ''} "
                                 f"(stored: {have})")
     out = []

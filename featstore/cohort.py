@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from featstore.store import safe_slide_id
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,5 +89,26 @@ def discover_slides(inputs: list[str | Path]) -> list[SlideRef]:
                 "rename one or list slides in a CSV with distinct slide_id values"
             )
         seen[r.slide_id] = r.path
-    unique = {r.slide_id: r for r in refs}
-    return list(unique.values())
+    unique = list({r.slide_id: r for r in refs}.values())
+    _warn_same_files(unique)
+    return unique
+
+
+def _warn_same_files(refs: list[SlideRef]) -> None:
+    """Say which slides are one file under two ids (a symlink, a hard link): each is extracted
+    under its own id, which doubles the work and the slide in every cohort table."""
+    import os
+
+    by_file: dict[tuple[int, int] | str, list[SlideRef]] = {}
+    for r in refs:
+        try:
+            st = os.stat(r.path)
+            key: tuple[int, int] | str = (st.st_dev, st.st_ino)
+        except OSError:
+            key = str(r.path)
+        by_file.setdefault(key, []).append(r)
+    for same in by_file.values():
+        if len(same) > 1:
+            log.warning("slides %s are one file (%s): each is extracted under its own id; remove the extra "
+                        "link or list the slides in a CSV if that is not intended",
+                        ", ".join(r.slide_id for r in same), os.path.realpath(same[0].path))

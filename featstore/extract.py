@@ -14,6 +14,7 @@ unreadable one is logged, recorded in the failure log and skipped), patch ``(i, 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import queue
 import threading
@@ -229,6 +230,7 @@ class Extractor:
         self.stain = self._fit_stain(cfg)
         #: the features' weights tag: the encoder's, plus ``-stain-<method>-<sha8>`` with --stain
         self.feature_tag = stained_tag(self.encoder.weights_tag, self.stain)
+        self._fingerprints: dict[str, str] = {}   # slide fingerprint -> first slide id of this run
 
     def _fit_stain(self, cfg: ExtractConfig):
         """The stain normaliser of --stain, fitted once to --stain-reference (None for none)."""
@@ -330,6 +332,14 @@ class Extractor:
             self._report_skipped_images(store, ref, info, report)
         return store.coords(ref.slide_id), int(info["size0"])
 
+    def _warn_if_seen(self, ref: SlideRef, fingerprint: dict) -> None:
+        """Say when two slide ids of this run are copies of one file (same size and hashed ends)."""
+        key = json.dumps(fingerprint, sort_keys=True)
+        seen = self._fingerprints.setdefault(key, ref.slide_id)
+        if seen != ref.slide_id:
+            log.warning("slide %s (%s) is a copy of slide %s (same size and content hash): it is extracted again "
+                        "under its own id; drop one copy if that is not intended", ref.slide_id, ref.path, seen)
+
     def _tile(self, store: Store, ref: SlideRef, slide, report: ExtractReport) -> tuple[np.ndarray, int]:
         """Tile a slide (or decode a shard's images) and write its tiling; returns (coords, size0)."""
         if isinstance(slide, ImageShard):
@@ -340,8 +350,10 @@ class Extractor:
                 f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "
                 "check with `featstore tiles`"
             )
+        fingerprint = slide.fingerprint()
+        self._warn_if_seen(ref, fingerprint)
         info = {
-            "source": str(ref.path), "fingerprint": slide.fingerprint(), "slide_mpp": float(tiles.slide_mpp),
+            "source": str(ref.path), "fingerprint": fingerprint, "slide_mpp": float(tiles.slide_mpp),
             "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
             "dimensions": list(slide.dimensions), "vendor": slide.vendor,
         }

@@ -70,10 +70,10 @@ class TrainConfig(Config):
     patience: int = option(10, "Early stopping: epochs without validation improvement (0 = off).", ge=0)
     monitor: str = option("val_loss", "Early-stopping criterion: val_loss | val_auc.", choices=_MONITORS)
     seed: int = option(0, "Seed for splits, init, order; same seed -> same run on CPU.")
-    device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")
     val_fraction: float = option(0.2, "Share of training patients held out for early stopping.")
-    threads: int = option(1, "CPU threads while training (0 = torch default); small heads often train "
-                             "fastest on 1.")
+    threads: int = option(0, "CPU threads for torch (0: auto, which is 1 here: a MIL head trains fastest on "
+                             "one thread).", ge=0)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -139,11 +139,11 @@ class FinetuneConfig(Config):
     fold: str | None = option(None, "Fold of the run to fine-tune (default: its first; one fold per fine-tune "
                                     "run).")
     precision: str = option("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on capable CPUs, fp16 on CUDA).")
-    device: str = option("cpu", "cpu | cuda | cuda:N | auto.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")
     workers: int = option(2, "Tile reader threads.", ge=1)
     seed: int = option(0, "Seed for bag order and dropout; same seed -> same run on CPU.")
     n_boot: int = option(1000, "Bootstrap resamples for the AUC confidence interval.", cli=False)
-    threads: int = option(0, "Torch CPU threads (0 = torch default).")
+    threads: int = option(0, "CPU threads for torch (0: torch's default).", ge=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

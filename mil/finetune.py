@@ -185,11 +185,19 @@ def _train(job: _Job) -> core_fit.FitResult:
         return MilError(f"fine-tuning diverged at epoch {epoch} (loss {loss}); lower --lr/--head-lr")
 
     def logged(r: core_fit.EpochRecord) -> None:
-        log.info("epoch %d: train %.4f val %.4f auc %.4f", r.epoch, r.train_loss,
-                 r.metrics.get("val_loss", math.nan), r.metrics.get("val_auc", math.nan))
+        if "val_loss" in r.metrics:
+            log.info("epoch %d: train %.4f val %.4f auc %.4f", r.epoch, r.train_loss, r.metrics["val_loss"],
+                     r.metrics.get("val_auc", math.nan))
+        else:
+            log.info("epoch %d: train %.4f (no validation slides)", r.epoch, r.train_loss)
 
+    evaluate = _evaluate(job)
+    if evaluate is None:
+        log.warning("the frozen run's fold holds no validation slides, so no epoch can be chosen: the last of "
+                    "--epochs %d is kept (train the run with more slides, or a labels split column with val rows)",
+                    job.cfg.epochs)
     opt = make_optimizer(job.model, job.cfg)
-    return core_fit.fit(job.model, _train_epoch(job, opt), _evaluate(job), epochs=job.cfg.epochs,
+    return core_fit.fit(job.model, _train_epoch(job, opt), evaluate, epochs=job.cfg.epochs,
                         monitor="val_loss_only", on_epoch=logged, diverged=diverged)
 
 

@@ -142,7 +142,7 @@ def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequ
     has_val = len(val_ids) > 0
     if not has_val:
         log.warning("no validation slides: training %d epochs without early stopping", cfg.epochs)
-    with deterministic(cfg.seed, device), cpu_threads(cfg.threads):
+    with deterministic(cfg.seed, device), cpu_threads(cfg.threads or 1):   # 0: auto = 1 thread (see TrainConfig)
         model = create_mil_model(cfg.model, bags.dim, n_classes, **cfg.widths())
         model.set_input_stats(*instance_stats(bags, train_ids))
         model = model.to(device)

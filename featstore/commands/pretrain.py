@@ -1,4 +1,4 @@
-"""`featstore pretrain`: self-supervised pretraining (MAE, SimCLR) on a store's own tiles."""
+"""`featstore pretrain`: self-supervised pretraining (MAE, SimCLR, Barlow Twins) on a store's own tiles."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def pretrain_cmd(
     cfg: PretrainConfig,
     slides: Annotated[Optional[list[str]], typer.Option(help="Slide files, if they moved since extraction.")] = None,
 ) -> None:
-    """Pretrain an encoder on the store's tiles (MAE for ViTs, SimCLR for CNNs); rerun to resume."""
+    """Pretrain an encoder on the store's tiles: --method mae (ViTs), simclr or barlowtwins (CNNs); auto picks
+    mae for ViTs and simclr for CNNs. Nested --fraction subsets, one checkpoint each; rerun to resume."""
     from featstore.core.ui import progress_bar
     from featstore.pretrain import pretrain
 

@@ -171,8 +171,19 @@ class StoreReader:
             have = ", ".join(str(k) for k in self.encoders()) or "none"
             raise StoreKeyError(f"{self.path}: no features for {encoder} minus{minus} (stored: {have})")
         raise StoreError(
-            f"{self.path}: {encoder} minus{minus} is stored with several weights ({', '.join(tags)}); pass weights="
+            f"{self.path}: {encoder} minus{minus} is stored with several weights ({', '.join(tags)}); choose one "
+            "with --weights (weights= in Python)"
         )
+
+    def matching_keys(self, encoder: str, weights: str | None = None) -> list[FeatureKey]:
+        """The complete feature sets of *encoder* whose weights answer *weights* as
+        :meth:`resolve_key` reads it (``random`` finds ``random-s0``, a file its tag; None: any)."""
+        if weights is not None:
+            from featstore.tags import requested_tag
+
+            weights = requested_tag(weights)
+        return [k for k in self.encoders()
+                if k.encoder == encoder and (weights is None or _weights_match(k.weights, weights))]
 
     def has_tiling(self, slide_id: str) -> bool:
         """True when the slide's tiling (coords, tissue) is complete."""

@@ -18,7 +18,7 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option(help="Name of the evaluation (default: the store's folder stem).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: RUN/external/NAME).")] = None,
     allow_missing: Annotated[bool, typer.Option(help="Skip labelled slides the store lacks instead of failing.")] = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")] = "auto",
 ) -> None:
     """Score an external cohort with every fold model of a run; internal vs external AUC, CI, balanced accuracy."""
     from mil.evaluate import evaluate_external

@@ -77,7 +77,7 @@ def predict(
     slides: Annotated[Optional[list[str]], typer.Option(help="Slide ids to score (repeat or comma-separate); "
                                                              "default: every slide with the features.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")] = "auto",
 ) -> None:
     """Score slides with a trained run (k-fold runs average the fold models' probabilities)."""
     from mil.predict import predict as run_predict
@@ -107,8 +107,9 @@ def heatmap(
     top_k: Annotated[int, typer.Option(help="Show the k most attended tiles in a strip.")] = 8,
     norm: Annotated[str, typer.Option(help="Attention normalisation: rank | softmax | minmax.")] = "rank",
     max_size: Annotated[int, typer.Option(help="Thumbnail size (longest side, px).")] = 1024,
-    mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel, if the file lacks it.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", "--mpp", help="Microns per pixel of a "
+                                                       "slide whose file does not record it (as in extract).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")] = "auto",
 ) -> None:
     """Draw a run's attention over a slide thumbnail, with the top-k tiles below."""
     from mil.heatmap import make_heatmap
@@ -116,7 +117,7 @@ def heatmap(
     if not slide.exists():
         raise MilError(f"slide file {slide} does not exist; check --slide")
     res = make_heatmap(run, slide, store, out, slide_id=slide_id, top_k=top_k, norm=norm,
-                       max_size=max_size, mpp=mpp, device=device)
+                       max_size=max_size, mpp=slide_mpp, device=device)
     console.print(f"heatmap of [bold]{res.slide_id}[/] ({len(res.scores)} tiles) written to [bold]{res.path}[/]")
 
 

@@ -77,3 +77,25 @@ def test_cli_error_is_one_line(store_data, tmp_path):
                                            "--b", "resnet18:tuned", "--out", str(tmp_path)])
     assert r.exit_code == 1
     assert "several weights" in r.output
+
+
+def test_the_random_family_name_finds_its_stored_seed_beside_other_weights(tmp_path):
+    """`--weights random` is stored as random-s0; asking for `random` (cka, train) finds it even
+    when other weights of the encoder are stored, and a store with two is refused naming --weights."""
+    from featstore.errors import StoreError
+    from featstore.store import FeatureKey, open_store
+    from tests.mil.conftest import planted_bags, write_store
+
+    bags, _ = planted_bags(4, dim=8, n_inst=(6, 9), seed=0)
+    path = write_store(tmp_path / "s.zarr", bags, key=FeatureKey("resnet18", "random-s0", 1))
+    st = open_store(path, mode="a")
+    for sid, x in bags.items():
+        for key in (FeatureKey("resnet18", "random-s0", 2), FeatureKey("resnet18", "imagenet", 1)):
+            st.write_features(sid, key, x.astype(np.float16), {"encoder": "resnet18", "weights": key.weights,
+                                                              "minus": key.minus, "dim": 8})
+    store = open_store(path)
+    res = blockwise_cka(store, ("resnet18", "random"), ("resnet18", "random"))
+    assert [r[1] for r in res.rows] == ["random-s0", "random-s0"] and [r[2] for r in res.rows] == [1, 2]
+    assert store.resolve_key("resnet18", 1, "random").weights == "random-s0"
+    with pytest.raises(StoreError, match=r"several weights \(imagenet, random-s0\); choose one with --weights"):
+        store.resolve_key("resnet18", 1)

@@ -240,3 +240,20 @@ def test_two_concurrent_extractors_do_each_slide_once(cohort, tmp_path):
     assert st.slide_ids() == ["s1", "s2", "s3"]
     assert all(st.has_features(s, "resnet18", 1) for s in st.slide_ids())
     assert not list((store / ".locks").glob("*.lock"))
+
+
+def test_a_symlink_and_a_copy_of_one_slide_are_named_not_extracted_silently(tmp_path, caplog):
+    import logging
+    import shutil
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    src = _slide(d, "a", [(0, 0, 768, 768)])
+    shutil.copy(src, d / "a_copy.tif")
+    (d / "a_link.tif").symlink_to(src)
+    with caplog.at_level(logging.WARNING, logger="featstore"):
+        refs = discover_slides([d])
+        assert "slides a, a_link are one file" in caplog.text and caplog.text.count("are one file") == 1
+        report = Extractor(_cfg(levels=(0,))).run(refs, tmp_path / "s.zarr")
+    assert sorted(report.done) == ["a", "a_copy", "a_link"]
+    assert "slide a_copy" in caplog.text and "is a copy of slide a" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -248,3 +249,22 @@ def test_hed_jitter_is_seeded_and_changes_the_training(parent, tmp_path):
     a, b, plain = (torch.load(r.path / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"] for r in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_a_fold_without_validation_slides_says_why_the_last_epoch_is_kept(parent, tmp_path, caplog):
+    """A parent run trained with val_fraction 0 has no validation slides: the fine-tune says so
+    once, and each epoch's line reads '(no validation slides)' instead of 'val nan'."""
+    slides, store, _, _ = parent
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "split"])
+        for i in range(10):
+            w.writerow([f"s{i}", ["normal", "tumor"][i % 2], "test" if i >= 6 else "train"])
+    run = tmp_path / "run"
+    train_run(RunSpec(str(store), str(labels), str(run), "resnet18", 2, n_boot=50),
+              TrainConfig(hidden=(16,), attn_dim=8, epochs=1, val_fraction=0.0))
+    with caplog.at_level(logging.INFO, logger="mil.finetune"):
+        finetune_run(FinetuneSpec(str(run), str(tmp_path / "ft"), slides=[str(slides)]), FinetuneConfig(**FT))
+    assert "no validation slides, so no epoch can be chosen: the last of --epochs 1 is kept" in caplog.text
+    assert "epoch 1: train" in caplog.text and "(no validation slides)" in caplog.text and "nan" not in caplog.text
