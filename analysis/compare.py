@@ -255,12 +255,28 @@ def to_markdown(rows: Sequence[GroupRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def notes(rows: Sequence[GroupRow]) -> list[str]:
+    """What a reader of the table would otherwise wonder about: why Δ or p are blank, and what
+    the 'frozen' rows are."""
+    out = []
+    if not any(r.is_baseline for r in rows):
+        out.append("Δ and p are blank: no baseline was given (--baseline ENCODER:WEIGHTS:minusK[:KIND]; "
+                   "the study uses its best frozen configuration).")
+    elif any(r.delta is not None and r.p is None for r in rows):
+        out.append("p is blank where a group or the baseline has fewer than 2 observations (folds x seeds): "
+                   "Welch's t-test needs two on each side; add seeds or folds.")
+    if any(r.key.kind == "frozen" for r in rows):
+        out.append("'frozen' rows are each fine-tune's parent run scored on the fine-tune's own test slides "
+                   "(one fold), for a paired look; the parent's 'train' row is the same model over all its folds.")
+    return out
+
+
 def write_markdown(rows: Sequence[GroupRow], path: str | Path) -> Path:
     path = Path(path)
     n_obs = sum(r.n for r in rows)
     path.write_text(f"# Run comparison\n\n{len(rows)} groups, {n_obs} observations. Mean ± sd over "
                     "folds and seeds; 95% CI of the mean (t); p: Welch's t-test vs the baseline.\n\n"
-                    + to_markdown(rows))
+                    + to_markdown(rows) + "".join(f"\n{n}\n" for n in notes(rows)))
     return path
 
 
@@ -273,7 +289,7 @@ def plot(rows: Sequence[GroupRow], path: str | Path) -> Path:
               if r.delta is not None else "") for r in rows]
     return bars_with_ci([r.key.label() for r in rows], [r.mean["auc"] for r in rows],
                         [r.ci[0] for r in rows], [r.ci[1] for r in rows], path,
-                        title="AUC by encoder x weights x level (mean, 95% CI)", ylabel="AUC",
+                        title="AUC by configuration (mean, 95% CI)", ylabel="AUC (dashed: chance)",
                         highlight=base, annotations=notes)
 
 

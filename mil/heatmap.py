@@ -154,7 +154,7 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     ax_t = fig.add_subplot(gs[0, :half])
     ax_h = fig.add_subplot(gs[0, half:])
     ax_t.imshow(thumb)
-    ax_t.set_title(f"{sid}", fontsize=10)
+    ax_t.set_title(slide_title(run, sid), fontsize=10)
     ax_h.imshow(blended)
     for r, i in enumerate(top):  # outline the top tiles on the overlay
         x, y = coords[i] / ds
@@ -174,6 +174,24 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     out = save(fig, out, dpi=None, bbox_inches="tight")
     log.info("heatmap of %s (%d tiles) -> %s", sid, len(coords), out)
     return HeatmapResult(out, sid, scores, top)
+
+
+def slide_title(run: Run, sid: str) -> str:
+    """``<slide>: true <label>, P(<positive>) = 0.87 (<fold> test)`` from the run's out-of-fold
+    predictions; the slide id alone when the run never scored it (not in any test fold)."""
+    from mil.run import read_predictions
+
+    path = Path(run.path) / "predictions.csv"
+    row = next((r for r in read_predictions(path) if r.get("slide_id") == sid), None) if path.is_file() else None
+    if row is None:
+        return sid
+    if len(run.classes) == 2:
+        score = f"P({run.classes[-1]}) = {float(row['probability']):.2f}"
+    else:   # multiclass: the most probable class
+        probs = {c: float(row.get(f"prob_{c}") or "nan") for c in run.classes}
+        best = max(probs, key=lambda c: -1.0 if probs[c] != probs[c] else probs[c])
+        score = f"predicted {best} ({probs[best]:.2f})"
+    return f"{sid}: true {row.get('label')}, {score} ({row.get('fold')} test)"
 
 
 def _rect(x: float, y: float, side: float, color: str):

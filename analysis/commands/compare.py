@@ -21,7 +21,7 @@ def compare(
         "--unit", help="Observation for mean/sd/Welch: 'fold' (every fold of every run) or 'run'.")] = "fold",
 ) -> None:
     """Group runs by encoder x weights x level x kind: mean +- sd AUC, delta vs baseline, Welch p."""
-    from analysis.compare import format_p, compare_runs, write_outputs
+    from analysis.compare import compare_runs, format_p, notes, write_outputs
 
     rows = compare_runs(run_dirs, baseline=baseline, unit=unit)
     paths = write_outputs(rows, out)
@@ -36,6 +36,8 @@ def compare(
         table.add_row(r.key.label(), str(r.n), f"{r.mean['auc']:.3f}{sd}", f"{r.ci[0]:.3f}–{r.ci[1]:.3f}",
                       delta, format_p(r.p))
     _console.print(table)
+    for note in notes(rows):
+        _console.print(note, markup=False, highlight=False, soft_wrap=True)
     _console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -61,8 +61,9 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
 
 def bars_with_ci(labels: Sequence[str], means: Sequence[float], lo: Sequence[float], hi: Sequence[float],
                  path: str | Path, *, title: str = "", ylabel: str = "", highlight: int | None = None,
-                 annotations: Sequence[str] | None = None) -> Path:
-    """Horizontal bars with error bars [lo, hi]; ``highlight`` marks the baseline bar."""
+                 annotations: Sequence[str] | None = None, chance: float | None = 0.5) -> Path:
+    """Horizontal bars with error bars [lo, hi] on the whole 0-1 scale (so bar lengths compare),
+    a dashed line at *chance*; ``highlight`` marks the baseline bar."""
     means = np.asarray(means, float)
     err = np.vstack([means - np.asarray(lo, float), np.asarray(hi, float) - means])
     err = np.where(np.isfinite(err), np.maximum(err, 0), 0)
@@ -73,16 +74,16 @@ def bars_with_ci(labels: Sequence[str], means: Sequence[float], lo: Sequence[flo
     ax.barh(y, means, xerr=err, color=colors, capsize=3)
     ax.set_yticks(y, labels=list(labels))
     ax.invert_yaxis()
-    finite = means[np.isfinite(means)]
-    low = float(np.nanmin(np.asarray(lo, float))) if len(finite) else 0.0
-    ax.set_xlim(max(0.0, min(low, finite.min() if len(finite) else 0.0) - 0.05), 1.0)
+    ax.set_xlim(0.0, 1.0)
+    if chance is not None:
+        ax.axvline(chance, color="0.5", lw=0.8, ls="--")
     if annotations is not None:
         for yi, text in zip(y, annotations):
             if text:
                 ax.text(1.01, yi, text, va="center", ha="left", fontsize=8, clip_on=False,
                         transform=ax.get_yaxis_transform())  # x in axes units: right margin
     ax.set_xlabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10, wrap=True)
     return save(fig, path)
 
 

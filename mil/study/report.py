@@ -157,30 +157,71 @@ def _finetune_section(ft_run: Path, base: Path) -> list[str]:
     return out + ["", f"Fine-tune settings: {settings}. Run: `{_rel(ft_run, base)}`.", *extra]
 
 
+TIE = 0.0005   # mean AUCs this close print alike (3 decimals): a tie, not a ranking
+
+
+def _auc(r) -> float:
+    return r.mean.get("auc") if r.mean.get("auc") is not None else -1.0
+
+
+def _tied(rows: Sequence, top) -> list:
+    return [r for r in rows if r is not top and abs(_auc(r) - _auc(top)) < TIE]
+
+
+def _best_line(best, frozen: Sequence) -> str:
+    line = (f"- **Best frozen configuration:** `{best.key.encoder}` with `{best.key.weights}` weights at "
+            f"**minus{best.key.minus}**: AUC {_f(best.mean.get('auc'))} ± {_f(best.sd.get('auc'))} "
+            f"(95% CI {_f(best.ci[0])}–{_f(best.ci[1])}, {best.n} fold results).")
+    ties = _tied(frozen, best)
+    if ties:
+        line += (f" It ties with {len(ties)} other configuration(s) at that AUC "
+                 f"({', '.join(f'`{r.key.encoder}:{r.key.weights}:minus{r.key.minus}`' for r in ties[:6])}"
+                 f"{' ...' if len(ties) > 6 else ''}); the tie goes to the least truncated network and "
+                 "is no evidence that it is better: the task does not separate them.")
+    return line
+
+
+def _truncation_line(enc: str, w: str, rs: Sequence) -> str | None:
+    rs = sorted(rs, key=lambda r: r.key.minus)
+    full = next((r for r in rs if r.key.minus == 0), None)
+    if full is None:
+        return None
+    top = max(rs, key=_auc)
+    tie = [r for r in rs if abs(_auc(r) - _auc(top)) < TIE]
+    if len(tie) > 1:
+        levels = ", ".join(f"minus{r.key.minus}" for r in tie)
+        return f"- **Truncation, {enc} ({w}):** {levels} tie at AUC {_f(top.mean.get('auc'))}: no level is better here."
+    if top is not full:
+        return (f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches AUC {_f(top.mean.get('auc'))} vs "
+                f"{_f(full.mean.get('auc'))} for the full network (Δ {top.mean['auc'] - full.mean['auc']:+.3f}).")
+    return f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, AUC {_f(full.mean.get('auc'))}."
+
+
+def _pretraining_lines(frozen: Sequence) -> list[str]:
+    """Per encoder with several weights: the best AUC of each, within that encoder only (an
+    encoder's weights are compared with each other, never with another architecture's)."""
+    out = []
+    for enc in sorted({r.key.encoder for r in frozen}):
+        rs = [r for r in frozen if r.key.encoder == enc]
+        weights = sorted({r.key.weights for r in rs})
+        if len(weights) < 2:
+            continue
+        best_w = {w: max((r for r in rs if r.key.weights == w), key=_auc) for w in weights}
+        out.append(f"- **Pre-training, {enc}:** best AUC per weights: " + ", ".join(
+            f"`{w}` {_f(r.mean.get('auc'))} (minus{r.key.minus})" for w, r in best_w.items()) + ".")
+    return out
+
+
 def _answers(rows: Sequence, best, ft_run: Path | None) -> list[str]:
     if best is None:
         return ["- No MIL run finished; see the failures below."]
     frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
-    a = [f"- **Best frozen configuration:** `{best.key.encoder}` with `{best.key.weights}` weights at "
-         f"**minus{best.key.minus}**: AUC {_f(best.mean.get('auc'))} ± {_f(best.sd.get('auc'))} "
-         f"(95% CI {_f(best.ci[0])}–{_f(best.ci[1])}, {best.n} fold results)."]
+    a = [_best_line(best, frozen)]
     by_enc: dict[tuple[str, str], list] = {}
     for r in frozen:
         by_enc.setdefault((r.key.encoder, r.key.weights), []).append(r)
-    for (enc, w), rs in sorted(by_enc.items()):
-        rs = sorted(rs, key=lambda r: r.key.minus)
-        full = next((r for r in rs if r.key.minus == 0), None)
-        top = max(rs, key=lambda r: r.mean.get("auc") or -1)
-        if full is not None and top is not full:
-            a.append(f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches AUC {_f(top.mean.get('auc'))} vs "
-                     f"{_f(full.mean.get('auc'))} for the full network (Δ {top.mean['auc'] - full.mean['auc']:+.3f}).")
-        elif full is not None:
-            a.append(f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, AUC {_f(full.mean.get('auc'))}.")
-    weights = sorted({r.key.weights for r in frozen})
-    if len(weights) > 1:
-        best_w = {w: max((r for r in frozen if r.key.weights == w), key=lambda r: r.mean.get("auc") or -1) for w in weights}
-        a.append("- **Pre-training:** best AUC per weights: " + ", ".join(
-            f"{w} {_f(r.mean.get('auc'))} ({r.key.encoder} minus{r.key.minus})" for w, r in best_w.items()) + ".")
+    a += [line for (enc, w), rs in sorted(by_enc.items()) if (line := _truncation_line(enc, w, rs))]
+    a += _pretraining_lines(frozen)
     if ft_run is not None and (ft_run / "metrics.json").exists():
         m = json.loads((ft_run / "metrics.json").read_text())
         fa, fb = m.get("frozen", {}).get("mean", {}).get("auc"), m.get("mean", {}).get("auc")
@@ -190,6 +231,28 @@ def _answers(rows: Sequence, best, ft_run: Path | None) -> list[str]:
     a.append("- Differences whose Welch p ≥ 0.05 or whose CIs overlap widely are not evidence of a real "
              "difference on this cohort; add seeds/folds or slides before concluding.")
     return a
+
+
+def cka_note(csv_path: Path, ft_run: Path | None) -> str:
+    """What the CKA picture says: which levels moved, or that fine-tuning barely moved the encoder
+    (CKA >= 0.98 at every level between frozen and fine-tuned) and what would move it."""
+    import csv
+
+    with Path(csv_path).open(newline="") as fh:
+        diag = {int(r["a_minus"]): float(r["cka"]) for r in csv.DictReader(fh) if r["a_minus"] == r["b_minus"]}
+    if not diag:
+        return ""
+    low = min(diag.values())
+    if low >= 0.98:
+        cfg = json.loads((ft_run / "config.json").read_text()) if ft_run and (ft_run / "config.json").is_file() else {}
+        ft = cfg.get("finetune") or cfg
+        what = ", ".join(f"{k}={ft[k]}" for k in ("k", "epochs", "lr") if k in ft)
+        return (f"**Fine-tuning barely moved the encoder:** CKA between the frozen and the fine-tuned encoder is "
+                f"≥ {low:.4f} at every level{f' ({what})' if what else ''}, so the fine-tuned AUC comes from the head "
+                "on nearly the same features. More epochs, a larger k or a higher encoder lr would move it.")
+    moved = sorted(diag, key=diag.get)[:2]
+    return ("Fine-tuning moved " + " and ".join(f"minus{k} (CKA {diag[k]:.3f})" for k in moved) +
+            " most; a diagonal near 1 means that block's representation is unchanged.")
 
 
 def _external_table(records: Sequence[dict]) -> list[str]:
@@ -295,6 +358,7 @@ def write_report(r: SlideReport) -> Path:
     if cka_files.get("png"):
         lines += ["## CKA: frozen vs fine-tuned encoder, level by level", "",
                   f"![CKA heatmap]({_rel(cka_files['png'], rep_dir)})", "",
+                  cka_note(cka_files["csv"], ft_run), "",
                   f"Values: `{_rel(cka_files['csv'], rep_dir)}`. A diagonal near 1 means fine-tuning left that "
                   "block's representation unchanged; low values mark the blocks that moved.", ""]
     if best_dir is not None and (best_dir / "roc.png").exists():

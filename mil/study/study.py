@@ -516,7 +516,8 @@ class Study(StudyBase):
         cfg = self.cfg
         report = write_report(SlideReport(
             name=cfg.name, out=self.out, new_work=self.new_work, failures=self.failures,
-            seconds=time.perf_counter() - t0, store=cfg.store, labels=cfg.labels, plans=self.plans(),
+            seconds=time.perf_counter() - t0, store=cfg.store, labels=cfg.labels,
+            plans=[(e, self.weights_used.get((e, w), w), lv) for e, w, lv in self.plans()],   # tags, not paths
             seeds=cfg.seeds, folds=cfg.folds, train_fractions=cfg.train_fractions, extract=cfg.extract,
             weights_used=self.weights_used, baseline_given=bool(cfg.baseline), rows=rows, best=best,
             best_dir=best_dir, ft_run=ft_run, cka_files=cka_files, heatmaps=heat, external_records=external))

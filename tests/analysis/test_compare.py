@@ -133,3 +133,17 @@ def test_runs_with_the_same_folder_name_in_different_places_are_two_runs(tmp_pat
     (row,) = compare_runs([a, b])
     assert row.n == 2 and row.n_runs == 2
     assert row.runs == sorted([str(a), str(b)])  # full paths, so a study can open them
+
+
+def test_notes_say_why_delta_or_p_is_blank_and_what_frozen_rows_are(runs, tmp_path):
+    from analysis.compare import notes
+
+    text = " ".join(notes(compare_runs([runs])))
+    assert "Δ and p are blank: no baseline was given" in text and "'frozen' rows are each fine-tune's parent" in text
+    rows = compare_runs([runs], baseline="resnet18:imagenet:minus0")
+    assert any(r.delta is not None and r.p is None for r in rows)          # minus2 holds one fold
+    assert "p is blank where a group or the baseline has fewer than 2 observations" in " ".join(notes(rows))
+    from featstore.cli import mil_app
+
+    out = CliRunner().invoke(mil_app, ["compare", str(runs), "--out", str(tmp_path / "c")]).stdout
+    assert "no baseline was given" in out and "no baseline was given" in (tmp_path / "c" / "compare.md").read_text()

@@ -60,3 +60,23 @@ def test_heatmap_of_a_real_slide_highlights_the_planted_lesion(tmp_path):
     assert lesion[res.top].all()                       # every top tile lies in the lesion
     assert res.scores[lesion].mean() > res.scores[~lesion].mean() + 0.3
     assert (tmp_path / "heat.png").stat().st_size > 10_000
+
+
+def test_the_slide_title_names_the_true_label_and_the_score(tmp_path):
+    from mil.heatmap import slide_title
+    from mil.run import load_run
+
+    bags, y = planted_bags(20, dim=8, n_inst=(10, 20), seed=4)
+    store = write_store(tmp_path / "s.zarr", bags)
+    labels = write_labels(tmp_path / "l.csv", [{"slide_id": s, "label": ["normal", "tumor"][int(c)]}
+                                                for s, c in zip(bags, y)])
+    train_run(RunSpec(store, labels, str(tmp_path / "run"), "resnet18", 1, n_boot=20),
+              TrainConfig(hidden=(8,), attn_dim=4, epochs=2))
+    run = load_run(tmp_path / "run")
+    import csv
+
+    row = next(csv.DictReader((tmp_path / "run" / "predictions.csv").open()))
+    title = slide_title(run, row["slide_id"])
+    assert title == (f"{row['slide_id']}: true {row['label']}, P(tumor) = {float(row['probability']):.2f} "
+                     f"({row['fold']} test)")
+    assert slide_title(run, "never-scored") == "never-scored"
