@@ -152,7 +152,7 @@ def env(**values: str | None) -> Iterator[None]:
 def hub_offline(offline: bool = True) -> Iterator[None]:
     """Hugging Face hub offline mode inside the block, unless a download was asked for.
 
-    With no cached file ``timm.create_model(pretrained=True)`` otherwise hangs ~46 s retrying
+    With no cached file, asking timm for pretrained weights otherwise hangs ~46 s retrying
     the hub (FACTS.md); offline it fails in 0.2 s. huggingface_hub reads ``HF_HUB_OFFLINE`` once,
     at import, into ``huggingface_hub.constants.HF_HUB_OFFLINE`` and consults only that copy
     afterwards, so both the variable and the constant are set; both are restored on exit.
