@@ -74,6 +74,13 @@ class TrainConfig(Config):
     val_fraction: float = option(0.2, "Share of training patients held out for early stopping.")
     threads: int = option(0, "CPU threads for torch (0: auto, which is 1 here: a MIL head trains fastest on "
                              "one thread).", ge=0)
+    survival_loss: str = option("cox", "Survival loss: cox (partial likelihood over --cox-batch slides per step) "
+                                       "| nll (discrete-time hazards over --time-bins bins).",
+                                choices=("cox", "nll"))
+    time_bins: int = option(4, "Survival with --survival-loss nll: time bins (quantiles of the training event "
+                               "times).", ge=1)
+    cox_batch: int = option(16, "Survival with --survival-loss cox: slides per optimiser step (a Cox risk set "
+                                "needs several).", ge=2)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -94,10 +101,14 @@ class RunSpec(Config):
     """Where a run's data comes from and where it goes (the non-hyper-parameter options)."""
 
     store: str = option(help="Feature store (path or fsspec URL) made by `featstore extract`.")
-    labels: str = option(help="CSV slide_id,label[,patient_id][,site][,split|fold].")
+    labels: str = option(help="CSV slide_id,label[,patient_id][,site][,split|fold]; survival: slide_id,time,"
+                              "event[,...]; regression: a numeric label.")
     out: str = option(help="Run directory to write, e.g. runs/densenet121-m1.")
     encoder: str = option(help="Encoder whose features to use, e.g. densenet121.")
     minus: int = option(0, "Truncation level K (features of stage last-K).")
+    task: str = option("auto", "classification | survival | regression | auto (survival with time,event "
+                               "columns, regression for a non-integer numeric label, else classification).",
+                       choices=("auto", "classification", "survival", "regression"))
     weights: str | None = option(None, "Weights tag; needed only if the store holds several.")
     folds: int | None = option(None, "K-fold CV (patient-grouped, stratified). Default: the labels' split/fold "
                                      "column, else one 80/20 hold-out.")

@@ -121,7 +121,7 @@ def make_splits(labels: Labels, *, folds: int | None = None, seed: int = 0, val_
         if va is None:
             tr, va = carve_val(tr, labels, val_fraction, seed)
         tr = subsample_train(tr, labels, train_fraction, seed)
-        if len(set(labels.y[tr].tolist())) < 2:
+        if labels.task == "classification" and len(set(labels.y[tr].tolist())) < 2:
             raise LabelsError(f"{labels.path}: fold {name} has training slides of one class only; "
                               "add slides of the rarer class or use fewer folds")
         out.append(Split(name, tr, np.sort(va), np.sort(te)))
@@ -161,7 +161,8 @@ def _patient_folds(labels: Labels, folds: int | None, seed: int, test_fraction: 
         if folds is not None and n_groups < k:
             raise LabelsError(f"{labels.path}: {n_groups} patient(s) cannot make {k} folds; "
                               "lower --folds or add slides")
-        k = _folds_the_classes_allow(labels, k, explicit=folds is not None)
+        k = _folds_the_classes_allow(labels, k, explicit=folds is not None) if labels.task == "classification" \
+            else _folds_the_events_allow(labels, k)
         sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         try:
             parts = list(sgkf.split(np.zeros(n), labels.y, groups=np.array(labels.patients)))
@@ -174,6 +175,17 @@ def _patient_folds(labels: Labels, folds: int | None, seed: int, test_fraction: 
         else:
             raw.extend((f"fold{i}", tr, None, te) for i, (tr, te) in enumerate(parts))
     return raw
+
+
+def _folds_the_events_allow(labels: Labels, k: int) -> int:
+    """*k*, or one line why not: every survival test fold needs an event (a C-index needs one)."""
+    if labels.task != "survival":
+        return k
+    events = int(labels.target[:, 1].sum())
+    if events < k:
+        raise LabelsError(f"{labels.path}: {events} event(s) among {len(labels)} slides, too few for {k} folds "
+                          f"(every test fold needs an event); use --folds {max(events, 2)} or fewer, or add slides")
+    return k
 
 
 def _folds_the_classes_allow(labels: Labels, k: int, *, explicit: bool) -> int:

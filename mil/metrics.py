@@ -49,10 +49,11 @@ def fold_metrics(y: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: 
     return out
 
 
-def summarize(folds: Mapping[str, dict]) -> dict:
-    """``{"folds", "mean", "std"}``; std is the sample std (ddof=1) over folds, 0 for one fold."""
+def summarize(folds: Mapping[str, dict], keys: tuple[str, ...] = KEYS) -> dict:
+    """``{"folds", "mean", "std"}`` of *keys* (a task's metrics, classification's by default); std
+    is the sample std (ddof=1) over folds, 0 for one fold."""
     mean, std = {}, {}
-    for k in KEYS:
+    for k in keys:
         vals = np.array([f[k] for f in folds.values() if f.get(k) is not None], dtype=np.float64)
         mean[k] = float(vals.mean()) if len(vals) else None
         std[k] = float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else None)

@@ -41,15 +41,19 @@ def list_models() -> list[str]:
 
 
 def create_mil_model(name: str, in_dim: int, n_classes: int = 2, **widths) -> nn.Module:
-    """Build the head *name* (``abmil``, ``abmil-gated``, ``mean``, ``max``).
+    """Build the head *name* (``abmil``, ``abmil-gated``, ``mean``, ``max``) with *n_classes*
+    outputs (class logits; 1 for a Cox risk or a regression value, one per time bin for NLL survival).
 
     *widths* are ``hidden`` (tuple of MLP widths), ``attn_dim`` and ``dropout``; keys a head does
     not use are rejected so a typo does not pass silently.
     """
     if name not in _REGISTRY:
         raise MilError(f"unknown MIL model {name!r}; choose one of {', '.join(list_models())}")
-    if in_dim < 1 or n_classes < 2:
-        raise MilError(f"model {name!r} needs in_dim >= 1 and n_classes >= 2 "
+    if name == "max" and n_classes < 2:
+        raise MilError("model 'max' picks a bag's instance by its class logits, so it needs classes; for "
+                       "survival or regression use abmil, abmil-gated or mean")
+    if in_dim < 1 or n_classes < 1:
+        raise MilError(f"model {name!r} needs in_dim >= 1 and at least one output "
                        f"(got in_dim={in_dim}, n_classes={n_classes})")
     try:
         return _REGISTRY[name](in_dim=in_dim, n_classes=n_classes, **widths)

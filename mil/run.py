@@ -7,9 +7,10 @@ Layout (docs/architecture.md "mil run directory", details in docs/mil.md, docs/f
       model.pt          {"state_dict": {fold: state_dict}, "config", "classes", "provenance", "folds"}
       metrics.json      {"folds": {fold: {auc, balanced_accuracy, f1, auc_ci, n}}, "mean", "std"}
       predictions.csv   slide_id,label,probability,fold[,prob_<class>...]
+                        (survival: slide_id,time,event,risk,fold; regression: slide_id,target,prediction,fold)
       attention.npz     "<fold>/<slide_id>" -> (N,) float32 raw attention, rows = store coords
       history.json      per fold: epoch, train_loss, val_loss, val_auc, best_epoch
-      roc.png, curves.png
+      roc.png, curves.png   (survival: km.png instead of roc.png; regression: scatter.png)
       encoder.pt, topk.json, predictions_frozen.csv    fine-tune runs only
 
 config.json is written last: its presence marks a finished run. While a run is being written
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 #: every file a run directory may hold; --overwrite removes exactly these before a new run
 RUN_FILES = ("config.json", "model.pt", "metrics.json", "predictions.csv", "predictions_frozen.csv",
-             "attention.npz", "history.json", "topk.json", "encoder.pt", "roc.png", "curves.png")
+             "attention.npz", "history.json", "topk.json", "encoder.pt", "roc.png", "curves.png", "km.png",
+             "scatter.png")
 MODEL_FORMAT = 1
 
 
@@ -111,6 +113,23 @@ def save_predictions(run_dir: Path, rows: list[dict], classes: list[str], name: 
     return path
 
 
+#: predictions.csv columns of the tasks other than classification
+TASK_COLUMNS = {"survival": ("slide_id", "time", "event", "risk", "fold"),
+                "regression": ("slide_id", "target", "prediction", "fold")}
+
+
+def save_task_predictions(run_dir: Path, rows: list[dict], task: str, name: str = "predictions.csv") -> Path:
+    """predictions.csv of a survival or regression run (:data:`TASK_COLUMNS`)."""
+    path = Path(run_dir) / name
+    cols = TASK_COLUMNS[task]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in cols])
+    return path
+
+
 def read_predictions(path: Path) -> list[dict]:
     with Path(path).open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -165,33 +184,88 @@ def plot_roc(run_dir: Path, fold_results: Mapping[str, tuple[np.ndarray, np.ndar
     return save(fig, Path(run_dir) / "roc.png", dpi=None)
 
 
+def plot_km(run_dir: Path, results: Mapping[str, tuple[np.ndarray, np.ndarray]], cutoffs: Mapping[str, float],
+            metrics: dict) -> Path:
+    """km.png: Kaplan-Meier curves of the predicted high- and low-risk groups (every fold's test
+    slides, cut at their fold model's median training risk), with the log-rank p."""
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    from featstore.core.plotting import new_figure, save
+    from mil.tasks import risk_groups
+
+    target, high = risk_groups(dict(results), dict(cutoffs))
+    fig = new_figure(5.5, 4.5, layout=None)
+    ax = fig.subplots()
+    for flag, name, colour in ((False, "low risk", "C0"), (True, "high risk", "C3")):
+        sel = high == flag
+        if sel.any():
+            t, s = kaplan_meier_estimator(target[sel, 1].astype(bool), target[sel, 0])
+            ax.step(np.r_[0.0, t], np.r_[1.0, s], where="post", c=colour, lw=1.8,
+                    label=f"{name} (n={int(sel.sum())}, events {int(target[sel, 1].sum())})")
+    p = metrics.get("pooled", {}).get("logrank_p")
+    c = metrics["mean"].get("c_index")
+    ax.set_title("Kaplan-Meier by predicted risk (test slides of every fold)\n"
+                 + (f"log-rank p = {p:.3g}" if p is not None else "log-rank p undefined")
+                 + (f", mean C-index {c:.3f}" if c is not None else ""), fontsize=9)
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return save(fig, Path(run_dir) / "km.png", dpi=None)
+
+
+def plot_scatter(run_dir: Path, results: Mapping[str, tuple[np.ndarray, np.ndarray]], metrics: dict) -> Path:
+    """scatter.png: predicted against true target, one colour per fold, with the identity line."""
+    from featstore.core.plotting import new_figure, save
+
+    fig = new_figure(5, 5, layout=None)
+    ax = fig.subplots()
+    y = np.concatenate([r[0] for r in results.values()])
+    p = np.concatenate([r[1] for r in results.values()])
+    lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+    ax.plot([lo, hi], [lo, hi], ls="--", c="0.6", lw=1)
+    for i, (fold, (yt, pt)) in enumerate(results.items()):
+        ax.scatter(yt, pt, s=14, c=f"C{i % 10}", label=fold)
+    r = metrics["mean"].get("pearson")
+    ax.set_title("predicted vs true" + (f"\nmean Pearson r {r:.3f}" if r is not None else ""))
+    ax.set_xlabel("true target")
+    ax.set_ylabel("prediction")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, Path(run_dir) / "scatter.png", dpi=None)
+
+
 def plot_curves(run_dir: Path, histories: Mapping[str, dict]) -> Path:
-    """curves.png: train/val loss (left) and val AUC (right) per epoch, one line per fold."""
+    """curves.png: train/val loss (left) and val AUC (right; classification) per epoch, one line per fold."""
     from matplotlib.ticker import MaxNLocator
 
     from featstore.core.plotting import new_figure, save
 
-    fig = new_figure(10, 4, layout=None)
-    ax_l, ax_a = fig.subplots(1, 2)
+    has_auc = any(v is not None for h in histories.values() for v in h.get("val_auc", []))
+    fig = new_figure(10 if has_auc else 5.5, 4, layout=None)
+    ax_l, ax_a = fig.subplots(1, 2) if has_auc else (fig.subplots(), None)
     for i, (fold, h) in enumerate(histories.items()):
         color = f"C{i % 10}"
         ep = h["epoch"]
         ax_l.plot(ep, h["train_loss"], c=color, lw=1.5, label=f"{fold} train")
         val = [np.nan if v is None else v for v in h["val_loss"]]
         ax_l.plot(ep, val, c=color, lw=1.5, ls="--", label=f"{fold} val")
-        ax_a.plot(ep, [np.nan if v is None else v for v in h["val_auc"]], c=color, lw=1.5, label=fold)
+        if ax_a is not None:
+            ax_a.plot(ep, [np.nan if v is None else v for v in h["val_auc"]], c=color, lw=1.5, label=fold)
         if h.get("best_epoch"):
             ax_l.axvline(h["best_epoch"], c=color, lw=0.8, ls=":")
     ax_l.set_xlabel("epoch")
-    ax_l.set_ylabel("cross-entropy")
+    ax_l.set_ylabel("cross-entropy" if has_auc else "loss")
     ax_l.set_title("loss (dotted: best epoch)")
     ax_l.legend(fontsize=7)
-    ax_a.set_xlabel("epoch")
-    ax_a.set_ylabel("validation AUC")
-    ax_a.set_ylim(0, 1.02)
-    ax_a.set_title("validation AUC")
-    ax_a.legend(fontsize=7)
-    for ax in (ax_l, ax_a):
+    if ax_a is not None:
+        ax_a.set_xlabel("epoch")
+        ax_a.set_ylabel("validation AUC")
+        ax_a.set_ylim(0, 1.02)
+        ax_a.set_title("validation AUC")
+        ax_a.legend(fontsize=7)
+    for ax in (ax_l, ax_a) if ax_a is not None else (ax_l,):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return save(fig, Path(run_dir) / "curves.png", dpi=None)
@@ -268,9 +342,12 @@ class RunWriter:
         self.file("model.pt")
         return save_models(self.path, states, model_config, classes, provenance)
 
-    def predictions(self, rows: list[dict], classes: list[str], name: str = "predictions.csv") -> Path:
+    def predictions(self, rows: list[dict], classes: list[str], name: str = "predictions.csv",
+                    task: str = "classification") -> Path:
         """predictions.csv (or predictions_frozen.csv)."""
         self.file(name)
+        if task != "classification":
+            return save_task_predictions(self.path, rows, task, name)
         return save_predictions(self.path, rows, classes, name)
 
     def attention(self, attention: Mapping[tuple[str, str], np.ndarray]) -> Path | None:
@@ -279,10 +356,18 @@ class RunWriter:
         return save_attention(self.path, attention)
 
     def plots(self, fold_results: Mapping[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
-              metrics: dict, histories: Mapping[str, dict]) -> None:
-        """roc.png and curves.png."""
-        self.file("roc.png")
-        plot_roc(self.path, fold_results, classes, metrics)
+              metrics: dict, histories: Mapping[str, dict], *, task: str = "classification",
+              cutoffs: Mapping[str, float] | None = None) -> None:
+        """curves.png and the task's picture: roc.png, km.png (survival) or scatter.png (regression)."""
+        if task == "survival":
+            self.file("km.png")
+            plot_km(self.path, fold_results, cutoffs or {}, metrics)
+        elif task == "regression":
+            self.file("scatter.png")
+            plot_scatter(self.path, fold_results, metrics)
+        else:
+            self.file("roc.png")
+            plot_roc(self.path, fold_results, classes, metrics)
         plot_curves(self.path, histories)
 
     def finish(self, config: dict) -> Path:

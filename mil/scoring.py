@@ -49,6 +49,23 @@ def score_bags(head: nn.Module, bags, slide_ids: Sequence[str], device: torch.de
     return (np.stack(probs) if probs else np.zeros((0, n_cls))), attn
 
 
+@torch.no_grad()
+def bag_outputs(head: nn.Module, bags, slide_ids: Sequence[str], device: torch.device | str | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
+    """The head's raw outputs (n, O) float64 (logits, a risk, a value: the task reads them) and raw
+    attention per slide; as :func:`score_bags` without the softmax."""
+    param = next(head.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else None)
+    head.eval()
+    outs, attn = [], {}
+    for sid, bag in _iterate(bags, slide_ids):
+        out, a = head(bag if device is None else bag.to(device))
+        outs.append(out.float().cpu().double().numpy())
+        attn[sid] = None if a is None else a.float().cpu().numpy()
+    n_out = getattr(head, "n_classes", 1)
+    return (np.stack(outs) if outs else np.zeros((0, n_out))), attn
+
+
 def mean_nll(probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
     if len(y) == 0:
@@ -72,4 +89,4 @@ def val_metrics(head: nn.Module, bags, slide_ids: Sequence[str], y: np.ndarray,
     return {"val_loss": mean_nll(probs, y), "val_auc": safe_auc(y, probs)}
 
 
-__all__ = ["score_bags", "mean_nll", "safe_auc", "val_metrics"]
+__all__ = ["score_bags", "bag_outputs", "mean_nll", "safe_auc", "val_metrics"]

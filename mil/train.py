@@ -31,7 +31,8 @@ from mil.errors import LabelsError, MilError
 from featstore.core.labels import Labels
 from mil.models import create_mil_model
 from mil.run import RunWriter
-from mil.scoring import score_bags, val_metrics
+from mil.scoring import bag_outputs, score_bags, val_metrics
+from mil.tasks import Classification, Regression, Survival, Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,12 @@ def instance_stats(bags: Bags, ids: Sequence[str]) -> tuple[torch.Tensor, torch.
 
 
 def _bag_epoch(model: nn.Module, opt: torch.optim.Optimizer, bags: Bags, train_ids: Sequence[str],
-               targets: torch.Tensor, rng: np.random.Generator, device: torch.device, epochs: int,
+               rows: np.ndarray, task: Task, rng: np.random.Generator, device: torch.device, epochs: int,
                callback: Callable[[EpochLog], None] | None) -> Callable[[int], float]:
-    """The epoch function for featstore.core.fit: the training bags in a fresh seeded order, one step each."""
-    loss_fn = nn.CrossEntropyLoss()
+    """The epoch function for featstore.core.fit: the training bags in a fresh seeded order, one
+    optimiser step per ``task.bags_per_step`` bags (1 for classification and regression; a batch
+    for the Cox loss, whose risk sets need several slides)."""
+    per_step = max(1, task.bags_per_step)
 
     def train_epoch(epoch: int) -> float:
         model.train()
@@ -111,52 +114,89 @@ def _bag_epoch(model: nn.Module, opt: torch.optim.Optimizer, bags: Bags, train_i
         ids = [train_ids[i] for i in order]
 
         def steps():
+            outs: list[torch.Tensor] = []
             for step, (_, bag) in enumerate(bags.iterate(ids)):
-                logits, _ = model(bag.to(device, non_blocking=device.type == "cuda"))
-                loss = loss_fn(logits.unsqueeze(0), targets[order[step]].unsqueeze(0))
+                out, _ = model(bag.to(device, non_blocking=device.type == "cuda"))
+                outs.append(out)
+                if len(outs) < per_step and step + 1 < len(ids):
+                    continue
+                loss = task.loss(torch.stack(outs), rows[order[step + 1 - len(outs):step + 1]])
+                outs = []
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if loss.requires_grad:
+                    loss.backward()
+                    opt.step()
                 yield float(loss.detach())
 
         on_step = None if callback is None else (lambda done, mean: callback(EpochLog(
-            epoch, epochs, mean, math.nan, math.nan, False, step="bag", done=done, total=len(ids))))
+            epoch, epochs, mean, math.nan, math.nan, False, step="bag", done=min(done * per_step, len(ids)),
+            total=len(ids))))
         return core_fit.mean_loss(steps(), on_step)
 
     return train_epoch
 
 
-def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequence[str],
-        val_y: np.ndarray, n_classes: int, cfg: TrainConfig,
-        callback: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Train a fresh head from *cfg* on the train bags; early-stop on the val bags if any.
+def _task_val(model: nn.Module, bags: Bags, val_ids: Sequence[str], val_rows: np.ndarray, task: Task,
+              device: torch.device) -> dict[str, float]:
+    """Validation numbers the loop monitors: classification as always (NLL, AUC), other tasks their loss."""
+    if isinstance(task, Classification):
+        return val_metrics(model, bags, val_ids, task.labels.y[val_rows], device)
+    out, _ = bag_outputs(model, bags, val_ids, device)
+    return {"val_loss": task.val_loss(torch.as_tensor(out, dtype=torch.float32), val_rows), "val_auc": math.nan}
+
+
+def fit_task(bags: Bags, task: Task, train_rows: np.ndarray, val_rows: np.ndarray, cfg: TrainConfig,
+             callback: Callable[[EpochLog], None] | None = None) -> TrainResult:
+    """Train a fresh head for *task* on the bags of label rows *train_rows*; early-stop on *val_rows*.
 
     Returns the head with the weights of its best validation epoch (or the last epoch when
-    there is no validation set).
-    """
+    there is no validation set, or when the validation loss is undefined, e.g. no event)."""
+    ids = task.labels.slide_ids
+    train_ids, val_ids = [ids[i] for i in train_rows], [ids[i] for i in val_rows]
     if len(train_ids) == 0:
         raise MilError("no training slides; check the labels and splits")
     device = resolve_device(cfg.device)
-    train_y = np.asarray(train_y, dtype=np.int64)
-    val_y = np.asarray(val_y, dtype=np.int64)
     has_val = len(val_ids) > 0
-    if not has_val:
+    if has_val and not isinstance(task, Classification) and not math.isfinite(
+            task.val_loss(torch.zeros(len(val_rows), task.n_outputs()), val_rows)):
+        log.warning("the %d validation slides cannot score the %s loss (no event among them): training %d "
+                    "epochs without early stopping", len(val_ids), task.name, cfg.epochs)
+        has_val = False
+    elif not has_val:
         log.warning("no validation slides: training %d epochs without early stopping", cfg.epochs)
+    if not isinstance(task, Classification) and cfg.monitor == "val_auc":
+        raise MilError(f"--monitor val_auc is for classification; a {task.name} run monitors val_loss")
     with deterministic(cfg.seed, device), cpu_threads(cfg.threads or 1):   # 0: auto = 1 thread (see TrainConfig)
-        model = create_mil_model(cfg.model, bags.dim, n_classes, **cfg.widths())
+        model = create_mil_model(cfg.model, bags.dim, task.n_outputs(), **cfg.widths())
         model.set_input_stats(*instance_stats(bags, train_ids))
         model = model.to(device)
         opt = _make_optimizer(cfg, model)
         rng = np.random.default_rng([cfg.seed, 3])
-        targets = torch.as_tensor(train_y, device=device)
-        train_epoch = _bag_epoch(model, opt, bags, train_ids, targets, rng, device, cfg.epochs, callback)
-        evaluate = (lambda epoch: val_metrics(model, bags, val_ids, val_y, device)) if has_val else None
+        train_epoch = _bag_epoch(model, opt, bags, train_ids, np.asarray(train_rows), task, rng, device,
+                                 cfg.epochs, callback)
+        evaluate = (lambda epoch: _task_val(model, bags, val_ids, np.asarray(val_rows), task, device)) \
+            if has_val else None
         res = core_fit.fit(model, train_epoch, evaluate, epochs=cfg.epochs, patience=cfg.patience,
                            monitor=cfg.monitor,
                            on_epoch=None if callback is None else (lambda r: callback(EpochLog.of(r))),
                            diverged=lambda e, loss: MilError(f"training diverged at epoch {e} (loss {loss}); "
                                                              "lower --lr"))
     return TrainResult(model, [EpochLog.of(r) for r in res.history], res.best_epoch, res.stopped_early)
+
+
+def fit(bags: Bags, train_ids: Sequence[str], train_y: np.ndarray, val_ids: Sequence[str],
+        val_y: np.ndarray, n_classes: int, cfg: TrainConfig,
+        callback: Callable[[EpochLog], None] | None = None) -> TrainResult:
+    """Train a fresh classification head from *cfg* on the train bags; early-stop on the val bags if any.
+
+    Returns the head with the weights of its best validation epoch (or the last epoch when
+    there is no validation set).
+    """
+    ids = tuple(train_ids) + tuple(val_ids)
+    y = np.concatenate([np.asarray(train_y, np.int64), np.asarray(val_y, np.int64)])
+    labels = Labels("", ids, y, tuple(str(c) for c in range(n_classes)), ids)
+    n = len(train_ids)
+    return fit_task(bags, Classification(labels, np.arange(n)), np.arange(n), np.arange(n, len(ids)), cfg, callback)
 
 
 # ------------------------------------------------------------------------------ a whole run
@@ -171,6 +211,7 @@ class RunSummary:
     folds: list[str]
     n_slides: int
     classes: list[str]
+    task: str = "classification"
 
 
 @dataclass
@@ -184,34 +225,66 @@ class _Folds:
     rows: list = field(default_factory=list)          # predictions.csv rows
     attention: dict = field(default_factory=dict)     # (fold, slide_id) -> raw attention
     model_config: dict = field(default_factory=dict)
+    cutoffs: dict = field(default_factory=dict)       # survival: fold -> median training risk (risk groups)
+    task_config: dict = field(default_factory=dict)   # what predict needs besides the head (bins, scaling)
 
 
 def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: TrainConfig, n_boot: int,
                  device: torch.device, progress: Callable[[str, int, int, EpochLog], None] | None) -> _Folds:
-    """One head per fold, scored on the fold's test slides."""
-    from mil.metrics import fold_metrics
-
+    """One head per fold (the labels' task, fitted on the fold's training slides), scored on its test slides."""
     ids, y = labels.slide_ids, labels.y
     out = _Folds()
     for fi, sp in enumerate(splits):
         cb = None if progress is None else (lambda e, _n=sp.name, _i=fi: progress(_n, _i, len(splits), e))
-        res = fit(bags, [ids[i] for i in sp.train], y[sp.train], [ids[i] for i in sp.val], y[sp.val],
-                  len(labels.classes), cfg, callback=cb)
+        task = make_task(labels, sp.train, survival_loss=cfg.survival_loss, time_bins=cfg.time_bins,
+                         cox_batch=cfg.cox_batch)
+        res = fit_task(bags, task, sp.train, sp.val, cfg, cb)
         test_ids = [ids[i] for i in sp.test]
-        probs, attn = score_bags(res.model, bags, test_ids, device)
-        out.metrics[sp.name] = fold_metrics(y[sp.test], probs, n_boot=n_boot, seed=cfg.seed)
-        if len(set(y[sp.test].tolist())) < 2:
-            log.warning("fold %s: every test slide is of one class (%s); its AUC is undefined (null) and left "
-                        "out of the mean", sp.name, labels.classes[int(y[sp.test][0])])
-        out.results[sp.name] = (y[sp.test], probs)
+        if isinstance(task, Classification):
+            pred, attn = score_bags(res.model, bags, test_ids, device)
+            out.metrics[sp.name] = task.fold_metrics(sp.test, pred, n_boot=n_boot, seed=cfg.seed)
+            if len(set(y[sp.test].tolist())) < 2:
+                log.warning("fold %s: every test slide is of one class (%s); its AUC is undefined (null) and "
+                            "left out of the mean", sp.name, labels.classes[int(y[sp.test][0])])
+            out.results[sp.name] = (y[sp.test], pred)
+        else:
+            raw, attn = bag_outputs(res.model, bags, test_ids, device)
+            pred = task.predict(raw)
+            extra = {}
+            if isinstance(task, Survival):
+                train_raw, _ = bag_outputs(res.model, bags, [ids[i] for i in sp.train], device)
+                extra = {"train_pred": task.predict(train_raw), "test_out": raw}
+                out.cutoffs[sp.name] = float(np.median(extra["train_pred"]))
+            out.metrics[sp.name] = task.fold_metrics(sp.test, pred, n_boot=n_boot, seed=cfg.seed, **extra)
+            out.results[sp.name] = (labels.target[sp.test], pred)
+            out.task_config = {"task": task.name, **({"time_edges": task.edges.tolist(), "loss": task.loss_name}
+                                                     if isinstance(task, Survival) else {}),
+                               **({"target_mean": task.mean, "target_sd": task.sd}
+                                  if isinstance(task, Regression) else {})}
         out.histories[sp.name] = res.history_dict()
         out.states[sp.name] = res.model.state_dict()
         out.model_config = res.model.config
-        for sid, i, p in zip(test_ids, sp.test, probs):
-            out.rows.append({"slide_id": sid, "label": labels.classes[y[i]], "fold": sp.name, "probs": p})
+        for sid, i, p in zip(test_ids, sp.test, pred):
+            out.rows.append({"slide_id": sid, "fold": sp.name, **_row_target(labels, i), **_row_pred(task, p)})
             out.attention[(sp.name, sid)] = attn[sid]
-        log.debug("fold %s: %s", sp.name, {k: out.metrics[sp.name][k] for k in ("auc", "balanced_accuracy", "f1")})
+        log.debug("fold %s: %s", sp.name, {k: out.metrics[sp.name].get(k) for k in task.keys})
     return out
+
+
+def _row_target(labels: Labels, i: int) -> dict:
+    if labels.task == "survival":
+        return {"time": float(labels.target[i, 0]), "event": int(labels.target[i, 1])}
+    if labels.task == "regression":
+        return {"target": float(labels.target[i])}
+    return {"label": labels.classes[labels.y[i]]}
+
+
+def _row_pred(task: Task, p) -> dict:
+    if isinstance(task, Survival):
+        return {"risk": float(p)}
+    if isinstance(task, Regression):
+        return {"prediction": float(p)}
+    return {"probs": p}
 
 
 def train_run(spec: RunSpec, cfg: TrainConfig,
@@ -227,10 +300,15 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     from mil.data import load_bags, make_splits
     from featstore.core.labels import match_store, read_labels
     from mil.metrics import summarize
+    from mil.tasks import pooled_survival, task_keys
 
     stage = on_stage or (lambda text: log.info(text))
     device = resolve_device(cfg.device)   # a bad --device fails before any work
-    labels = read_labels(spec.labels, error=LabelsError)
+    labels = read_labels(spec.labels, error=LabelsError, task=spec.task)
+    if labels.task != "classification":
+        create_mil_model(cfg.model, 1, 1, **cfg.widths())   # refuses 'max' before any work
+        if cfg.monitor == "val_auc":
+            raise MilError(f"--monitor val_auc is for classification; a {labels.task} run monitors val_loss")
     store = open_store(spec.store)
     key = store.resolve_key(spec.encoder, spec.minus, spec.weights)
     have = [s for s in labels.slide_ids if store.has_features(s, key.encoder, key.minus, key.weights)]
@@ -249,24 +327,26 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
         provenance.update({"encoder": key.encoder, "weights": WeightsTag.parse(key.weights).weights, "minus": key.minus,
                            "dim": bags.dim})
         folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
-        metrics = summarize(folds.metrics)
+        metrics = summarize(folds.metrics, task_keys(labels.task))
+        if labels.task == "survival":
+            metrics["pooled"] = pooled_survival(folds.results, folds.cutoffs)
         stage(f"writing {writer.path}")
-        classes = list(labels.classes)
+        classes = list(labels.classes) if labels.task == "classification" else []
         writer.json("metrics.json", metrics)
-        writer.predictions(folds.rows, classes)
+        writer.predictions(folds.rows, classes, task=labels.task)
         writer.attention(folds.attention)
         writer.json("history.json", folds.histories)
-        writer.plots(folds.results, classes, metrics, folds.histories)
+        writer.plots(folds.results, classes, metrics, folds.histories, task=labels.task, cutoffs=folds.cutoffs)
         writer.models(folds.states, folds.model_config, classes, provenance)
         writer.finish({
-            "kind": "train", "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
+            "kind": "train", "task": labels.task, "task_config": folds.task_config, "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
             **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
             "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
             "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
             "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
             "splits": {s.name: s.to_dict(labels) for s in splits},
         })
-    return RunSummary(writer.path, metrics, [s.name for s in splits], len(labels), classes)
+    return RunSummary(writer.path, metrics, [s.name for s in splits], len(labels), classes, labels.task)
 
 
 __all__ = ["EpochLog", "TrainResult", "RunSummary", "RunSpec", "TrainConfig", "fit", "train_run",

@@ -1,6 +1,7 @@
 """The toolkit's one labels reader: a strict, BOM-safe CSV primitive and the labels table on top.
 
-Labels: ``slide_id,label[,patient_id][,site][,split|fold]``, one row per slide. Every reader of a
+Labels: ``slide_id,label[,patient_id][,site][,split|fold]``, one row per slide; a survival table
+carries ``time,event`` (``label`` optional) and a regression table a numeric ``label``. Every reader of a
 labels file (`mil train`, `mil finetune`, the probes) goes through :func:`read_labels`, so the
 rules are the same everywhere: a UTF-8 BOM is ignored, cells and headers are stripped, unknown
 columns, empty/NaN labels and duplicate slides are refused, and every problem is one
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("slide_id", "label")
 OPTIONAL = ("patient_id", "site", "split", "fold")
+SURVIVAL = ("time", "event")
+TASKS = ("auto", "classification", "survival", "regression")
+MAX_INT_CLASSES = 10   # integer labels with more distinct values are ambiguous for task=auto
 SPLIT_VALUES = ("train", "val", "test")
 NA = frozenset({"", "nan", "na", "n/a", "none", "null"})
 
@@ -118,6 +122,10 @@ class Labels:
     split: tuple[str, ...] | None = None  # train/val/test per slide
     fold: tuple[str, ...] | None = None   # predefined fold per slide
     site: tuple[str, ...] | None = None   # acquisition site per slide (hospital, TCGA tissue-source site)
+    task: str = "classification"          # classification | survival | regression
+    #: survival: (n, 2) float64 [time, event]; regression: (n,) float64; None for classification.
+    #: ``y`` then holds the strata the folds balance (survival: event x time half; regression: quartile).
+    target: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -128,7 +136,7 @@ class Labels:
         pick = lambda t: None if t is None else tuple(t[i] for i in keep)  # noqa: E731
         return replace(self, slide_ids=pick(self.slide_ids), y=self.y[keep],
                        patients=pick(self.patients), split=pick(self.split), fold=pick(self.fold),
-                       site=pick(self.site))
+                       site=pick(self.site), target=None if self.target is None else self.target[keep])
 
 
 def _lines(rows: Sequence[Row], bad) -> list[int]:
@@ -144,7 +152,7 @@ def _check_rows(path: Path, rows: Sequence[Row], header: set[str], *, error: typ
     no_id = _lines(rows, lambda r: r["slide_id"].lower() in NA)
     if no_id:
         raise error(f"{path}: empty slide_id on line(s) {rows_text(no_id)}")
-    nan = _lines(rows, lambda r: r["label"].lower() in NA)
+    nan = _lines(rows, lambda r: r["label"].lower() in NA) if "label" in header else []
     if nan:
         raise error(f"{path}: empty/NaN label on line(s) {rows_text(nan)}; fill them or drop those rows")
     counts: dict[str, int] = {}
@@ -161,7 +169,7 @@ def _check_rows(path: Path, rows: Sequence[Row], header: set[str], *, error: typ
         bad = _lines(rows, lambda r: r["fold"].lower() in NA)
         if bad:
             raise error(f"{path}: empty fold on line(s) {rows_text(bad)}")
-    if "patient_id" in header:
+    if "patient_id" in header and "label" in header:
         _check_patients(path, rows, error=error)
     if "site" in header:
         _check_sites(path, rows, error=error)
@@ -203,22 +211,115 @@ def _check_sites(path: Path, rows: Sequence[Row], *, error: type[Exception] = La
                           "a patient belongs to one site")
 
 
-def read_labels(path: str | Path, *, error: type[Exception] = LabelsError) -> Labels:
-    """Parse and validate a labels CSV; every problem is one ``LabelsError`` line."""
+def _float(path: Path, rows: Sequence[Row], col: str, error: type[Exception]) -> np.ndarray:
+    """Column *col* as float64; an empty or non-numeric cell raises with its line numbers."""
+    bad = []
+    out = np.empty(len(rows), np.float64)
+    for i, r in enumerate(rows):
+        try:
+            out[i] = float(r[col]) if r[col].lower() not in NA else np.nan
+        except ValueError:
+            out[i] = np.nan
+        if not np.isfinite(out[i]):
+            bad.append(r.line)
+    if bad:
+        raise error(f"{path}: {col} must be a number; empty or not numeric on line(s) {rows_text(bad)}")
+    return out
+
+
+def _is_number(v: str) -> bool:
+    try:
+        return np.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def infer_task(path: Path, rows: Sequence[Row], header: set[str], task: str = "auto", *,
+               error: type[Exception] = LabelsError) -> str:
+    """The task a labels table asks for: the one *task* names (checked against the columns), or,
+    for ``auto``, survival when ``time,event`` are present, classification for names or up to
+    :data:`MAX_INT_CLASSES` integers (0/1, grades), regression for non-integer numbers; more
+    integers than that are ambiguous (many classes or a count?) and refused in one line."""
+    if task not in TASKS:
+        raise error(f"task {task!r}: choose {', '.join(TASKS)}")
+    surv = [c for c in SURVIVAL if c in header]
+    if task == "survival" or (task == "auto" and surv):
+        if len(surv) < 2:
+            raise error(f"{path}: a survival table needs both columns time,event; found {', '.join(surv) or 'neither'}")
+        return "survival"
+    if "label" not in header:
+        raise error(f"{path}: missing column label; found {', '.join(sorted(header))} (need slide_id,label, "
+                    "or slide_id,time,event for survival)")
+    if task != "auto":
+        return task
+    values = [r["label"] for r in rows if r["label"].lower() not in NA]
+    uniq = set(values)
+    if len(uniq) <= 2 or not all(_is_number(v) for v in values):
+        return "classification"
+    if all(float(v).is_integer() for v in values):
+        if len(uniq) <= MAX_INT_CLASSES:
+            return "classification"
+        raise error(f"{path}: label holds {len(uniq)} different integers ({rows_text(sort_classes(uniq), 5)}): "
+                    "pass --task classification (that many classes) or --task regression (a score or count)")
+    return "regression"
+
+
+def _strata(values: np.ndarray, n: int) -> np.ndarray:
+    """Quantile bin (0..n-1) of each value: what stratified folds balance for a continuous target."""
+    if len(np.unique(values)) <= 1:
+        return np.zeros(len(values), np.int64)
+    edges = np.quantile(values, np.linspace(0, 1, n + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right").astype(np.int64)
+
+
+def _survival_labels(path: Path, rows: Rows, error: type[Exception]) -> tuple[np.ndarray, np.ndarray]:
+    """(target (n, 2) [time, event], strata): times >= 0, events 0/1, at least two events."""
+    time = _float(path, rows, "time", error)
+    neg = [r.line for r, t in zip(rows, time) if t < 0]
+    if neg:
+        raise error(f"{path}: time must be >= 0; negative on line(s) {rows_text(neg)}")
+    bad = [r.line for r in rows if r["event"] not in ("0", "1", "0.0", "1.0", "true", "false", "True", "False")]
+    if bad:
+        raise error(f"{path}: event must be 0 (censored) or 1 (event); bad value on line(s) {rows_text(bad)}")
+    event = np.array([1.0 if r["event"] in ("1", "1.0", "true", "True") else 0.0 for r in rows])
+    if event.sum() < 2:
+        raise error(f"{path}: {int(event.sum())} event(s) among {len(rows)} slides; survival needs at least "
+                    "two events (event=1)")
+    strata = event.astype(np.int64) * 2 + _strata(time, 2)
+    return np.stack([time, event], 1), strata
+
+
+def read_labels(path: str | Path, *, error: type[Exception] = LabelsError, task: str = "auto") -> Labels:
+    """Parse and validate a labels CSV; every problem is one ``LabelsError`` line.
+
+    *task* is ``auto`` (see :func:`infer_task`), ``classification``, ``survival`` (columns
+    ``time,event``) or ``regression`` (a numeric ``label``)."""
     path = Path(path)
-    rows = read_table(path, REQUIRED, OPTIONAL, what="labels file", error=error)
+    rows = read_table(path, ("slide_id",), ("label", *SURVIVAL, *OPTIONAL), what="labels file", error=error)
     header = set(rows.columns)
+    task = infer_task(path, rows, header, task, error=error)
+    if task != "survival" and any(c in header for c in SURVIVAL):
+        raise error(f"{path}: columns time,event belong to a survival table; drop them or pass --task survival")
     _check_rows(path, rows, header, error=error)
+    column = lambda c: tuple(r[c] for r in rows) if c in header else None  # noqa: E731
+    split = column("split")
+    common = dict(patients=tuple(_patient(r) for r in rows), split=None if split is None else tuple(s.lower() for s in split),
+                  fold=column("fold"), site=column("site"))
+    if task == "survival":
+        target, strata = _survival_labels(path, rows, error)
+        return Labels(str(path), column("slide_id"), strata, ("censored", "event"), task=task, target=target, **common)
+    if task == "regression":
+        value = _float(path, rows, "label", error)
+        if np.ptp(value) == 0:
+            raise error(f"{path}: every label is {value[0]:g}; a regression target must vary")
+        return Labels(str(path), column("slide_id"), _strata(value, 4), (), task=task, target=value, **common)
     classes = sort_classes(r["label"] for r in rows)
     if len(classes) < 2:
         raise error(f"{path}: only one class ({classes[0]!r}) in {len(rows)} rows; "
                           "a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
-    column = lambda c: tuple(r[c] for r in rows) if c in header else None  # noqa: E731
-    split = column("split")
     return Labels(str(path), column("slide_id"), np.array([index[r["label"]] for r in rows], dtype=np.int64),
-                  tuple(classes), tuple(_patient(r) for r in rows),
-                  None if split is None else tuple(s.lower() for s in split), column("fold"), column("site"))
+                  tuple(classes), **common)
 
 
 def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
@@ -234,11 +335,11 @@ def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool
     log.warning("skipping %d slide(s) without features in %s: %s", len(missing), store_name,
                 rows_text(missing))
     kept = labels.subset([i for i, s in enumerate(labels.slide_ids) if s in avail])
-    if len(kept) == 0 or len(set(kept.y.tolist())) < 2:
+    if len(kept) == 0 or (labels.task == "classification" and len(set(kept.y.tolist())) < 2):
         raise error(f"after skipping slides missing from {store_name}, {labels.path} has "
                           f"{len(kept)} slide(s) and fewer than two classes; extract the missing slides")
     return kept
 
 
 __all__ = ["Labels", "Row", "Rows", "read_table", "read_labels", "match_store", "sort_classes", "rows_text",
-           "REQUIRED", "OPTIONAL", "SPLIT_VALUES", "NA"]
+           "infer_task", "REQUIRED", "OPTIONAL", "SURVIVAL", "TASKS", "SPLIT_VALUES", "NA"]

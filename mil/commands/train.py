@@ -51,19 +51,29 @@ def train(spec: RunSpec, cfg: TrainConfig) -> None:
 
 
 def _summary_table(out: str, summary) -> Table:
-    """Per-fold AUC, CI, balanced accuracy and F1 (plus mean ± std over folds)."""
-    table = Table(title=f"{out}  ({summary.n_slides} slides, classes {', '.join(summary.classes)})")
-    for col in ("fold", "n", "AUC", "95% CI", "bal. acc.", "F1"):
+    """Per-fold metrics of the run's task (AUC, CI, balanced accuracy, F1 for classification;
+    C-index etc. for survival; Pearson r etc. for regression), plus mean ± std over folds."""
+    from mil.tasks import task_columns
+
+    what = f"classes {', '.join(summary.classes)}" if summary.task == "classification" else summary.task
+    table = Table(title=f"{out}  ({summary.n_slides} slides, {what})")
+    cols = task_columns(summary.task)
+    for col in ("fold", "n", *(c for c, _ in cols)):
         table.add_column(col)
+
+    def cell(m: dict, key: str) -> str:
+        v = m.get(key)
+        if key.endswith("_ci"):
+            lo, hi = v or (None, None)
+            return f"{_fmt(lo)}-{_fmt(hi)}"
+        return str(v) if isinstance(v, int) else _fmt(v)
+
     for name, m in summary.metrics["folds"].items():
-        lo, hi = m["auc_ci"]
-        table.add_row(name, str(m["n"]), _fmt(m["auc"]), f"{_fmt(lo)}-{_fmt(hi)}",
-                      _fmt(m["balanced_accuracy"]), _fmt(m["f1"]))
+        table.add_row(name, str(m["n"]), *(cell(m, k) for _, k in cols))
     mean, std = summary.metrics["mean"], summary.metrics["std"]
     if len(summary.folds) > 1:
-        table.add_row("mean ± std", "", f"{_fmt(mean['auc'])} ± {_fmt(std['auc'])}", "",
-                      f"{_fmt(mean['balanced_accuracy'])} ± {_fmt(std['balanced_accuracy'])}",
-                      f"{_fmt(mean['f1'])} ± {_fmt(std['f1'])}")
+        table.add_row("mean ± std", "", *("" if k.endswith("_ci") or k not in mean else
+                                          f"{_fmt(mean[k])} ± {_fmt(std[k])}" for _, k in cols))
     return table
 
 

@@ -78,3 +78,28 @@ def cohort(tmp_path_factory):
         r["patient_id"] = f"p{(i // 4) * 2 + (i % 2):02d}"
     labels = write_labels(tmp_path / "labels.csv", rows)
     return store, labels, bags, y
+
+
+def burden_cohort(path: Path, n_slides: int = 64, *, dim: int = 16, seed: int = 0, censor: float = 0.3
+                  ) -> tuple[str, list[dict], np.ndarray]:
+    """(store, label rows, burden): bags whose share of shifted instances (the lesion burden,
+    0-40 %) sets an exponential hazard (hazard ratio e per 10 % burden) and a continuous score;
+    about *censor* of the slides are censored at a uniform time before their event. Rows carry
+    slide_id, patient_id, time, event and score (the regression target: burden plus noise)."""
+    rng = np.random.default_rng(seed)
+    bags, rows, burden = {}, [], []
+    for i in range(n_slides):
+        n = int(rng.integers(30, 50))
+        b = float(rng.uniform(0.0, 0.4))
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        k = int(round(b * n))
+        x[rng.choice(n, k, replace=False), 0] += 5.0
+        sid = f"s{i:03d}"
+        bags[sid] = x
+        t = rng.exponential(1.0 / (0.1 * np.exp(10 * k / n)))
+        censored = rng.random() < censor
+        time = float(rng.uniform(0, t)) if censored else float(t)
+        rows.append({"slide_id": sid, "patient_id": f"p{i:03d}", "time": f"{time:.4f}",
+                     "event": str(int(not censored)), "score": f"{100 * k / n + rng.normal(0, 2):.3f}"})
+        burden.append(k / n)
+    return write_store(path, bags), rows, np.array(burden)
