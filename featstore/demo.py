@@ -2,7 +2,10 @@
 
 About half the slides are positive: they carry a few small lesion regions (violet stroma,
 dense dark nuclei) covering a minority of their tissue patches, so most patches of a positive
-slide look normal -- the multiple-instance setting attention MIL is for. Some patients have two
+slide look normal -- the multiple-instance setting attention MIL is for. Every slide, positive
+or not, also carries benign look-alikes ("mimics": the lesion's violet stroma with normal
+nuclei), so the colour alone does not give the label away: an encoder must see the nuclei,
+which is where encoders, truncation levels and pre-training come apart. Some patients have two
 slides (patient-grouped splits matter). Everything is deterministic for a seed.
 """
 
@@ -24,8 +27,10 @@ log = logging.getLogger(__name__)
 SLIDE_SIZE = (4096, 3072)   # level-0 px (width, height) at 0.5 µm/px
 MPP = 0.5
 _MAP_SCALE = 4              # texture maps are drawn at 1/4 resolution, then upsampled
-LESION_STRENGTH = 0.35      # blend of lesion texture into normal tissue: subtle, so encoders and levels differ
+LESION_STRENGTH = 0.28      # blend of lesion texture into normal tissue: subtle, so encoders and levels differ
 LESION_RADIUS = (0.025, 0.045)  # lesion radius range, fraction of the slide's shorter side
+MIMIC_STRENGTH = 0.35       # blend of the benign look-alike (violet stroma, normal nuclei)
+MIMICS = (1, 3)             # look-alikes per slide (inclusive range), on every slide
 
 
 def _tissue_map(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -61,10 +66,14 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int,
 
 
 def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
-                    size: tuple[int, int] = SLIDE_SIZE, strength: float = LESION_STRENGTH,
-                    radius: tuple[float, float] = LESION_RADIUS, site: str | None = None) -> list[list[int]]:
+                    size: tuple[int, int] = SLIDE_SIZE, strength: float | None = None,
+                    radius: tuple[float, float] = LESION_RADIUS, site: str | None = None,
+                    mimic_strength: float | None = None) -> list[list[int]]:
     """Write one demo slide; returns its lesion boxes (level-0 x0, y0, x1, y1). *site* names a
-    :data:`featstore.synth.SITE_MIXES` staining (another hospital's colours)."""
+    :data:`featstore.synth.SITE_MIXES` staining (another hospital's colours). *strength* and
+    *mimic_strength* default to :data:`LESION_STRENGTH` and :data:`MIMIC_STRENGTH` (0: no mimics)."""
+    strength = LESION_STRENGTH if strength is None else strength
+    mimic_strength = MIMIC_STRENGTH if mimic_strength is None else mimic_strength
     w, h = size
     shape = (h // _MAP_SCALE, w // _MAP_SCALE)
     tissue = _tissue_map(rng, shape)
@@ -72,7 +81,13 @@ def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
     if positive:
         lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)), radius)
         lesion = lesion * strength
-    rgb = he_image(tissue, (w, h), rng, lesion=lesion)
+    mimic = None
+    if mimic_strength > 0:
+        mimic, _ = _lesions(rng, tissue, int(rng.integers(MIMICS[0], MIMICS[1] + 1)), radius)
+        if lesion is not None:
+            mimic = np.where(lesion > 0, 0.0, mimic)      # a lesion stays a lesion where both fall
+        mimic = mimic * mimic_strength
+    rgb = he_image(tissue, (w, h), rng, lesion=lesion, mimic=mimic)
     if site is not None:
         from featstore.synth import restain
 

@@ -162,11 +162,13 @@ def nuclei_field(shape: tuple[int, int], density: float, radius: float, rng: np.
 
 
 def render_he(tissue: np.ndarray, rng: np.random.Generator, *, lesion: np.ndarray | None = None,
-              nucleus_radius: float = 1.2) -> np.ndarray:
+              nucleus_radius: float = 1.2, mimic: np.ndarray | None = None) -> np.ndarray:
     """Colour a tissue map (H, W) in [0, 1] as H&E-like RGB uint8 at the map's resolution.
 
     Stroma is pink with fibrous streaks, nuclei are purple blobs; where *lesion* is set the
-    stroma turns violet and nuclei become denser, larger and darker. Background is near-white.
+    stroma turns violet and nuclei become denser, larger and darker. Where *mimic* is set the
+    stroma turns the lesion's violet but the nuclei stay normal (a benign look-alike: colour
+    alone cannot tell it from a lesion). Background is near-white.
     """
     h, w = tissue.shape
     fibres = smooth_noise((h, w), 6.0, rng) * 0.6 + smooth_noise((h, w), 40.0, rng) * 0.4
@@ -180,6 +182,11 @@ def render_he(tissue: np.ndarray, rng: np.random.Generator, *, lesion: np.ndarra
         limg = lstroma * (1 - dense[..., None]) + np.asarray(LESION_NUCLEUS, np.float32) * dense[..., None]
         lw = lesion.astype(np.float32)[..., None]
         img = img * (1 - lw) + limg * lw
+    if mimic is not None and mimic.any():
+        mstroma = np.asarray(LESION_STROMA, np.float32) * (0.85 + 0.2 * fibres[..., None])
+        mimg = mstroma * (1 - nuc[..., None]) + nucleus * nuc[..., None]
+        mw = mimic.astype(np.float32)[..., None]
+        img = img * (1 - mw) + mimg * mw
     t = np.clip(tissue, 0.0, 1.0).astype(np.float32)[..., None]
     img = img * t + np.asarray(BACKGROUND, np.float32) * (1 - t)
     return np.clip(img, 8, 247).astype(np.uint8)  # head-room for add_grain
@@ -207,13 +214,13 @@ def add_grain(rgb: np.ndarray, rng: np.random.Generator, amplitude: int = 8, til
 
 
 def he_image(tissue: np.ndarray, size: tuple[int, int], rng: np.random.Generator, *,
-             lesion: np.ndarray | None = None, grain: bool = True) -> np.ndarray:
+             lesion: np.ndarray | None = None, grain: bool = True, mimic: np.ndarray | None = None) -> np.ndarray:
     """H&E-like RGB (H, W, 3) uint8 of *size* (width, height) from low-res tissue/lesion maps.
 
     The maps may be coarser than *size* (e.g. 1/4): texture is drawn at map resolution and
     upsampled bilinearly, which keeps a 20-Mpx slide to a fraction of a second.
     """
-    small = render_he(tissue, rng, lesion=lesion)
+    small = render_he(tissue, rng, lesion=lesion, mimic=mimic)
     big = upsample(small, size) if (small.shape[1], small.shape[0]) != tuple(size) else small.copy()
     return add_grain(big, rng) if grain else big
 

@@ -91,3 +91,21 @@ def test_same_seed_same_bytes_other_seed_other_pixels(cohort, tmp_path):
     other = tmp_path / "other"
     make_demo_cohort(other, n_slides=1, seed=1)
     assert (other / "slides/demo_00.tif").read_bytes() != (cohort / "slides/demo_00.tif").read_bytes()
+
+
+def test_look_alikes_have_the_lesions_colour_but_normal_nuclei():
+    """The mimics (on every demo slide, normal ones too): violet stroma like a lesion, normal
+    nuclei, so the colour alone does not give the label away; a lesion is darker (denser nuclei)."""
+    from featstore.synth import render_he
+
+    tissue = np.ones((256, 256), np.float32)
+    half = np.zeros_like(tissue)
+    half[:, 128:] = 1.0
+    plain = render_he(tissue, np.random.default_rng(0)).astype(float)
+    mimic = render_he(tissue, np.random.default_rng(0), mimic=half).astype(float)
+    lesion = render_he(tissue, np.random.default_rng(0), lesion=half).astype(float)
+    assert np.array_equal(mimic[:, :128], plain[:, :128])            # only where the map is set
+    m, p, les = (x[:, 128:].reshape(-1, 3).mean(0) for x in (mimic, plain, lesion))
+    assert m[0] < p[0] - 20                                          # less red: the lesion's violet stroma
+    assert abs(m[0] - les[0]) < abs(p[0] - les[0])                   # closer in colour to a lesion than normal is
+    assert les.sum() < m.sum() - 40                                  # but a lesion is darker: its nuclei
