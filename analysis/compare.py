@@ -121,6 +121,9 @@ def read_run(run: Path, unit: str = "fold") -> list[Observation]:
         log.warning("%s: no metrics.json (unfinished run?); skipped", run)
         return []
     metrics = _read_json(metrics_path)
+    if cfg.get("task", "classification") != "classification":
+        raise AnalysisError(f"{run} is a {cfg['task']} run; mil compare ranks classification runs by AUC for now "
+                            "(compare the C-index / Pearson r in each run's metrics.json)")
     missing = [k for k in ("encoder", "weights", "minus") if k not in cfg]
     if missing:
         raise AnalysisError(f"{run}/config.json lacks {', '.join(missing)}; not a mil run config")

@@ -238,6 +238,7 @@ def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | P
     """
     resolve_device(device)   # a bad device fails before any work
     run = run if isinstance(run, Run) else load_run(run)
+    run.require_classification("mil evaluate")
     st = store if isinstance(store, Store) else open_store(store)
     lab = labels if isinstance(labels, Labels) else read_labels(labels, error=LabelsError)
     name = name or Path(str(st.path).rstrip("/")).stem

@@ -185,6 +185,10 @@ def slide_title(run: Run, sid: str) -> str:
     row = next((r for r in read_predictions(path) if r.get("slide_id") == sid), None) if path.is_file() else None
     if row is None:
         return sid
+    if run.task == "survival":
+        return f"{sid}: time {row.get('time')}, event {row.get('event')}, risk {float(row['risk']):.2f} ({row.get('fold')} test)"
+    if run.task == "regression":
+        return f"{sid}: true {row.get('target')}, predicted {float(row['prediction']):.2f} ({row.get('fold')} test)"
     if len(run.classes) == 2:
         score = f"P({run.classes[-1]}) = {float(row['probability']):.2f}"
     else:   # multiclass: the most probable class

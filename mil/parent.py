@@ -116,6 +116,7 @@ def _labels(run: Run, need: list[str]) -> dict[str, int]:
 def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None = None) -> Parent:
     """Read the run, its store, labels and the fold's split; one-line errors for every gap."""
     run = load_run(run_dir)
+    run.require_classification("mil finetune")
     fold, ids = _fold(run, fold)
     cfg = run.config
     store_path = store or cfg.get("store")

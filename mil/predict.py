@@ -96,6 +96,7 @@ def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] 
     """Class probabilities of *slide_ids* (default: every store slide with the run's features)."""
     dev = resolve_device(device)   # a bad --device fails before any work
     run = run if isinstance(run, Run) else load_run(run)
+    run.require_classification("mil predict")
     st = store if isinstance(store, Store) else open_store(store)
     key = run_key(run)
     try:

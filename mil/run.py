@@ -393,6 +393,17 @@ class Run:
     def folds(self) -> list[str]:
         return list(self.states)
 
+    @property
+    def task(self) -> str:
+        """classification | survival | regression (runs before survival existed: classification)."""
+        return str(self.config.get("task", "classification"))
+
+    def require_classification(self, what: str) -> None:
+        """One line for the commands that read class probabilities and are not built for other tasks yet."""
+        if self.task != "classification":
+            raise RunError(f"{what} takes classification runs for now; {self.path} is a {self.task} run "
+                           "(its metrics.json, predictions.csv and km.png/scatter.png hold the results)")
+
     def model(self, fold: str) -> nn.Module:
         """The head of *fold* in eval mode."""
         if fold not in self.states:

@@ -32,7 +32,7 @@ def burden(tmp_path_factory):
 
 def _train(store, labels, out, *extra):
     return CliRunner().invoke(mil_app, ["train", "--store", store, "--labels", labels, "--encoder", "resnet18",
-                                        "--minus", "1", "--folds", "4", "--epochs", "30", "--out", str(out),
+                                        "--minus", "1", "--folds", "4", "--epochs", "12", "--out", str(out),
                                         *extra])
 
 
@@ -138,3 +138,19 @@ def test_too_few_events_for_the_folds_constant_target_and_ambiguous_integers(bur
 def test_max_pooling_is_refused_for_survival(burden, tmp_path):
     store, surv, _, _ = burden
     assert "model 'max'" in _one_line(_train(store, surv, tmp_path / "m", "--model", "max"))
+    assert not (tmp_path / "m" / "config.json").exists()
+
+
+def test_commands_not_built_for_survival_yet_say_so_in_one_line(burden, tmp_path):
+    store, surv, _, _ = burden
+    assert _train(store, surv, tmp_path / "s", "--epochs", "2").exit_code == 0
+    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "s"), "--store", store])
+    line = _one_line(res)
+    assert "mil predict takes classification runs for now" in line and "survival run" in line
+    from mil.heatmap import slide_title
+    from mil.run import load_run
+
+    run = load_run(tmp_path / "s")
+    assert run.task == "survival"
+    title = slide_title(run, "s000")
+    assert title.startswith("s000: time ") and ", risk " in title
