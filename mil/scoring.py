@@ -29,6 +29,20 @@ def _iterate(bags, slide_ids: Sequence[str]) -> Iterator[tuple[str, torch.Tensor
 
 
 @torch.no_grad()
+def _run_head(head: nn.Module, bags, slide_ids: Sequence[str], device, convert
+              ) -> tuple[list[np.ndarray], dict[str, np.ndarray | None]]:
+    """Every bag through *head* in eval mode: ``convert(output)`` per slide, and raw attention."""
+    param = next(head.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else None)
+    head.eval()
+    outs, attn = [], {}
+    for sid, bag in _iterate(bags, slide_ids):
+        out, a = head(bag if device is None else bag.to(device))
+        outs.append(convert(out))
+        attn[sid] = None if a is None else a.float().cpu().numpy()
+    return outs, attn
+
+
 def score_bags(head: nn.Module, bags, slide_ids: Sequence[str], device: torch.device | str | None = None
                ) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
     """Class probabilities (n, C) float64 and raw attention per slide (None for mean pooling).
@@ -37,31 +51,17 @@ def score_bags(head: nn.Module, bags, slide_ids: Sequence[str], device: torch.de
     (embeddings already computed, e.g. by the fine-tuned encoder). Bags are moved to *device*
     (default: the head's).
     """
-    param = next(head.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else None)
-    head.eval()
-    probs, attn = [], {}
-    for sid, bag in _iterate(bags, slide_ids):
-        logits, a = head(bag if device is None else bag.to(device))
-        probs.append(torch.softmax(logits.float(), -1).cpu().double().numpy())
-        attn[sid] = None if a is None else a.float().cpu().numpy()
+    probs, attn = _run_head(head, bags, slide_ids, device,
+                            lambda logits: torch.softmax(logits.float(), -1).cpu().double().numpy())
     n_cls = getattr(head, "n_classes", 2)
     return (np.stack(probs) if probs else np.zeros((0, n_cls))), attn
 
 
-@torch.no_grad()
 def bag_outputs(head: nn.Module, bags, slide_ids: Sequence[str], device: torch.device | str | None = None
                 ) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
     """The head's raw outputs (n, O) float64 (logits, a risk, a value: the task reads them) and raw
     attention per slide; as :func:`score_bags` without the softmax."""
-    param = next(head.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else None)
-    head.eval()
-    outs, attn = [], {}
-    for sid, bag in _iterate(bags, slide_ids):
-        out, a = head(bag if device is None else bag.to(device))
-        outs.append(out.float().cpu().double().numpy())
-        attn[sid] = None if a is None else a.float().cpu().numpy()
+    outs, attn = _run_head(head, bags, slide_ids, device, lambda out: out.float().cpu().double().numpy())
     n_out = getattr(head, "n_classes", 1)
     return (np.stack(outs) if outs else np.zeros((0, n_out))), attn
 
