@@ -50,8 +50,7 @@ def create_mil_model(name: str, in_dim: int, n_classes: int = 2, **widths) -> nn
     if name not in _REGISTRY:
         raise MilError(f"unknown MIL model {name!r}; choose one of {', '.join(list_models())}")
     if name == "max" and n_classes < 2:
-        raise MilError("model 'max' picks a bag's instance by its class logits, so it needs classes; for "
-                       "survival or regression use abmil, abmil-gated or mean")
+        raise MilError("model 'max' picks a bag's instance by its class logits, so it needs two or more outputs")
     if in_dim < 1 or n_classes < 1:
         raise MilError(f"model {name!r} needs in_dim >= 1 and at least one output "
                        f"(got in_dim={in_dim}, n_classes={n_classes})")

@@ -47,7 +47,6 @@ class Task:
     labels: Labels
     train: np.ndarray
     name: str = "task"
-    metric: str = "auc"               # the headline metric (tables, model choice)
     keys: tuple[str, ...] = ()        # the metrics summarised over folds
     bags_per_step: int = 1
     #: (column title, metric key) of the per-fold table `mil train` prints; "_ci" keys are intervals
@@ -61,23 +60,35 @@ class Task:
         raise NotImplementedError
 
     def predict(self, out: np.ndarray) -> np.ndarray:
-        """Head outputs (n, O) -> what predictions.csv holds (class probabilities, risk, value)."""
+        """Head outputs (n, O) -> a risk or a value per slide (classification is scored by
+        :func:`mil.scoring.score_bags`, the softmax every other caller uses)."""
         raise NotImplementedError
 
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int) -> dict:
         raise NotImplementedError
 
+    def row(self, i: int, pred) -> dict:
+        """predictions.csv cells of label row *i* with its prediction *pred* (besides slide_id, fold)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What a reader of the run needs besides the head (bin edges, target scaling)."""
+        return {}
+
+    def val_defined(self, rows: np.ndarray) -> bool:
+        """Whether the loss can score these validation rows (a Cox loss needs an event)."""
+        return len(rows) > 0
+
     def val_loss(self, out: Tensor, rows: np.ndarray) -> float:
-        """The loss on the validation rows (NaN where it is undefined, e.g. no event)."""
+        """The loss on the validation rows (NaN where it is undefined)."""
         with torch.no_grad():
-            return float(self.loss(out, rows)) if len(rows) else float("nan")
+            return float(self.loss(out, rows)) if self.val_defined(rows) else float("nan")
 
 
 # ------------------------------------------------------------------------------ classification
 @dataclass
 class Classification(Task):
     name: str = "classification"
-    metric: str = "auc"
     keys: tuple[str, ...] = ("auc", "balanced_accuracy", "f1")
     columns: tuple[tuple[str, str], ...] = (("AUC", "auc"), ("95% CI", "auc_ci"), ("bal. acc.", "balanced_accuracy"),
                                             ("F1", "f1"))
@@ -91,22 +102,19 @@ class Classification(Task):
     def loss(self, out: Tensor, rows: np.ndarray) -> Tensor:
         return nn.functional.cross_entropy(out, self._y[torch.as_tensor(rows)].to(out.device))
 
-    def predict(self, out: np.ndarray) -> np.ndarray:
-        z = out - out.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
-
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int) -> dict:
         from mil.metrics import fold_metrics
 
         return fold_metrics(self.labels.y[test], pred, n_boot=n_boot, seed=seed)
+
+    def row(self, i: int, pred) -> dict:
+        return {"label": self.labels.classes[self.labels.y[i]], "probs": pred}
 
 
 # ------------------------------------------------------------------------------ regression
 @dataclass
 class Regression(Task):
     name: str = "regression"
-    metric: str = "pearson"
     keys: tuple[str, ...] = ("pearson", "spearman", "r2", "mae")
     columns: tuple[tuple[str, str], ...] = (("Pearson r", "pearson"), ("95% CI", "pearson_ci"),
                                             ("Spearman", "spearman"), ("R²", "r2"), ("MAE", "mae"))
@@ -127,6 +135,12 @@ class Regression(Task):
 
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int) -> dict:
         return regression_metrics(self.labels.target[test], pred, n_boot=n_boot, seed=seed)
+
+    def row(self, i: int, pred) -> dict:
+        return {"target": float(self.labels.target[i]), "prediction": float(pred)}
+
+    def config(self) -> dict:
+        return {"target_mean": self.mean, "target_sd": self.sd}
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -161,7 +175,6 @@ class Survival(Task):
     """Cox partial likelihood or discrete-time NLL; the prediction is a risk score."""
 
     name: str = "survival"
-    metric: str = "c_index"
     keys: tuple[str, ...] = ("c_index", "c_index_uno", "td_auc", "ibs")
     columns: tuple[tuple[str, str], ...] = (("events", "events"), ("C-index", "c_index"), ("95% CI", "c_index_ci"),
                                             ("Uno's C", "c_index_uno"), ("td-AUC", "td_auc"), ("IBS", "ibs"))
@@ -194,10 +207,15 @@ class Survival(Task):
             return cox_loss(out[:, 0], self._time[idx].to(out.device), self._event[idx].to(out.device))
         return nll_loss(out, self._bin[idx].to(out.device), self._event[idx].to(out.device))
 
-    def val_loss(self, out: Tensor, rows: np.ndarray) -> float:
-        if self.loss_name == "cox" and self._event[torch.as_tensor(rows)].sum() == 0:
-            return float("nan")
-        return super().val_loss(out, rows)
+    def val_defined(self, rows: np.ndarray) -> bool:
+        return len(rows) > 0 and (self.loss_name != "cox" or bool(self._event[torch.as_tensor(rows)].sum() > 0))
+
+    def row(self, i: int, pred) -> dict:
+        t = self.labels.target[i]
+        return {"time": float(t[0]), "event": int(t[1]), "risk": float(pred)}
+
+    def config(self) -> dict:
+        return {"loss": self.loss_name, **({"time_edges": self.edges.tolist()} if self.loss_name == "nll" else {})}
 
     def predict(self, out: np.ndarray) -> np.ndarray:
         if self.loss_name == "cox":
@@ -210,8 +228,7 @@ class Survival(Task):
         return np.cumprod(1.0 - h, axis=1)
 
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int,
-                     train_pred: np.ndarray | None = None, train_out: np.ndarray | None = None,
-                     test_out: np.ndarray | None = None) -> dict:
+                     train_pred: np.ndarray | None = None, test_out: np.ndarray | None = None) -> dict:
         surv_fn = None
         if self.loss_name == "nll" and test_out is not None:
             s = self.survival_at_bins(test_out)
@@ -357,14 +374,20 @@ def make_task(labels: Labels, train: np.ndarray, *, survival_loss: str = "cox", 
     return TASK_TYPES[labels.task](labels, train)
 
 
+def check_options(task: str, model: str, monitor: str) -> None:
+    """One line before any work for options a *task* cannot take (max pooling, AUC monitoring)."""
+    if task == "classification":
+        return
+    if model == "max":
+        raise MilError("model 'max' picks a bag's instance by its class logits, so it needs classes; for "
+                       "survival or regression use abmil, abmil-gated or mean")
+    if monitor == "val_auc":
+        raise MilError(f"--monitor val_auc is for classification; a {task} run monitors val_loss")
+
+
 def task_keys(task: str) -> tuple[str, ...]:
     """The metrics a run of *task* summarises over folds."""
     return TASK_TYPES[task].keys if task in TASK_TYPES else ()
-
-
-def headline(task: str) -> str:
-    """The metric a *task*'s runs are ranked by (auc, c_index, pearson)."""
-    return TASK_TYPES[task].metric
 
 
 def task_columns(task: str) -> tuple[tuple[str, str], ...]:
@@ -373,5 +396,5 @@ def task_columns(task: str) -> tuple[tuple[str, str], ...]:
 
 
 __all__ = ["Task", "Classification", "Regression", "Survival", "TASK_TYPES", "SURVIVAL_LOSSES", "make_task",
-           "task_keys", "headline", "task_columns", "cox_loss", "nll_loss", "survival_metrics", "regression_metrics",
+           "task_keys", "task_columns", "check_options", "cox_loss", "nll_loss", "survival_metrics", "regression_metrics",
            "harrell_c", "logrank", "surv_struct", "breslow_survival", "risk_groups", "pooled_survival"]

@@ -32,7 +32,7 @@ from featstore.core.labels import Labels
 from mil.models import create_mil_model
 from mil.run import RunWriter
 from mil.scoring import bag_outputs, score_bags, val_metrics
-from mil.tasks import Classification, Regression, Survival, Task, make_task
+from mil.tasks import Classification, Survival, Task, check_options, make_task
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +157,13 @@ def fit_task(bags: Bags, task: Task, train_rows: np.ndarray, val_rows: np.ndarra
         raise MilError("no training slides; check the labels and splits")
     device = resolve_device(cfg.device)
     has_val = len(val_ids) > 0
-    if has_val and not isinstance(task, Classification) and not math.isfinite(
-            task.val_loss(torch.zeros(len(val_rows), task.n_outputs()), val_rows)):
+    if has_val and not task.val_defined(np.asarray(val_rows)):
         log.warning("the %d validation slides cannot score the %s loss (no event among them): training %d "
                     "epochs without early stopping", len(val_ids), task.name, cfg.epochs)
         has_val = False
     elif not has_val:
         log.warning("no validation slides: training %d epochs without early stopping", cfg.epochs)
-    if not isinstance(task, Classification) and cfg.monitor == "val_auc":
-        raise MilError(f"--monitor val_auc is for classification; a {task.name} run monitors val_loss")
+    check_options(task.name, cfg.model, cfg.monitor)
     with deterministic(cfg.seed, device), cpu_threads(cfg.threads or 1):   # 0: auto = 1 thread (see TrainConfig)
         model = create_mil_model(cfg.model, bags.dim, task.n_outputs(), **cfg.widths())
         model.set_input_stats(*instance_stats(bags, train_ids))
@@ -226,7 +224,7 @@ class _Folds:
     attention: dict = field(default_factory=dict)     # (fold, slide_id) -> raw attention
     model_config: dict = field(default_factory=dict)
     cutoffs: dict = field(default_factory=dict)       # survival: fold -> median training risk (risk groups)
-    task_config: dict = field(default_factory=dict)   # what predict needs besides the head (bins, scaling)
+    task_config: dict = field(default_factory=dict)   # fold -> what a reader needs besides the head (bins, scaling)
 
 
 def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: TrainConfig, n_boot: int,
@@ -257,34 +255,15 @@ def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: Train
                 out.cutoffs[sp.name] = float(np.median(extra["train_pred"]))
             out.metrics[sp.name] = task.fold_metrics(sp.test, pred, n_boot=n_boot, seed=cfg.seed, **extra)
             out.results[sp.name] = (labels.target[sp.test], pred)
-            out.task_config = {"task": task.name, **({"time_edges": task.edges.tolist(), "loss": task.loss_name}
-                                                     if isinstance(task, Survival) else {}),
-                               **({"target_mean": task.mean, "target_sd": task.sd}
-                                  if isinstance(task, Regression) else {})}
+            out.task_config[sp.name] = task.config()
         out.histories[sp.name] = res.history_dict()
         out.states[sp.name] = res.model.state_dict()
         out.model_config = res.model.config
         for sid, i, p in zip(test_ids, sp.test, pred):
-            out.rows.append({"slide_id": sid, "fold": sp.name, **_row_target(labels, i), **_row_pred(task, p)})
+            out.rows.append({"slide_id": sid, "fold": sp.name, **task.row(i, p)})
             out.attention[(sp.name, sid)] = attn[sid]
         log.debug("fold %s: %s", sp.name, {k: out.metrics[sp.name].get(k) for k in task.keys})
     return out
-
-
-def _row_target(labels: Labels, i: int) -> dict:
-    if labels.task == "survival":
-        return {"time": float(labels.target[i, 0]), "event": int(labels.target[i, 1])}
-    if labels.task == "regression":
-        return {"target": float(labels.target[i])}
-    return {"label": labels.classes[labels.y[i]]}
-
-
-def _row_pred(task: Task, p) -> dict:
-    if isinstance(task, Survival):
-        return {"risk": float(p)}
-    if isinstance(task, Regression):
-        return {"prediction": float(p)}
-    return {"probs": p}
 
 
 def train_run(spec: RunSpec, cfg: TrainConfig,
@@ -305,10 +284,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     stage = on_stage or (lambda text: log.info(text))
     device = resolve_device(cfg.device)   # a bad --device fails before any work
     labels = read_labels(spec.labels, error=LabelsError, task=spec.task)
-    if labels.task != "classification":
-        create_mil_model(cfg.model, 1, 1, **cfg.widths())   # refuses 'max' before any work
-        if cfg.monitor == "val_auc":
-            raise MilError(f"--monitor val_auc is for classification; a {labels.task} run monitors val_loss")
+    check_options(labels.task, cfg.model, cfg.monitor)   # before any work
     store = open_store(spec.store)
     key = store.resolve_key(spec.encoder, spec.minus, spec.weights)
     have = [s for s in labels.slide_ids if store.has_features(s, key.encoder, key.minus, key.weights)]

@@ -85,7 +85,8 @@ def test_discrete_time_nll_survival_learns_the_burden_too(burden, tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "nll" / "metrics.json").read_text())
     cfg = json.loads((tmp_path / "nll" / "config.json").read_text())
-    assert len(cfg["task_config"]["time_edges"]) == 2       # 3 bins: 2 inner edges
+    assert set(cfg["task_config"]) == set(m["folds"])          # each fold fits its own bins
+    assert all(len(c["time_edges"]) == 2 for c in cfg["task_config"].values())   # 3 bins: 2 inner edges
     assert m["mean"]["c_index"] > 0.6 and m["mean"]["ibs"] is not None
 
 
