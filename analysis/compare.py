@@ -4,8 +4,10 @@ Reads each run directory's config.json and metrics.json (docs/architecture.md, "
 directory"). Groups by (encoder, weights, minus, kind, train_fraction); within a group every
 fold of every run (seed) is one observation (``unit="fold"``) or each run's mean is
 (``unit="run"``). A finetune run's "frozen" block (the frozen model scored on the same slides)
-becomes its own group of kind "frozen". Reports n, mean +- sd AUC, a 95 % CI of the mean, and
-the difference to a baseline group with Welch's t-test.
+becomes its own group of kind "frozen". Reports n, mean +- sd of the task's headline metric (AUC
+for classification, Harrell's C-index for survival, Pearson r for regression: :data:`TASK_METRICS`)
+and two more, a 95 % CI of the mean, and the difference to a baseline group with Welch's t-test.
+Runs of different tasks are not compared in one table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from featstore.core.stats import welch_ttest
 
 log = logging.getLogger(__name__)
 
-METRICS = ("auc", "balanced_accuracy", "f1")
+#: per task: the headline metric (ranked on, tested against the baseline) and two more shown beside it
+TASK_METRICS = {"classification": ("auc", "balanced_accuracy", "f1"),
+                "survival": ("c_index", "c_index_uno", "td_auc"),
+                "regression": ("pearson", "spearman", "r2")}
+METRICS = TASK_METRICS["classification"]
+#: column titles of the metrics
+TITLES = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "f1": "F1", "c_index": "C-index", "c_index_uno": "Uno's C",
+          "td_auc": "td-AUC", "pearson": "Pearson r", "spearman": "Spearman", "r2": "R²"}
+#: the value of a metric that knows nothing (the dashed line of compare.png)
+CHANCE = {"auc": 0.5, "c_index": 0.5, "pearson": 0.0}
 UNITS = ("fold", "run")
 
 
@@ -47,14 +58,15 @@ class GroupKey:
 
 @dataclass
 class Observation:
-    """One AUC (and friends) of one fold of one run."""
+    """The task's metrics (:data:`TASK_METRICS`) of one fold of one run."""
 
     key: GroupKey
     run: str
     fold: str
     seed: int | None
     values: dict[str, float]
-    auc_ci: tuple[float, float] | None = None
+    auc_ci: tuple[float, float] | None = None   # the headline metric's bootstrap CI
+    task: str = "classification"
 
 
 @dataclass
@@ -69,6 +81,27 @@ class GroupRow:
     p: float | None = None
     is_baseline: bool = False
     runs: list[str] = field(default_factory=list)
+    task: str = "classification"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return TASK_METRICS[self.task]
+
+    @property
+    def metric(self) -> str:
+        """The headline metric's key (auc, c_index, pearson)."""
+        return self.metrics[0]
+
+    @property
+    def score(self) -> float | None:
+        """Mean of the headline metric (None when undefined)."""
+        v = self.mean.get(self.metric)
+        return None if v is None or math.isnan(v) else v
+
+    @property
+    def score_sd(self) -> float | None:
+        v = self.sd.get(self.metric)
+        return None if v is None or math.isnan(v) else v
 
 
 # ------------------------------------------------------------------ reading runs
@@ -95,21 +128,26 @@ def _read_json(path: Path) -> dict:
         raise AnalysisError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}); rerun or remove the run") from None
 
 
-def _fold_obs(key: GroupKey, run: Path, block: dict, seed, unit: str) -> list[Observation]:
+def _fold_obs(key: GroupKey, run: Path, block: dict, seed, unit: str, task: str = "classification"
+              ) -> list[Observation]:
     folds = block.get("folds") or {}
     if not folds:
         raise AnalysisError(f"{run}/metrics.json has no 'folds'; was the run finished by this version of mil?")
+    metrics = TASK_METRICS[task]
+    head = metrics[0]
     obs = []
     for name, m in folds.items():
-        if m.get("auc") is None:  # mil writes null when a test fold holds a single class
-            log.warning("%s: fold %r has no AUC (single-class test fold?); left out", run, name)
+        if m.get(head) is None:  # mil writes null when a test fold holds a single class / no event
+            log.warning("%s: fold %r has no %s (single-class or event-free test fold?); left out", run, name,
+                        TITLES[head])
             continue
-        ci = tuple(m["auc_ci"]) if m.get("auc_ci") else None
+        ci = tuple(m[f"{head}_ci"]) if m.get(f"{head}_ci") and None not in m[f"{head}_ci"] else None
         obs.append(Observation(key, str(run), str(name), seed,
-                               {k: float(m[k]) if m.get(k) is not None else math.nan for k in METRICS}, ci))
+                               {k: float(m[k]) if m.get(k) is not None else math.nan for k in metrics}, ci, task))
     if unit == "run" and len(obs) > 1:
-        vals = {k: float(np.nanmean([o.values[k] for o in obs])) for k in METRICS}
-        return [Observation(key, str(run), "mean", seed, vals)]
+        with np.errstate(all="ignore"):
+            vals = {k: float(np.nanmean([o.values[k] for o in obs])) for k in metrics}
+        return [Observation(key, str(run), "mean", seed, vals, task=task)]
     return obs
 
 
@@ -121,9 +159,9 @@ def read_run(run: Path, unit: str = "fold") -> list[Observation]:
         log.warning("%s: no metrics.json (unfinished run?); skipped", run)
         return []
     metrics = _read_json(metrics_path)
-    if cfg.get("task", "classification") != "classification":
-        raise AnalysisError(f"{run} is a {cfg['task']} run; mil compare ranks classification runs by AUC for now "
-                            "(compare the C-index / Pearson r in each run's metrics.json)")
+    task = str(cfg.get("task", "classification"))
+    if task not in TASK_METRICS:
+        raise AnalysisError(f"{run}/config.json: task {task!r} is not one of {', '.join(TASK_METRICS)}")
     missing = [k for k in ("encoder", "weights", "minus") if k not in cfg]
     if missing:
         raise AnalysisError(f"{run}/config.json lacks {', '.join(missing)}; not a mil run config")
@@ -132,10 +170,10 @@ def read_run(run: Path, unit: str = "fold") -> list[Observation]:
     kind = str(cfg.get("kind", "train"))
     key = GroupKey(str(cfg["encoder"]), str(cfg["weights"]), int(cfg["minus"]), kind, frac)
     seed = cfg.get("seed")
-    obs = _fold_obs(key, run, metrics, seed, unit)
+    obs = _fold_obs(key, run, metrics, seed, unit, task)
     if "frozen" in metrics:
         fkey = GroupKey(key.encoder, key.weights, key.minus, "frozen", frac)
-        obs += _fold_obs(fkey, run, metrics["frozen"], seed, unit)
+        obs += _fold_obs(fkey, run, metrics["frozen"], seed, unit, task)
     return obs
 
 
@@ -182,6 +220,13 @@ def compare_runs(run_dirs: Iterable[str | Path], baseline: str | dict | None = N
     obs = [o for r in runs for o in read_run(r, unit)]
     if not obs:
         raise AnalysisError("no finished run among the given directories (none has metrics.json)")
+    tasks = sorted({o.task for o in obs})
+    if len(tasks) > 1:
+        example = {t: next(o.run for o in obs if o.task == t) for t in tasks}
+        raise AnalysisError("runs of different tasks cannot share one table (" + ", ".join(
+            f"{t}: {r}" for t, r in example.items()) + "); compare each task's runs apart")
+    task = tasks[0]
+    metrics = TASK_METRICS[task]
     groups: dict[GroupKey, list[Observation]] = {}
     for o in obs:
         groups.setdefault(o.key, []).append(o)
@@ -190,18 +235,19 @@ def compare_runs(run_dirs: Iterable[str | Path], baseline: str | dict | None = N
     if baseline:
         base = _pick_baseline(keys, parse_baseline(baseline) if isinstance(baseline, str) else baseline)
     rows = []
-    base_auc = np.array([o.values["auc"] for o in groups[base]]) if base else None
+    base_auc = np.array([o.values[metrics[0]] for o in groups[base]]) if base else None
     for k in keys:
         g = groups[k]
-        vals = {m: np.array([o.values[m] for o in g]) for m in METRICS}
-        auc = vals["auc"]
+        vals = {m: np.array([o.values[m] for o in g]) for m in metrics}
+        auc = vals[metrics[0]]
+        with np.errstate(all="ignore"):
+            mean = {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in vals.items()}
         row = GroupRow(
-            key=k, n=len(g), n_runs=len({o.run for o in g}),
-            mean={m: float(np.nanmean(v)) for m, v in vals.items()},
+            key=k, n=len(g), n_runs=len({o.run for o in g}), mean=mean,
             sd={m: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan")
                 for m, v in vals.items()},
             ci=_ci_of_mean(auc, g[0].auc_ci if len(g) == 1 else None),
-            is_baseline=(k == base), runs=sorted({o.run for o in g}),
+            is_baseline=(k == base), runs=sorted({o.run for o in g}), task=task,
         )
         if base is not None and k != base:
             row.delta = float(auc.mean() - base_auc.mean())
@@ -223,18 +269,21 @@ def format_p(p: float | None) -> str:
 
 
 def write_csv(rows: Sequence[GroupRow], path: str | Path) -> Path:
+    """compare.csv: one row per group; metric columns named by the task's metrics (auc_mean, ...)."""
     path = Path(path)
-    fields = ["encoder", "weights", "minus", "kind", "train_fraction", "n", "n_runs", "auc_mean", "auc_sd",
-              "auc_ci_lo", "auc_ci_hi", "balanced_accuracy_mean", "balanced_accuracy_sd", "f1_mean", "f1_sd",
-              "delta_auc", "p_welch", "baseline", "runs"]
+    metrics = rows[0].metrics if rows else METRICS
+    head, rest = metrics[0], metrics[1:]
+    fields = ["encoder", "weights", "minus", "kind", "train_fraction", "n", "n_runs", f"{head}_mean", f"{head}_sd",
+              f"{head}_ci_lo", f"{head}_ci_hi", *(f"{m}_{x}" for m in rest for x in ("mean", "sd")),
+              f"delta_{head}", "p_welch", "baseline", "runs"]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(fields)
         for r in rows:
             k = r.key
             w.writerow([k.encoder, k.weights, k.minus, k.kind, "" if k.train_fraction is None else k.train_fraction,
-                        r.n, r.n_runs, r.mean["auc"], r.sd["auc"], r.ci[0], r.ci[1],
-                        r.mean["balanced_accuracy"], r.sd["balanced_accuracy"], r.mean["f1"], r.sd["f1"],
+                        r.n, r.n_runs, r.mean[head], r.sd[head], r.ci[0], r.ci[1],
+                        *(v for m in rest for v in (r.mean[m], r.sd[m])),
                         "" if r.delta is None else r.delta, "" if r.p is None else r.p,
                         int(r.is_baseline), ";".join(r.runs)])
     return path
@@ -242,17 +291,19 @@ def write_csv(rows: Sequence[GroupRow], path: str | Path) -> Path:
 
 def to_markdown(rows: Sequence[GroupRow]) -> str:
     with_frac = any(r.key.train_fraction is not None for r in rows)
-    head = ["encoder", "weights", "level", "kind"] + (["train fraction"] if with_frac else []) + \
-           ["n", "AUC mean ± sd", "95% CI", "bal. acc.", "F1", "Δ AUC vs baseline", "p (Welch)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    metrics = rows[0].metrics if rows else METRICS
+    head = TITLES[metrics[0]]
+    cols = ["encoder", "weights", "level", "kind"] + (["train fraction"] if with_frac else []) + \
+        ["n", f"{head} mean ± sd", "95% CI", *(TITLES[m] for m in metrics[1:]), f"Δ {head} vs baseline", "p (Welch)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         k = r.key
         cells = [k.encoder, k.weights, f"minus{k.minus}", k.kind]
         if with_frac:
             cells.append("1" if k.train_fraction is None else f"{k.train_fraction:g}")
-        sd = f" ± {_fmt(r.sd['auc'])}" if not math.isnan(r.sd["auc"]) else ""
-        cells += [str(r.n), f"{_fmt(r.mean['auc'])}{sd}", f"{_fmt(r.ci[0])}–{_fmt(r.ci[1])}",
-                  _fmt(r.mean["balanced_accuracy"]), _fmt(r.mean["f1"]),
+        sd = f" ± {_fmt(r.sd[r.metric])}" if not math.isnan(r.sd[r.metric]) else ""
+        cells += [str(r.n), f"{_fmt(r.mean[r.metric])}{sd}", f"{_fmt(r.ci[0])}–{_fmt(r.ci[1])}",
+                  *(_fmt(r.mean[m]) for m in r.metrics[1:]),
                   "baseline" if r.is_baseline else _fmt(r.delta, "+.3f"), format_p(r.p)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -290,10 +341,11 @@ def plot(rows: Sequence[GroupRow], path: str | Path) -> Path:
     notes = [("baseline" if r.is_baseline else
               (f"{r.delta:+.3f}" + (f" p={format_p(r.p)}" if r.p is not None and not math.isnan(r.p) else ""))
               if r.delta is not None else "") for r in rows]
-    return bars_with_ci([r.key.label() for r in rows], [r.mean["auc"] for r in rows],
+    head = TITLES[rows[0].metric] if rows else "AUC"
+    return bars_with_ci([r.key.label() for r in rows], [r.mean[r.metric] for r in rows],
                         [r.ci[0] for r in rows], [r.ci[1] for r in rows], path,
-                        title="AUC by configuration (mean, 95% CI)", ylabel="AUC (dashed: chance)",
-                        highlight=base, annotations=notes)
+                        title=f"{head} by configuration (mean, 95% CI)", ylabel=f"{head} (dashed: chance)",
+                        highlight=base, annotations=notes, chance=CHANCE.get(rows[0].metric if rows else "auc", 0.5))
 
 
 def write_outputs(rows: Sequence[GroupRow], out: str | Path) -> dict[str, Path]:

@@ -68,10 +68,12 @@ def _lesions(rng: np.random.Generator, tissue: np.ndarray, n: int,
 def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
                     size: tuple[int, int] = SLIDE_SIZE, strength: float | None = None,
                     radius: tuple[float, float] = LESION_RADIUS, site: str | None = None,
-                    mimic_strength: float | None = None) -> list[list[int]]:
+                    mimic_strength: float | None = None, n_lesions: int | None = None) -> list[list[int]]:
     """Write one demo slide; returns its lesion boxes (level-0 x0, y0, x1, y1). *site* names a
     :data:`featstore.synth.SITE_MIXES` staining (another hospital's colours). *strength* and
-    *mimic_strength* default to :data:`LESION_STRENGTH` and :data:`MIMIC_STRENGTH` (0: no mimics)."""
+    *mimic_strength* default to :data:`LESION_STRENGTH` and :data:`MIMIC_STRENGTH` (0: no mimics).
+    *n_lesions* fixes how many lesions a positive slide carries (default 2-3): the lesion burden
+    that sets a hazard or a score in the survival and regression cohorts."""
     strength = LESION_STRENGTH if strength is None else strength
     mimic_strength = MIMIC_STRENGTH if mimic_strength is None else mimic_strength
     w, h = size
@@ -79,7 +81,7 @@ def make_demo_slide(path: Path, rng: np.random.Generator, positive: bool,
     tissue = _tissue_map(rng, shape)
     lesion, boxes = (None, [])
     if positive:
-        lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)), radius)
+        lesion, boxes = _lesions(rng, tissue, int(rng.integers(2, 4)) if n_lesions is None else n_lesions, radius)
         lesion = lesion * strength
     mimic = None
     if mimic_strength > 0:

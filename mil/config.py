@@ -109,6 +109,15 @@ class RunSpec(Config):
     task: str = option("auto", "classification | survival | regression | auto (survival with time,event "
                                "columns, regression for a non-integer numeric label, else classification).",
                        choices=("auto", "classification", "survival", "regression"))
+    targets: list[str] | None = option(None, "Multi-target: label columns of the labels CSV (comma-"
+                                             "separate), one run each in OUT/<column>/, each task read from its "
+                                             "column; slides without a value are left out of that target.",
+                                       parse=lambda v: [c for c in str(v).split(",") if c])
+    target: str = option("label", "The label column this run reads (set per target by --targets).", cli=False)
+    level: str = option("slide", "The unit a head learns and is scored on: slide, or patient (a patient's "
+                                 "slides pooled into one bag; needs a patient_id column). Slide runs also "
+                                 "report patient metrics from the mean of each patient's slide scores.",
+                        choices=("slide", "patient"))
     weights: str | None = option(None, "Weights tag; needed only if the store holds several.")
     folds: int | None = option(None, "K-fold CV (patient-grouped, stratified). Default: the labels' split/fold "
                                      "column, else one 80/20 hold-out.")

@@ -380,6 +380,13 @@ class Bags:
     dim: int = 0
     prefetch: int = 4
     _mem: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)   # tiles per slide
+
+    def size(self, slide_id: str) -> int:
+        """Tiles in a slide's bag."""
+        if slide_id not in self.sizes:
+            self.sizes[slide_id] = int(self[slide_id].shape[0])
+        return self.sizes[slide_id]
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Bags":
@@ -387,7 +394,8 @@ class Bags:
         ids = list(arrays)
         dim = int(np.asarray(arrays[ids[0]]).shape[1]) if ids else 0
         mem = {s: np.ascontiguousarray(a, dtype=np.float32) for s, a in arrays.items()}
-        return cls(None, FeatureKey("memory", "memory", 0), ids, cache="float32", dim=dim, _mem=mem)
+        return cls(None, FeatureKey("memory", "memory", 0), ids, cache="float32", dim=dim, _mem=mem,
+                   sizes={s: len(a) for s, a in mem.items()})
 
     def _read(self, slide_id: str) -> np.ndarray:
         k = self.key
@@ -419,6 +427,42 @@ class Bags:
                              name="mil-bag-prefetch")
 
 
+@dataclass
+class PatientBags:
+    """Bags of patients (``--level patient``): a patient's slides concatenated into one bag.
+
+    Duck-types :class:`Bags` for the trainer and the scorers (``dim``, ``[id]``, ``iterate``), keyed
+    by patient id; :meth:`split_attention` cuts a patient's attention back into its slides, rows
+    aligned with each slide's store coords, so heatmaps stay per slide.
+    """
+
+    slides: Bags
+    members: dict[str, tuple[str, ...]]
+
+    @property
+    def dim(self) -> int:
+        return self.slides.dim
+
+    def __getitem__(self, patient: str) -> torch.Tensor:
+        parts = [self.slides[s] for s in self.members[patient]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def iterate(self, order: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(patient, bag) in *order*; the slides are read (ahead) in one stream."""
+        stream = self.slides.iterate([s for p in order for s in self.members[p]])
+        for p in order:
+            parts = [next(stream)[1] for _ in self.members[p]]
+            yield p, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def split_attention(self, patient: str, attention: np.ndarray | None) -> dict[str, np.ndarray | None]:
+        """{slide_id: its rows of the patient's attention} (None for heads without attention)."""
+        ids = self.members[patient]
+        if attention is None:
+            return {s: None for s in ids}
+        ends = np.cumsum([self.slides.size(s) for s in ids])
+        return dict(zip(ids, np.split(np.asarray(attention), ends[:-1])))
+
+
 def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = "auto",
               max_cache_bytes: int | None = None, expected_dim: int | None = None,
               progress=None) -> Bags:
@@ -447,7 +491,7 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
         raise MilError(f"cache={cache!r}: choose auto, float32, float16 or none")
     log.info("bags: %d slides, %d tiles, dim %d, cache %s (%.1f MiB as float32)", len(slide_ids),
              n_total, dim, cache, n_total * dim * 4 / 2**20)
-    bags = Bags(store, key, slide_ids, cache=cache, dim=dim)
+    bags = Bags(store, key, slide_ids, cache=cache, dim=dim, sizes=dict(sizes))
     bad: list[str] = []
     it = bags.iterate(slide_ids) if cache == "none" else ((s, None) for s in slide_ids)
     for s, t in it:
@@ -470,4 +514,4 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
     return bags
 
 
-__all__ = ["Split", "make_splits", "assign_sites", "fold_balance", "SPLIT_MODES", "carve_val", "subsample_train", "Bags", "load_bags"]
+__all__ = ["Split", "make_splits", "assign_sites", "fold_balance", "SPLIT_MODES", "carve_val", "subsample_train", "Bags", "PatientBags", "load_bags"]

@@ -182,9 +182,12 @@ def slide_title(run: Run, sid: str) -> str:
     from mil.run import read_predictions
 
     path = Path(run.path) / "predictions.csv"
-    row = next((r for r in read_predictions(path) if r.get("slide_id") == sid), None) if path.is_file() else None
+    rows = read_predictions(path) if path.is_file() else []
+    row = next((r for r in rows if r.get("slide_id") == sid or sid in (r.get("slides") or "").split(";")), None)
     if row is None:
         return sid
+    if row.get("patient_id"):   # a --level patient run scored the slide's patient
+        sid = f"{sid} (patient {row['patient_id']})"
     if run.task == "survival":
         return f"{sid}: time {row.get('time')}, event {row.get('event')}, risk {float(row['risk']):.2f} ({row.get('fold')} test)"
     if run.task == "regression":

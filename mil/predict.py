@@ -61,6 +61,52 @@ class Predictions:
         return path
 
 
+#: the predictions.csv column of a survival or regression prediction
+VALUE_COLUMN = {"survival": "risk", "regression": "prediction"}
+
+
+@dataclass
+class ValuePredictions:
+    """Per-slide risk (survival) or predicted value (regression), the mean over the fold heads."""
+
+    slide_ids: list[str]
+    values: np.ndarray           # (n,)
+    task: str
+    folds: list[str]
+
+    @property
+    def column(self) -> str:
+        return VALUE_COLUMN[self.task]
+
+    def write_csv(self, path: str | Path) -> Path:
+        """slide_id,risk (survival) or slide_id,prediction (regression)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["slide_id", self.column])
+            for sid, v in zip(self.slide_ids, self.values):
+                w.writerow([sid, f"{v:.6g}"])
+        return path
+
+
+def fold_values(run: Run, bags, ids: Sequence[str], device, progress: Callable[[int], None] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Each fold head's prediction (n,) of a survival or regression run on *ids*
+    (:func:`mil.tasks.predictions_of` with the fold's saved task_config)."""
+    from mil.scoring import bag_outputs
+    from mil.tasks import predictions_of
+
+    configs = run.config.get("task_config") or {}
+    out = {}
+    for fold, model in run.models().items():
+        raw, _ = bag_outputs(model.to(device), bags, ids, device)
+        out[fold] = predictions_of(run.task, configs.get(fold, {}), raw)
+        if progress is not None:
+            progress(1)
+    return out
+
+
 def run_key(run: Run) -> FeatureKey:
     """The store key a run was trained on."""
     c = run.config
@@ -92,11 +138,12 @@ def check_store(run: Run, store: Store, key: FeatureKey, slide_ids: Sequence[str
 
 
 def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] | None = None, *,
-            device: str = "cpu", progress: Callable[[int], None] | None = None) -> Predictions:
-    """Class probabilities of *slide_ids* (default: every store slide with the run's features)."""
+            device: str = "cpu", progress: Callable[[int], None] | None = None) -> "Predictions | ValuePredictions":
+    """Class probabilities of *slide_ids* (default: every store slide with the run's features);
+    for a survival or regression run the risk or predicted value (:class:`ValuePredictions`)."""
     dev = resolve_device(device)   # a bad --device fails before any work
     run = run if isinstance(run, Run) else load_run(run)
-    run.require_classification("mil predict")
+    run.require_slide_level("mil predict")
     st = store if isinstance(store, Store) else open_store(store)
     key = run_key(run)
     try:
@@ -119,6 +166,9 @@ def predict(run: str | Path | Run, store: str | Store, slide_ids: Sequence[str] 
         ids = have
     check_store(run, st, key, ids)
     bags = load_bags(st, ids, key, expected_dim=int(run.model_config["in_dim"]))
+    if run.task != "classification":
+        values = fold_values(run, bags, ids, dev, progress)
+        return ValuePredictions(ids, np.mean(np.stack(list(values.values())), 0), run.task, run.folds)
     total = np.zeros((len(ids), len(run.classes)))
     for fold, model in run.models().items():
         probs, _ = score_bags(model.to(dev), bags, ids, dev)

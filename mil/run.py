@@ -7,8 +7,10 @@ Layout (docs/architecture.md "mil run directory", details in docs/mil.md, docs/f
       model.pt          {"state_dict": {fold: state_dict}, "config", "classes", "provenance", "folds"}
       metrics.json      {"folds": {fold: {auc, balanced_accuracy, f1, auc_ci, n}}, "mean", "std"}
       predictions.csv   slide_id,label,probability,fold[,prob_<class>...]
-                        (survival: slide_id,time,event,risk,fold; regression: slide_id,target,prediction,fold)
-      attention.npz     "<fold>/<slide_id>" -> (N,) float32 raw attention, rows = store coords
+                        (survival: slide_id,time,event,risk,fold; regression: slide_id,target,prediction,fold;
+                        --level patient: patient_id,slides instead of slide_id, slides ';'-joined)
+      attention.npz     "<fold>/<slide_id>" -> (N,) float32 raw attention, rows = store coords (per
+                        slide at either level: a patient's attention is cut back into its slides)
       history.json      per fold: epoch, train_loss, val_loss, val_auc, best_epoch
       roc.png, curves.png   (survival: km.png instead of roc.png; regression: scatter.png)
       encoder.pt, topk.json, predictions_frozen.csv    fine-tune runs only
@@ -94,34 +96,42 @@ def save_models(run_dir: Path, states: Mapping[str, dict], model_config: dict, c
     return path
 
 
-def save_predictions(run_dir: Path, rows: list[dict], classes: list[str], name: str = "predictions.csv") -> Path:
-    """predictions.csv (or *name*); ``rows`` hold slide_id, label (class name), fold, probs (C,).
+#: the id columns that start a predictions.csv row, per --level
+ID_COLUMNS = {"slide": ("slide_id",), "patient": ("patient_id", "slides")}
+
+
+def save_predictions(run_dir: Path, rows: list[dict], classes: list[str], name: str = "predictions.csv",
+                     level: str = "slide") -> Path:
+    """predictions.csv (or *name*); ``rows`` hold the id cells (:data:`ID_COLUMNS`), label (class
+    name), fold, probs (C,).
 
     probability: binary P(classes[1]); multiclass P(predicted class) and prob_<class> columns.
     """
     path = Path(run_dir) / name
     multi = len(classes) > 2
-    header = ["slide_id", "label", "probability", "fold"] + ([f"prob_{c}" for c in classes] if multi else [])
+    ids = ID_COLUMNS[level]
+    header = [*ids, "label", "probability", "fold"] + ([f"prob_{c}" for c in classes] if multi else [])
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         for r in rows:
             p = np.asarray(r["probs"], dtype=np.float64)
             prob = p[1] if not multi else p.max()
-            w.writerow([r["slide_id"], r.get("label", ""), f"{prob:.6f}", r["fold"]]
+            w.writerow([r[c] for c in ids] + [r.get("label", ""), f"{prob:.6f}", r["fold"]]
                        + ([f"{v:.6f}" for v in p] if multi else []))
     return path
 
 
-#: predictions.csv columns of the tasks other than classification
-TASK_COLUMNS = {"survival": ("slide_id", "time", "event", "risk", "fold"),
-                "regression": ("slide_id", "target", "prediction", "fold")}
+#: predictions.csv columns of the tasks other than classification (after the id columns)
+TASK_COLUMNS = {"survival": ("time", "event", "risk", "fold"),
+                "regression": ("target", "prediction", "fold")}
 
 
-def save_task_predictions(run_dir: Path, rows: list[dict], task: str, name: str = "predictions.csv") -> Path:
-    """predictions.csv of a survival or regression run (:data:`TASK_COLUMNS`)."""
+def save_task_predictions(run_dir: Path, rows: list[dict], task: str, name: str = "predictions.csv",
+                          level: str = "slide") -> Path:
+    """predictions.csv of a survival or regression run (:data:`ID_COLUMNS` + :data:`TASK_COLUMNS`)."""
     path = Path(run_dir) / name
-    cols = TASK_COLUMNS[task]
+    cols = (*ID_COLUMNS[level], *TASK_COLUMNS[task])
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -227,8 +237,14 @@ def plot_scatter(run_dir: Path, results: Mapping[str, tuple[np.ndarray, np.ndarr
     ax.plot([lo, hi], [lo, hi], ls="--", c="0.6", lw=1)
     for i, (fold, (yt, pt)) in enumerate(results.items()):
         ax.scatter(yt, pt, s=14, c=f"C{i % 10}", label=fold)
+    cal = (metrics.get("pooled") or {}).get("calibration") or {}
+    if cal.get("slope") is not None:   # true = a + b * predicted, drawn in these axes (x true, y predicted)
+        b, a = cal["slope"], cal["intercept"]
+        ax.plot([a + b * lo, a + b * hi], [lo, hi], c="k", lw=1.2,
+                label=f"calibration: slope {b:.2f}, intercept {a:.2f}")
     r = metrics["mean"].get("pearson")
-    ax.set_title("predicted vs true" + (f"\nmean Pearson r {r:.3f}" if r is not None else ""))
+    ax.set_title("predicted vs true (dashed: perfect calibration)" + (f"\nmean Pearson r {r:.3f}" if r is not None else ""),
+                 fontsize=9)
     ax.set_xlabel("true target")
     ax.set_ylabel("prediction")
     ax.legend(fontsize=7)
@@ -343,12 +359,12 @@ class RunWriter:
         return save_models(self.path, states, model_config, classes, provenance)
 
     def predictions(self, rows: list[dict], classes: list[str], name: str = "predictions.csv",
-                    task: str = "classification") -> Path:
+                    task: str = "classification", level: str = "slide") -> Path:
         """predictions.csv (or predictions_frozen.csv)."""
         self.file(name)
         if task != "classification":
-            return save_task_predictions(self.path, rows, task, name)
-        return save_predictions(self.path, rows, classes, name)
+            return save_task_predictions(self.path, rows, task, name, level)
+        return save_predictions(self.path, rows, classes, name, level)
 
     def attention(self, attention: Mapping[tuple[str, str], np.ndarray]) -> Path | None:
         """attention.npz (nothing for heads without attention)."""
@@ -397,6 +413,17 @@ class Run:
     def task(self) -> str:
         """classification | survival | regression (runs before survival existed: classification)."""
         return str(self.config.get("task", "classification"))
+
+    @property
+    def level(self) -> str:
+        """slide | patient (the unit the heads were trained and scored on)."""
+        return str(self.config.get("level", "slide"))
+
+    def require_slide_level(self, what: str) -> None:
+        """One line for the commands not built for patient-level runs yet."""
+        if self.level != "slide":
+            raise RunError(f"{what} takes slide-level runs for now; {self.path} was trained with --level "
+                           f"{self.level} (its metrics.json and predictions.csv hold the results)")
 
     def require_classification(self, what: str) -> None:
         """One line for the commands that read class probabilities and are not built for other tasks yet."""

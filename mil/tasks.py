@@ -131,7 +131,7 @@ class Regression(Task):
         return nn.functional.mse_loss(out[:, 0], self._z[torch.as_tensor(rows)].to(out.device))
 
     def predict(self, out: np.ndarray) -> np.ndarray:
-        return out[:, 0].astype(np.float64) * self.sd + self.mean
+        return predictions_of("regression", self.config(), out)
 
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int) -> dict:
         return regression_metrics(self.labels.target[test], pred, n_boot=n_boot, seed=seed)
@@ -160,6 +160,24 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, s
     out["r2"] = _finite(r2_score(y, pred)) if len(y) >= 2 else None
     out["mae"] = _finite(mean_absolute_error(y, pred)) if len(y) else None
     return out
+
+
+def calibration(y: np.ndarray, pred: np.ndarray) -> dict:
+    """Calibration of predictions: the least-squares line true = intercept + slope x predicted
+    (slope 1 and intercept 0 when the predictions are calibrated; a slope below 1 means they
+    spread too far, the usual sign of overfitting) and the mean error (calibration-in-the-large)."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    if len(y) < 3 or np.ptp(pred) == 0:
+        return {"slope": None, "intercept": None, "mean_error": _finite(np.mean(pred - y)) if len(y) else None}
+    slope, intercept = np.polyfit(pred, y, 1)
+    return {"slope": _finite(slope), "intercept": _finite(intercept), "mean_error": _finite(np.mean(pred - y))}
+
+
+def pooled_regression(results: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every fold's test slides together: the regression metrics and the calibration line."""
+    y = np.concatenate([np.asarray(results[f][0], np.float64) for f in results])
+    pred = np.concatenate([np.asarray(results[f][1], np.float64) for f in results])
+    return {**regression_metrics(y, pred, n_boot=n_boot, seed=seed), "calibration": calibration(y, pred)}
 
 
 # ------------------------------------------------------------------------------ survival
@@ -218,14 +236,11 @@ class Survival(Task):
         return {"loss": self.loss_name, **({"time_edges": self.edges.tolist()} if self.loss_name == "nll" else {})}
 
     def predict(self, out: np.ndarray) -> np.ndarray:
-        if self.loss_name == "cox":
-            return out[:, 0].astype(np.float64)
-        return -self.survival_at_bins(out).sum(1)     # lower expected survival: higher risk
+        return predictions_of("survival", self.config(), out)
 
     def survival_at_bins(self, out: np.ndarray) -> np.ndarray:
         """nll: S(t) at the end of each bin (n, K) from the per-bin hazards."""
-        h = 1.0 / (1.0 + np.exp(-out.astype(np.float64)))
-        return np.cumprod(1.0 - h, axis=1)
+        return survival_at_bins(out)
 
     def fold_metrics(self, test: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int,
                      train_pred: np.ndarray | None = None, test_out: np.ndarray | None = None) -> dict:
@@ -237,6 +252,25 @@ class Survival(Task):
             surv_fn = breslow_survival(self.labels.target[self.train], train_pred, pred)
         return survival_metrics(self.labels.target[self.train], self.labels.target[test], pred,
                                 surv_fn=surv_fn, n_boot=n_boot, seed=seed)
+
+
+def survival_at_bins(out: np.ndarray) -> np.ndarray:
+    """Discrete-time heads: S(t) at the end of each bin (n, K) from the per-bin hazard logits."""
+    h = 1.0 / (1.0 + np.exp(-np.asarray(out, np.float64)))
+    return np.cumprod(1.0 - h, axis=1)
+
+
+def predictions_of(task: str, config: dict, out: np.ndarray) -> np.ndarray:
+    """A survival or regression head's outputs (n, O) -> one number per bag, from the fold's
+    ``task_config`` alone (what a run directory keeps), so `mil predict` and `mil evaluate` read
+    back what `mil train` scored: the Cox risk; for the discrete-time loss minus the expected
+    number of bins survived (higher: earlier event); the regression target on its own scale."""
+    out = np.asarray(out, np.float64)
+    if task == "regression":
+        return out[:, 0] * float(config.get("target_sd", 1.0)) + float(config.get("target_mean", 0.0))
+    if task == "survival":
+        return out[:, 0] if config.get("loss", "cox") == "cox" else -survival_at_bins(out).sum(1)
+    raise MilError(f"task {task!r} has no single-number prediction; choose survival or regression")
 
 
 def cox_loss(risk: Tensor, time: Tensor, event: Tensor) -> Tensor:
@@ -397,4 +431,5 @@ def task_columns(task: str) -> tuple[tuple[str, str], ...]:
 
 __all__ = ["Task", "Classification", "Regression", "Survival", "TASK_TYPES", "SURVIVAL_LOSSES", "make_task",
            "task_keys", "task_columns", "check_options", "cox_loss", "nll_loss", "survival_metrics", "regression_metrics",
-           "harrell_c", "logrank", "surv_struct", "breslow_survival", "risk_groups", "pooled_survival"]
+           "harrell_c", "logrank", "surv_struct", "breslow_survival", "risk_groups", "pooled_survival",
+           "pooled_regression", "calibration", "predictions_of", "survival_at_bins"]

@@ -26,7 +26,7 @@ from torch import nn
 from featstore.core import fit as core_fit
 from featstore.core.runtime import cpu_threads, deterministic, resolve_device
 from mil.config import _OPTIMIZERS, RunSpec, TrainConfig
-from mil.data import Bags, Split
+from mil.data import Bags, PatientBags, Split
 from mil.errors import LabelsError, MilError
 from featstore.core.labels import Labels
 from mil.models import create_mil_model
@@ -210,6 +210,8 @@ class RunSummary:
     n_slides: int
     classes: list[str]
     task: str = "classification"
+    level: str = "slide"
+    n_units: int = 0          # slides, or patients at --level patient
 
 
 @dataclass
@@ -256,14 +258,60 @@ def _train_folds(bags: Bags, labels: Labels, splits: Sequence[Split], cfg: Train
             out.metrics[sp.name] = task.fold_metrics(sp.test, pred, n_boot=n_boot, seed=cfg.seed, **extra)
             out.results[sp.name] = (labels.target[sp.test], pred)
             out.task_config[sp.name] = task.config()
+            if sp.name in out.cutoffs:   # what `mil evaluate` splits an external cohort's risk groups at
+                out.task_config[sp.name]["risk_cutoff"] = out.cutoffs[sp.name]
         out.histories[sp.name] = res.history_dict()
         out.states[sp.name] = res.model.state_dict()
         out.model_config = res.model.config
         for sid, i, p in zip(test_ids, sp.test, pred):
-            out.rows.append({"slide_id": sid, "fold": sp.name, **task.row(i, p)})
-            out.attention[(sp.name, sid)] = attn[sid]
+            out.rows.append({**_unit_cells(bags, sid), "fold": sp.name, **task.row(i, p)})
+            for slide, a in _slide_attention(bags, sid, attn[sid]).items():
+                out.attention[(sp.name, slide)] = a
         log.debug("fold %s: %s", sp.name, {k: out.metrics[sp.name].get(k) for k in task.keys})
     return out
+
+
+def _unit_cells(bags, unit: str) -> dict:
+    """predictions.csv id cells of a unit: its slide, or a patient and its slides (';'-joined)."""
+    if isinstance(bags, PatientBags):
+        return {"patient_id": unit, "slides": ";".join(bags.members[unit])}
+    return {"slide_id": unit}
+
+
+def _slide_attention(bags, unit: str, attention) -> dict:
+    """A unit's raw attention by slide (a patient's is cut back into its slides)."""
+    return bags.split_attention(unit, attention) if isinstance(bags, PatientBags) else {unit: attention}
+
+
+def late_fusion(labels: Labels, splits: Sequence[Split], results: dict, cfg: TrainConfig, n_boot: int) -> dict | None:
+    """Patient metrics of a slide-level run: each test patient's slide predictions averaged (late
+    fusion), scored per fold as the slides are. None when every patient has one slide, or when a
+    patient's slides disagree on the label (no single answer to score against)."""
+    from featstore.core.labels import pool_patients
+    from mil.metrics import summarize
+    from mil.tasks import task_keys
+
+    if len(set(labels.patients)) == len(labels):
+        return None
+    try:
+        pooled, _ = pool_patients(labels, error=LabelsError)
+    except LabelsError as exc:
+        log.warning("no patient-level metrics: %s", exc)
+        return None
+    row_of = {p: i for i, p in enumerate(pooled.slide_ids)}
+    patient_row = np.array([row_of[p] for p in labels.patients])
+    per_fold = {}
+    for sp in splits:
+        groups: dict[int, list] = {}
+        for i, pred in zip(sp.test, results[sp.name][1]):
+            groups.setdefault(int(patient_row[i]), []).append(pred)
+        rows = np.array(sorted(groups), dtype=np.int64)
+        pred = np.stack([np.mean(np.asarray(groups[r], np.float64), 0) for r in rows])
+        task = make_task(pooled, np.unique(patient_row[sp.train]), survival_loss=cfg.survival_loss,
+                         time_bins=cfg.time_bins, cox_batch=cfg.cox_batch)
+        per_fold[sp.name] = task.fold_metrics(rows, pred, n_boot=n_boot, seed=cfg.seed)
+    return {"fusion": "mean of the patient's slide predictions", "n_patients": len(pooled),
+            **summarize(per_fold, task_keys(labels.task))}
 
 
 def train_run(spec: RunSpec, cfg: TrainConfig,
@@ -277,53 +325,118 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
     from featstore import __version__ as featstore_version
     from featstore.store import open_store
     from mil.data import load_bags, make_splits
-    from featstore.core.labels import match_store, read_labels
+    from featstore.core.labels import match_store, pool_patients, read_labels
     from mil.metrics import summarize
-    from mil.tasks import pooled_survival, task_keys
+    from mil.tasks import pooled_regression, pooled_survival, task_keys
 
     stage = on_stage or (lambda text: log.info(text))
     device = resolve_device(cfg.device)   # a bad --device fails before any work
-    labels = read_labels(spec.labels, error=LabelsError, task=spec.task)
+    labels = read_labels(spec.labels, error=LabelsError, task=spec.task, column=spec.target,
+                         others=spec.targets or ())
     check_options(labels.task, cfg.model, cfg.monitor)   # before any work
     store = open_store(spec.store)
     key = store.resolve_key(spec.encoder, spec.minus, spec.weights)
     have = [s for s in labels.slide_ids if store.has_features(s, key.encoder, key.minus, key.weights)]
     labels = match_store(labels, have, allow_missing=spec.allow_missing, store_name=f"{spec.store} ({key})",
                          error=LabelsError)
+    slide_labels, members = labels, None
+    if spec.level == "patient":
+        labels, members = pool_patients(labels, error=LabelsError)
+        log.info("--level patient: %d slides pooled into %d patient bags", len(slide_labels), len(labels))
     splits = make_splits(labels, folds=spec.folds, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          train_fraction=spec.train_fraction, split=spec.split)
     with RunWriter(spec.out, overwrite=spec.overwrite) as writer:   # claims --out until finished or failed
         used = sorted({labels.slide_ids[i] for s in splits for part in (s.train, s.val, s.test) for i in part})
+        if members is not None:
+            used = sorted(s for p in used for s in members[p])
         stage(f"reading {len(used)} bags of {key}")
         bags = load_bags(store, used, key, cache=spec.cache)
+        units = bags if members is None else PatientBags(bags, members)
         provenance = {k: v for k, v in store.provenance(used[0], key.encoder, key.minus, key.weights).items()
                       if k != "slide"}
         # "weights": the encoder's weights (a stain-normalised key's -stain- part lives in "stain"), so
         # the run's encoder can be rebuilt and another store's provenance compared field by field
         provenance.update({"encoder": key.encoder, "weights": WeightsTag.parse(key.weights).weights, "minus": key.minus,
                            "dim": bags.dim})
-        folds = _train_folds(bags, labels, splits, cfg, spec.n_boot, device, progress)
+        folds = _train_folds(units, labels, splits, cfg, spec.n_boot, device, progress)
         metrics = summarize(folds.metrics, task_keys(labels.task))
+        metrics["level"] = spec.level
         if labels.task == "survival":
             metrics["pooled"] = pooled_survival(folds.results, folds.cutoffs)
+        elif labels.task == "regression":
+            metrics["pooled"] = pooled_regression(folds.results, n_boot=spec.n_boot, seed=cfg.seed)
+        if members is None:
+            fused = late_fusion(labels, splits, folds.results, cfg, spec.n_boot)
+            if fused is not None:
+                metrics["patient"] = fused
         stage(f"writing {writer.path}")
         classes = list(labels.classes) if labels.task == "classification" else []
         writer.json("metrics.json", metrics)
-        writer.predictions(folds.rows, classes, task=labels.task)
+        writer.predictions(folds.rows, classes, task=labels.task, level=spec.level)
         writer.attention(folds.attention)
         writer.json("history.json", folds.histories)
         writer.plots(folds.results, classes, metrics, folds.histories, task=labels.task, cutoffs=folds.cutoffs)
         writer.models(folds.states, folds.model_config, classes, provenance)
         writer.finish({
-            "kind": "train", "task": labels.task, "task_config": folds.task_config, "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
+            "kind": "train", "task": labels.task, "level": spec.level,
+            **({"patients": {p: list(m) for p, m in members.items()}} if members is not None else {}), "task_config": folds.task_config, "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
             **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
             "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,
             "store": str(spec.store), "labels": str(spec.labels), "classes": classes,
-            "n_slides": len(labels), "provenance": provenance, "featstore_version": featstore_version,
+            "n_slides": len(slide_labels), "n_units": len(labels), "provenance": provenance, "featstore_version": featstore_version,
             "splits": {s.name: s.to_dict(labels) for s in splits},
         })
-    return RunSummary(writer.path, metrics, [s.name for s in splits], len(labels), classes, labels.task)
+    return RunSummary(writer.path, metrics, [s.name for s in splits], len(slide_labels), classes, labels.task,
+                      spec.level, len(labels))
 
 
-__all__ = ["EpochLog", "TrainResult", "RunSummary", "RunSpec", "TrainConfig", "fit", "train_run",
+def train_targets(spec: RunSpec, cfg: TrainConfig,
+                  progress: Callable[[str, int, int, EpochLog], None] | None = None,
+                  on_stage: Callable[[str], None] | None = None) -> dict[str, RunSummary]:
+    """``--targets a,b``: one :func:`train_run` per label column into ``OUT/<column>/`` (each its own
+    task, folds and heads, reported apart), then ``OUT/targets.json``: every target's task, slides
+    and mean metrics side by side. A target that fails is one line in targets.json; the others
+    still run; if every target fails, the first error is raised."""
+    import json
+    from dataclasses import replace
+
+    targets = list(dict.fromkeys(spec.targets or ()))
+    if not targets:
+        raise MilError("--targets names no column; pass label columns, e.g. --targets msi,braf")
+    root = Path(spec.out)
+    if root.exists() and not root.is_dir():
+        raise MilError(f"--out {root} is a file; choose a directory path")
+    bad = [t for t in targets if not t or t in (".", "..") or "/" in t or "\\" in t]
+    if bad:
+        raise MilError(f"--targets {', '.join(map(repr, bad))}: a target column names its run folder; rename it")
+    from featstore.core.labels import read_labels
+
+    for t in targets:   # every column read and checked before any training: a typo costs no run
+        read_labels(spec.labels, error=LabelsError, task=spec.task, column=t, others=targets)
+    done: dict[str, RunSummary] = {}
+    failed: dict[str, str] = {}
+    first: Exception | None = None
+    for t in targets:
+        (on_stage or log.info)(f"target {t}")
+        sub = replace(spec, out=str(root / t), target=t, targets=[x for x in targets if x != t])
+        try:
+            tagged = None if progress is None else (lambda f, i, n, e, _t=t: progress(f"{_t} {f}", i, n, e))
+            done[t] = train_run(sub, cfg, tagged, on_stage)
+        except MilError as exc:
+            log.warning("target %s: %s", t, exc)
+            failed[t] = str(exc)
+            first = first or exc
+    if not done:
+        raise first
+    summary = {t: {"task": r.task, "n_slides": r.n_slides, "run": t, "mean": r.metrics["mean"],
+                   "std": r.metrics["std"]} for t, r in done.items()}
+    summary.update({t: {"error": e} for t, e in failed.items()})
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / "targets.json.tmp"
+    tmp.write_text(json.dumps({"targets": targets, "runs": summary}, indent=2, default=str))
+    tmp.replace(root / "targets.json")
+    return done
+
+
+__all__ = ["EpochLog", "TrainResult", "RunSummary", "RunSpec", "TrainConfig", "fit", "train_run", "train_targets",
            "instance_stats", "score_bags"]

@@ -289,13 +289,21 @@ def _survival_labels(path: Path, rows: Rows, error: type[Exception]) -> tuple[np
     return np.stack([time, event], 1), strata
 
 
-def read_labels(path: str | Path, *, error: type[Exception] = LabelsError, task: str = "auto") -> Labels:
+def read_labels(path: str | Path, *, error: type[Exception] = LabelsError, task: str = "auto",
+                column: str = "label", others: Sequence[str] = ()) -> Labels:
     """Parse and validate a labels CSV; every problem is one ``LabelsError`` line.
 
     *task* is ``auto`` (see :func:`infer_task`), ``classification``, ``survival`` (columns
-    ``time,event``) or ``regression`` (a numeric ``label``)."""
+    ``time,event``) or ``regression`` (a numeric ``label``). A multi-target table names its label
+    columns itself: *column* is the one read as the label, *others* the other targets' columns
+    (allowed, not read); rows whose *column* is empty are then left out with a warning (a cohort
+    rarely has every target for every slide)."""
     path = Path(path)
-    rows = read_table(path, ("slide_id",), ("label", *SURVIVAL, *OPTIONAL), what="labels file", error=error)
+    targets = tuple(dict.fromkeys((column, *others))) if column != "label" or others else ()
+    rows = read_table(path, ("slide_id", *targets), (*(targets or ("label",)), *SURVIVAL, *OPTIONAL),
+                      what="labels file", error=error)   # a target column that is not there: one line first
+    if targets:
+        rows = _one_target(path, rows, column, error)
     header = set(rows.columns)
     task = infer_task(path, rows, header, task, error=error)
     if task != "survival" and any(c in header for c in SURVIVAL):
@@ -322,6 +330,67 @@ def read_labels(path: str | Path, *, error: type[Exception] = LabelsError, task:
                   tuple(classes), **common)
 
 
+LEVELS = ("slide", "patient")
+
+
+def pool_patients(labels: Labels, *, error: type[Exception] = LabelsError) -> tuple[Labels, dict[str, tuple[str, ...]]]:
+    """One row per patient (``--level patient``): the labels of the units a patient-level run trains on.
+
+    Returns the patient table (``slide_ids`` then hold patient ids, rows in first-seen order) and
+    each patient's slides in file order. A patient's slides must agree on what is learnt and how
+    it is split (label or time/event or target, split, fold, site); a patient whose slides
+    disagree is refused in one line naming the patients, since one bag cannot carry two answers.
+    """
+    members: dict[str, list[int]] = {}
+    for i, p in enumerate(labels.patients):
+        members.setdefault(p, []).append(i)
+    firsts = [rows[0] for rows in members.values()]
+    fields = {"label" if labels.target is None else ("time,event" if labels.task == "survival" else "target"):
+              (lambda i: labels.y[i]) if labels.target is None else (lambda i: tuple(np.atleast_1d(labels.target[i])))}
+    for name in ("split", "fold", "site"):
+        col = getattr(labels, name)
+        if col is not None:
+            fields[name] = col.__getitem__
+    for name, get in fields.items():
+        mixed = [p for p, rows in members.items() if len({get(i) for i in rows}) > 1]
+        if mixed:
+            raise error(f"{labels.path}: patient(s) {rows_text(mixed)} have slides with different {name}; "
+                        "--level patient pools a patient's slides into one bag with one answer: fix the rows "
+                        "or use --level slide")
+    pooled = labels.subset(firsts)
+    pooled = replace(pooled, slide_ids=tuple(members), patients=tuple(members))
+    return pooled, {p: tuple(labels.slide_ids[i] for i in rows) for p, rows in members.items()}
+
+
+def _one_target(path: Path, rows: Rows, column: str, error: type[Exception]) -> Rows:
+    """The rows of a multi-target table as a one-label table: *column* renamed ``label``, the other
+    targets dropped, rows without a value for *column* left out (with a warning)."""
+    if column not in rows.columns:
+        raise error(f"{path}: no column {column!r} (named by --targets); found {', '.join(rows.columns)}")
+    kept = Rows()
+    kept.columns = tuple(c for c in rows.columns if c not in _target_columns(rows.columns, column)) + ("label",)
+    empty = []
+    for r in rows:
+        if r[column].lower() in NA:
+            empty.append(r.line)
+            continue
+        row = Row({c: r[c] for c in kept.columns if c != "label"})
+        row["label"] = r[column]
+        row.line = r.line
+        kept.append(row)
+    if empty:
+        log.warning("%s: target %s: %d row(s) without a value left out (line(s) %s)", path, column, len(empty),
+                    rows_text(empty))
+    if not kept:
+        raise error(f"{path}: target {column!r} has no value on any row")
+    return kept
+
+
+def _target_columns(columns: Sequence[str], column: str) -> set[str]:
+    """Columns of a multi-target table that are other targets (not id, survival or split columns)."""
+    return {c for c in columns if c not in ("slide_id", *SURVIVAL, *OPTIONAL)} | {column}
+
+
 def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool = False,
                 store_name: str = "the store", error: type[Exception] = LabelsError) -> Labels:
     """Drop (with --allow-missing) or reject slides of *labels* whose features *available* lacks."""
@@ -341,5 +410,5 @@ def match_store(labels: Labels, available: Iterable[str], *, allow_missing: bool
     return kept
 
 
-__all__ = ["Labels", "Row", "Rows", "read_table", "read_labels", "match_store", "sort_classes", "rows_text",
+__all__ = ["Labels", "pool_patients", "LEVELS", "Row", "Rows", "read_table", "read_labels", "match_store", "sort_classes", "rows_text",
            "infer_task", "REQUIRED", "OPTIONAL", "SURVIVAL", "TASKS", "SPLIT_VALUES", "NA"]

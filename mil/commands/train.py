@@ -24,30 +24,43 @@ def _split_ids(values: Optional[list[str]]) -> list[str] | None:
 
 @config_command(spec=RunSpec, cfg=TrainConfig)
 def train(spec: RunSpec, cfg: TrainConfig) -> None:
-    """Train attention-MIL slide classifiers and write a run directory (metrics, plots, model)."""
+    """Train attention-MIL heads (slide labels, survival or regression; per slide or per patient) and write a
+    run directory (metrics, plots, model); --targets: one run per label column."""
     from featstore.core.ui import progress_bar
-    from mil.train import train_run
+    from mil.train import train_run, train_targets
 
-    fold_text = TextColumn("epochs  loss {task.fields[loss]}  val loss {task.fields[vloss]}  "
-                           "val AUC {task.fields[vauc]}")
+    # "val AUC" only where there is one: survival and regression runs monitor their loss alone
+    fold_text = TextColumn("epochs  loss {task.fields[loss]}  val loss {task.fields[vloss]}{task.fields[vauc]}")
     tasks: dict[str, int] = {}
     with progress_bar(fold_text, label="[bold]{task.fields[fold]}", eta=False, console=console) as bar:
         def progress(fold, index, n_folds, e):
             if fold not in tasks:
                 tasks[fold] = bar.add_task("", total=e.epochs, fold=f"{fold} ({index + 1}/{n_folds})",
-                                           loss="-", vloss="-", vauc="-")
+                                           loss="-", vloss="-", vauc="")
             t = tasks[fold]
             if e.step == "bag":
                 bar.update(t, completed=e.epoch - 1 + e.done / e.total, loss=f"{e.train_loss:.3f}")
             else:
                 bar.update(t, completed=e.epoch, loss=f"{e.train_loss:.3f}", vloss=_fmt(_num(e.val_loss)),
-                           vauc=_fmt(_num(e.val_auc)))
+                           vauc="" if _num(e.val_auc) is None else f"  val AUC {_fmt(e.val_auc)}")
 
-        summary = train_run(spec, cfg, progress=progress, on_stage=lambda s: bar.console.print(f"[dim]{s}[/]"))
+        stage = lambda s: bar.console.print(f"[dim]{s}[/]")  # noqa: E731
+        if spec.targets:
+            summaries = train_targets(spec, cfg, progress=progress, on_stage=stage)
+        else:
+            summaries = {"": train_run(spec, cfg, progress=progress, on_stage=stage)}
         for t in tasks.values():  # early-stopped folds: show the bar as finished
             bar.update(t, total=bar.tasks[t].completed)
-    console.print(_summary_table(spec.out, summary))
-    console.print(f"run written to [bold]{spec.out}[/]")
+    for target, summary in summaries.items():
+        console.print(_summary_table(str(Path(spec.out) / target) if target else spec.out, summary))
+    if spec.targets:
+        missing = [t for t in dict.fromkeys(spec.targets) if t not in summaries]
+        if missing:
+            console.print(f"target(s) {', '.join(missing)} failed: see {Path(spec.out) / 'targets.json'}")
+        console.print(f"{len(summaries)} run(s), one per target, written under [bold]{spec.out}[/] "
+                      f"(targets.json sums them up)")
+    else:
+        console.print(f"run written to [bold]{spec.out}[/]")
 
 
 def _summary_table(out: str, summary) -> Table:
@@ -56,7 +69,9 @@ def _summary_table(out: str, summary) -> Table:
     from mil.tasks import task_columns
 
     what = f"classes {', '.join(summary.classes)}" if summary.task == "classification" else summary.task
-    table = Table(title=f"{out}  ({summary.n_slides} slides, {what})")
+    units = f"{summary.n_slides} slides" + (f" of {summary.n_units} patients, one bag each"
+                                            if summary.level == "patient" else "")
+    table = Table(title=f"{out}  ({units}, {what})")
     cols = task_columns(summary.task)
     for col in ("fold", "n", *(c for c, _ in cols)):
         table.add_column(col)
@@ -74,6 +89,11 @@ def _summary_table(out: str, summary) -> Table:
     if len(summary.folds) > 1:
         table.add_row("mean ± std", "", *("" if k.endswith("_ci") or k not in mean else
                                           f"{_fmt(mean[k])} ± {_fmt(std[k])}" for _, k in cols))
+    fused = summary.metrics.get("patient")
+    if fused:   # slide-level run, patients with several slides: the mean of their slide scores
+        table.add_row("patients (mean of slides)", str(fused["n_patients"]),
+                      *("" if k.endswith("_ci") or k not in fused["mean"] else
+                        f"{_fmt(fused['mean'][k])} ± {_fmt(fused['std'][k])}" for _, k in cols))
     return table
 
 
@@ -89,7 +109,8 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Write predictions to this CSV.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")] = "auto",
 ) -> None:
-    """Score slides with a trained run (k-fold runs average the fold models' probabilities)."""
+    """Score slides with a trained run (k-fold runs average the fold models' probabilities; survival runs
+    give a risk, regression runs the predicted value)."""
     from mil.predict import predict as run_predict
 
     preds = run_predict(run, store, _split_ids(slides), device=device)
@@ -97,11 +118,17 @@ def predict(
         preds.write_csv(out)
         console.print(f"{len(preds.slide_ids)} predictions written to [bold]{out}[/]")
     table = Table(title=f"{run} on {store}")
-    for col in ("slide_id", "prediction", "probability"):
-        table.add_column(col)
     shown = 50
-    for sid, pred, p in list(zip(preds.slide_ids, preds.predicted, preds.probability()))[:shown]:
-        table.add_row(sid, pred, f"{p:.3f}")
+    if hasattr(preds, "values"):   # survival: risk (higher: earlier event); regression: the predicted value
+        for col in ("slide_id", preds.column):
+            table.add_column(col)
+        for sid, v in list(zip(preds.slide_ids, preds.values))[:shown]:
+            table.add_row(sid, f"{v:.3f}")
+    else:
+        for col in ("slide_id", "prediction", "probability"):
+            table.add_column(col)
+        for sid, pred, p in list(zip(preds.slide_ids, preds.predicted, preds.probability()))[:shown]:
+            table.add_row(sid, pred, f"{p:.3f}")
     if out is None or len(preds.slide_ids) <= shown:
         console.print(table)
     if len(preds.slide_ids) > shown and out is None:

@@ -4,6 +4,7 @@
 ``task``                config (validated when the file is read)    runner (``cfg.runner()``)
 ======================  ==========================================  ============================
 (absent) / ``slide``    :class:`mil.study.study.StudyConfig`        :class:`~mil.study.study.Study`
+``survival`` etc.       the same, for that endpoint (:data:`ENDPOINTS`)  ``Study``
 ``patch``               :class:`~mil.study.patchstudy.PatchStudyConfig`  ``PatchStudy``
 ``segmentation``        :class:`~mil.study.segstudy.SegStudyConfig`      ``SegStudy``
 ======================  ==========================================  ============================
@@ -25,6 +26,8 @@ from mil.study.study import StudyConfig
 
 #: task -> config class; the slide study is the form without a ``task`` key
 FORMS: dict[str, type] = {"slide": StudyConfig, "patch": PatchStudyConfig, "segmentation": SegStudyConfig}
+#: ``task`` values that make a slide study of that endpoint (mil train --task)
+ENDPOINTS = ("classification", "survival", "regression")
 
 
 def load_study(path: str | Path):
@@ -40,8 +43,12 @@ def load_study(path: str | Path):
         form = data.get("task") if isinstance(data, dict) else None
         if form in ("patch", "segmentation"):
             return FORMS[form].from_dict(data, path.parent.resolve(), source=str(path))
+        if form in ENDPOINTS:   # a slide study of that endpoint
+            data = {**{k: v for k, v in data.items() if k != "task"}, "endpoint": form}
+            return StudyConfig.from_dict(data, path.parent.resolve(), source=str(path))
         if form is not None:
-            raise StudyError(f"{path}: task: {form!r}; choose patch or segmentation (leave it out for slides)")
+            raise StudyError(f"{path}: task: {form!r}; choose patch or segmentation, or {', '.join(ENDPOINTS)} "
+                             "for a slide study (leave it out to read the endpoint from the labels' columns)")
     return StudyConfig.from_yaml(path)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from analysis.compare import format_p
+from analysis.compare import TITLES, format_p
 
 Plan = tuple[str, str, list[int]]   # (encoder, weights, levels)
 
@@ -53,6 +53,8 @@ class SlideReport(ReportInputs):
     cka_files: dict = field(default_factory=dict)
     heatmaps: list = field(default_factory=list)
     external_records: list = field(default_factory=list)
+    endpoint: str = "classification"   # classification | survival | regression
+    level: str = "slide"
 
 
 @dataclass
@@ -90,26 +92,41 @@ def _f(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _clip(x):
-    """AUC confidence bounds live in [0, 1] (a t-interval of a mean can overshoot)."""
-    return None if x is None else min(1.0, max(0.0, x))
+def _clip(x, metric: str = "auc"):
+    """Confidence bounds live in the metric's range, [0, 1] or [-1, 1] for a correlation (a
+    t-interval of a mean can overshoot)."""
+    lo = -1.0 if metric in ("pearson", "spearman") else 0.0
+    return None if x is None else min(1.0, max(lo, x))
+
+
+def _head(rows: Sequence) -> str:
+    """The title of the rows' headline metric: AUC, C-index or Pearson r."""
+    return TITLES[rows[0].metric] if rows else "AUC"
+
+
+def _ms(r) -> str:
+    """``mean ± sd`` of a row's headline metric."""
+    return f"{_f(r.score)} ± {_f(r.score_sd)}"
 
 
 def _table(rows: Sequence, title: str) -> list[str]:
-    out = [f"| {title} | runs x folds | AUC mean ± sd | 95% CI | bal. acc. | F1 | Δ AUC vs baseline | p (Welch) |",
-           "|---|---|---|---|---|---|---|---|"]
+    h = _head(rows)
+    rest = rows[0].metrics[1:] if rows else ("balanced_accuracy", "f1")
+    out = [f"| {title} | runs x folds | {h} mean ± sd | 95% CI | " + " | ".join(TITLES[m] for m in rest)
+           + f" | Δ {h} vs baseline | p (Welch) |", "|---|---|---|---|" + "---|" * len(rest) + "---|---|"]
     for r in rows:
         name = f"**{r.key.label()}** (baseline)" if r.is_baseline else r.key.label()
+        lo, hi = _clip(r.ci[0], r.metric), _clip(r.ci[1], r.metric)
         out.append(
-            f"| {name} | {r.n_runs} x {r.n // max(r.n_runs, 1)} | {_f(r.mean.get('auc'))} ± {_f(r.sd.get('auc'))} "
-            f"| {_f(_clip(r.ci[0]))}–{_f(_clip(r.ci[1]))} | {_f(r.mean.get('balanced_accuracy'))} | {_f(r.mean.get('f1'))} "
-            f"| {'' if r.delta is None else format(r.delta, '+.3f')} | {format_p(r.p) if r.p is not None else ''} |"
+            f"| {name} | {r.n_runs} x {r.n // max(r.n_runs, 1)} | {_ms(r)} | {_f(lo)}–{_f(hi)} | "
+            + " | ".join(_f(r.mean.get(m)) for m in rest)
+            + f" | {'' if r.delta is None else format(r.delta, '+.3f')} | {format_p(r.p) if r.p is not None else ''} |"
         )
     return out
 
 
 def _best_per_level(rows: Sequence) -> list[str]:
-    """HistoTransfer Table II: per encoder x weights, AUC at each truncation level."""
+    """HistoTransfer Table II: per encoder x weights, the headline metric at each truncation level."""
     frozen = [r for r in rows if r.key.kind == "train" and r.key.train_fraction in (None, 1.0)]
     groups: dict[tuple[str, str], dict[int, object]] = {}
     for r in frozen:
@@ -118,8 +135,8 @@ def _best_per_level(rows: Sequence) -> list[str]:
     out = ["| encoder | weights | " + " | ".join(f"minus{lv}" for lv in levels) + " | best level |",
            "|---|---|" + "---|" * len(levels) + "---|"]
     for (enc, w), g in sorted(groups.items()):
-        cells = [f"{_f(g[lv].mean.get('auc'))} ± {_f(g[lv].sd.get('auc'))}" if lv in g else "" for lv in levels]
-        best = max(g.values(), key=lambda r: r.mean.get("auc") or -1)
+        cells = [_ms(g[lv]) if lv in g else "" for lv in levels]
+        best = max(g.values(), key=_score)
         out.append(f"| {enc} | {w} | " + " | ".join(cells) + f" | minus{best.key.minus} |")
     return out
 
@@ -136,7 +153,7 @@ def _fraction_table(rows: Sequence) -> list[str]:
            "|---|" + "---|" * len(fracs)]
     for (enc, w, lv), g in sorted(groups.items()):
         out.append(f"| {enc}:{w}:minus{lv} | " + " | ".join(
-            f"{_f(g[f].mean.get('auc'))} ± {_f(g[f].sd.get('auc'))}" if f in g else "" for f in fracs) + " |")
+            _ms(g[f]) if f in g else "" for f in fracs) + " |")
     return out
 
 
@@ -160,21 +177,22 @@ def _finetune_section(ft_run: Path, base: Path) -> list[str]:
 TIE = 0.0005   # mean AUCs this close print alike (3 decimals): a tie, not a ranking
 
 
-def _auc(r) -> float:
-    return r.mean.get("auc") if r.mean.get("auc") is not None else -1.0
+def _score(r) -> float:
+    """The headline metric for ranking (undefined ranks last)."""
+    return r.score if r.score is not None else -float("inf")
 
 
 def _tied(rows: Sequence, top) -> list:
-    return [r for r in rows if r is not top and abs(_auc(r) - _auc(top)) < TIE]
+    return [r for r in rows if r is not top and abs(_score(r) - _score(top)) < TIE]
 
 
 def _best_line(best, frozen: Sequence) -> str:
     line = (f"- **Best frozen configuration:** `{best.key.encoder}` with `{best.key.weights}` weights at "
-            f"**minus{best.key.minus}**: AUC {_f(best.mean.get('auc'))} ± {_f(best.sd.get('auc'))} "
-            f"(95% CI {_f(best.ci[0])}–{_f(best.ci[1])}, {best.n} fold results).")
+            f"**minus{best.key.minus}**: {TITLES[best.metric]} {_ms(best)} "
+            f"(95% CI {_f(_clip(best.ci[0], best.metric))}–{_f(_clip(best.ci[1], best.metric))}, {best.n} fold results).")
     ties = _tied(frozen, best)
     if ties:
-        line += (f" It ties with {len(ties)} other configuration(s) at that AUC "
+        line += (f" It ties with {len(ties)} other configuration(s) at that {TITLES[best.metric]} "
                  f"({', '.join(f'`{r.key.encoder}:{r.key.weights}:minus{r.key.minus}`' for r in ties[:6])}"
                  f"{' ...' if len(ties) > 6 else ''}); the tie goes to the least truncated network and "
                  "is no evidence that it is better: the task does not separate them.")
@@ -186,15 +204,19 @@ def _truncation_line(enc: str, w: str, rs: Sequence) -> str | None:
     full = next((r for r in rs if r.key.minus == 0), None)
     if full is None:
         return None
-    top = max(rs, key=_auc)
-    tie = [r for r in rs if abs(_auc(r) - _auc(top)) < TIE]
+    top = max(rs, key=_score)
+    h = TITLES[top.metric]
+    if top.score is None:
+        return f"- **Truncation, {enc} ({w}):** no level has a defined {h}."
+    tie = [r for r in rs if abs(_score(r) - _score(top)) < TIE]
     if len(tie) > 1:
         levels = ", ".join(f"minus{r.key.minus}" for r in tie)
-        return f"- **Truncation, {enc} ({w}):** {levels} tie at AUC {_f(top.mean.get('auc'))}: no level is better here."
+        return f"- **Truncation, {enc} ({w}):** {levels} tie at {h} {_f(top.score)}: no level is better here."
     if top is not full:
-        return (f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches AUC {_f(top.mean.get('auc'))} vs "
-                f"{_f(full.mean.get('auc'))} for the full network (Δ {top.mean['auc'] - full.mean['auc']:+.3f}).")
-    return f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, AUC {_f(full.mean.get('auc'))}."
+        delta = "" if full.score is None else f" (Δ {top.score - full.score:+.3f})"
+        return (f"- **Truncation, {enc} ({w}):** minus{top.key.minus} reaches {h} {_f(top.score)} vs "
+                f"{_f(full.score)} for the full network{delta}.")
+    return f"- **Truncation, {enc} ({w}):** the full network (minus0) is best, {h} {_f(full.score)}."
 
 
 def _pretraining_lines(frozen: Sequence) -> list[str]:
@@ -206,9 +228,9 @@ def _pretraining_lines(frozen: Sequence) -> list[str]:
         weights = sorted({r.key.weights for r in rs})
         if len(weights) < 2:
             continue
-        best_w = {w: max((r for r in rs if r.key.weights == w), key=_auc) for w in weights}
-        out.append(f"- **Pre-training, {enc}:** best AUC per weights: " + ", ".join(
-            f"`{w}` {_f(r.mean.get('auc'))} (minus{r.key.minus})" for w, r in best_w.items()) + ".")
+        best_w = {w: max((r for r in rs if r.key.weights == w), key=_score) for w in weights}
+        out.append(f"- **Pre-training, {enc}:** best {TITLES[rs[0].metric]} per weights: " + ", ".join(
+            f"`{w}` {_f(r.score)} (minus{r.key.minus})" for w, r in best_w.items()) + ".")
     return out
 
 
@@ -318,6 +340,38 @@ def _stain_section(inputs: SlideReport, store, rep_dir: Path) -> list[str]:
     return lines
 
 
+_ENDPOINT_NOTE = {"classification": "ranked by AUC", "survival": "ranked by Harrell's C-index; 0.5 is chance",
+                  "regression": "ranked by Pearson r; 0 is chance"}
+
+
+def _best_pictures(best_dir: Path | None, rep_dir: Path) -> list[str]:
+    """The best frozen configuration's picture: ROC curves (classification), Kaplan-Meier curves of
+    its risk groups with the log-rank p (survival), predicted vs true with the calibration line
+    (regression)."""
+    if best_dir is None or not (best_dir / "metrics.json").is_file():
+        return []
+    pooled = json.loads((best_dir / "metrics.json").read_text()).get("pooled") or {}
+    if (best_dir / "roc.png").exists():
+        return ["## ROC curves of the best frozen configuration", "", f"![ROC]({_rel(best_dir / 'roc.png', rep_dir)})", ""]
+    if (best_dir / "km.png").exists():
+        p = pooled.get("logrank_p")
+        return ["## Kaplan-Meier curves of the best frozen configuration", "",
+                "Every fold's test slides, split into high and low risk at their fold model's median risk on its "
+                f"own training slides (a cut fixed before the test slides were seen): high risk {pooled.get('n_high')} "
+                f"slides ({pooled.get('events_high')} events), low risk {pooled.get('n_low')} slides "
+                f"({pooled.get('events_low')} events); log-rank p {format_p(p) if p is not None else 'n/a'}.", "",
+                f"![Kaplan-Meier]({_rel(best_dir / 'km.png', rep_dir)})", ""]
+    if (best_dir / "scatter.png").exists():
+        cal = pooled.get("calibration") or {}
+        return ["## Calibration of the best frozen configuration", "",
+                f"Every fold's test slides: Pearson r {_f(pooled.get('pearson'))}, R² {_f(pooled.get('r2'))}, "
+                f"MAE {_f(pooled.get('mae'))}; calibration line true = {_f(cal.get('intercept'), '.2f')} + "
+                f"{_f(cal.get('slope'), '.2f')} × predicted (1 and 0 when calibrated; a slope below 1: predictions "
+                f"spread too far), mean error {_f(cal.get('mean_error'), '+.3f')}.", "",
+                f"![predicted vs true]({_rel(best_dir / 'scatter.png', rep_dir)})", ""]
+    return []
+
+
 def write_report(r: SlideReport) -> Path:
     """Write ``<out>/report/report.md`` of a slide study and return its path."""
     from featstore.store import open_store
@@ -330,7 +384,8 @@ def write_report(r: SlideReport) -> Path:
     lines = [f"# Transfer-learning study: {r.name}", "",
              f"Cohort: {n_slides} slides in `{r.store}`; labels `{r.labels}`; "
              f"encoders {', '.join(f'{e}:{w} levels {lv}' for e, w, lv in r.plans)}; seeds {r.seeds}; "
-             f"{'%d-fold CV' % r.folds if r.folds else 'hold-out split'}; train fractions {r.train_fractions}. "
+             f"{'%d-fold CV' % r.folds if r.folds else 'hold-out split'}; train fractions {r.train_fractions}; "
+             f"endpoint **{r.endpoint}** ({_ENDPOINT_NOTE.get(r.endpoint, '')}), one bag per {r.level}. "
              f"This run took {r.seconds:.0f} s and did: {r.new_work}.", "",
              *_stain_section(r, store, rep_dir),
              "## Answers", "", *_answers(rows, best, ft_run), ""]
@@ -340,13 +395,13 @@ def write_report(r: SlideReport) -> Path:
               + (" (the study's baseline)." if r.baseline_given else " (the best frozen configuration).") if base else "",
               "",
               *_table(rows, "encoder:weights:level kind"), "",
-              "![AUC by configuration](frozen/compare.png)", "",
-              "## Table II: AUC by truncation level", "", *_best_per_level(rows), ""]
+              f"![{_head(rows)} by configuration](frozen/compare.png)", "",
+              f"## Table II: {_head(rows)} by truncation level", "", *_best_per_level(rows), ""]
     if ft_run is not None and (ft_run / "metrics.json").exists():
         lines += ["## Table III: frozen vs top-k fine-tuned (same test slides)", "", *_finetune_section(ft_run, rep_dir), ""]
     frac = _fraction_table(rows)
     if frac:
-        lines += ["## Table IV: AUC by amount of training data", "", *frac, ""]
+        lines += [f"## Table IV: {_head(rows)} by amount of training data", "", *frac, ""]
     ext = _external_table(r.external_records)
     if ext:
         lines += ["## Table V: internal vs external validation", "",
@@ -361,9 +416,7 @@ def write_report(r: SlideReport) -> Path:
                   cka_note(cka_files["csv"], ft_run), "",
                   f"Values: `{_rel(cka_files['csv'], rep_dir)}`. A diagonal near 1 means fine-tuning left that "
                   "block's representation unchanged; low values mark the blocks that moved.", ""]
-    if best_dir is not None and (best_dir / "roc.png").exists():
-        lines += ["## ROC curves of the best frozen configuration", "",
-                  f"![ROC]({_rel(best_dir / 'roc.png', rep_dir)})", ""]
+    lines += _best_pictures(best_dir, rep_dir)
     if heatmaps:
         lines += ["## Attention heatmaps (best frozen configuration)", ""]
         for sid, png in heatmaps:

@@ -98,6 +98,8 @@ class StudyConfig(StudyForm):
     seeds: list[int] = field(default_factory=lambda: [0])
     folds: int | None = None
     split: str = "patient"            # mil train --split: patient | site | site-preserved
+    endpoint: str = "auto"            # mil train --task (the YAML's `task: survival` lands here)
+    level: str = "slide"              # mil train --level: slide | patient
     train_fractions: list[float] = field(default_factory=lambda: [1.0])
     tiling: dict = field(default_factory=dict)
     extract: dict = field(default_factory=dict)
@@ -152,6 +154,9 @@ class StudyConfig(StudyForm):
         check_plans(self.encoders, self.seeds)
         if self.split not in ("patient", "site", "site-preserved"):
             raise StudyError(f"split: {self.split!r}; choose patient, site or site-preserved")
+        if self.level not in ("slide", "patient"):
+            raise StudyError(f"level: {self.level!r}; choose slide or patient")
+        self.endpoint = self._resolve_endpoint()
         from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
         first = self.encoders[0]
         ft = dict(self.finetune)
@@ -173,6 +178,32 @@ class StudyConfig(StudyForm):
         self.pretrain = coerce_fields(PretrainConfig, self.pretrain, exclude=("encoder",))
         if self.baseline is not None:
             at("baseline", parse_baseline, self.baseline)
+
+    def _resolve_endpoint(self) -> str:
+        """The endpoint the labels ask for (``auto``: from the columns, as `mil train` does), and one
+        line for the stages a survival or regression study cannot run yet."""
+        from featstore.core.labels import TASKS, read_labels
+
+        if self.endpoint not in TASKS:
+            raise StudyError(f"task: {self.endpoint!r}; choose {', '.join(t for t in TASKS if t != 'auto')}, "
+                             "patch or segmentation (leave it out to read it from the labels' columns)")
+        endpoint = self.endpoint
+        if Path(self.labels).is_file():
+            try:
+                endpoint = read_labels(self.labels, task=endpoint).task
+            except Exception:  # noqa: BLE001 -- a bad labels file is the train stage's failure to report
+                pass
+        if endpoint in ("survival", "regression"):
+            if self.finetune.get("enabled"):
+                raise StudyError(f"finetune.enabled: true: top-k fine-tuning takes classification labels for now, "
+                                 f"and this study is task: {endpoint}; set finetune.enabled: false")
+            if self.external:
+                raise StudyError(f"external: cohorts are scored for classification studies for now, and this study "
+                                 f"is task: {endpoint}; drop the external section")
+        if self.level == "patient" and (self.finetune.get("enabled") or self.external):
+            raise StudyError("level: patient: fine-tuning and external cohorts take slide-level runs for now; "
+                             "set finetune.enabled: false and drop the external section, or use level: slide")
+        return endpoint
 
     def train_config(self, seed: int) -> TrainConfig:
         """The ``mil:`` section's TrainConfig for one seed."""
@@ -204,6 +235,19 @@ def _external(root: Path, c: "ExternalCohort", i: int) -> "ExternalCohort":
         raise StudyError(f"external[{i}].name: {c.name!r} must be a plain folder name")
     return replace(c, slides=[resolve(root, x) for x in c.slides], labels=resolve(root, c.labels),
                    store=resolve(root, c.store or f"{c.name}.zarr"))
+
+
+def heatmap_slides(preds: list[dict], classes: list[str], n: int) -> list[str]:
+    """The *n* slides a report draws: the most confidently positive slides of the positive class
+    (classification), the highest risks (survival) or predictions (regression); a patient-level
+    row stands for each of its slides."""
+    def key(r: dict):
+        if "risk" in r or "prediction" in r:
+            return (False, -float(r.get("risk") or r.get("prediction") or 0))
+        return (not classes or r.get("label") != classes[-1], -float(r.get("probability") or 0))
+
+    slides = [s for r in sorted(preds, key=key) for s in (r["slides"].split(";") if r.get("slides") else [r["slide_id"]])]
+    return slides[:n]
 
 
 def run_tag(enc: str, weights: str, minus: int, seed: int, frac: float) -> str:
@@ -306,7 +350,7 @@ class Study(StudyBase):
             try:
                 spec = RunSpec(store=self.cfg.store, labels=self.cfg.labels, out=str(path), encoder=enc, minus=lv,
                                weights=self.weights_used.get((enc, w), w), folds=self.cfg.folds,
-                               split=self.cfg.split,
+                               split=self.cfg.split, task=self.cfg.endpoint, level=self.cfg.level,
                                train_fraction=frac, allow_missing=True, overwrite=True)
                 train_run(spec, self.cfg.train_config(seed))
                 self.new_work["trained_runs"] += 1
@@ -335,8 +379,8 @@ class Study(StudyBase):
 
     def best_frozen(self, rows) -> Any | None:
         cands = [r for r in rows if r.key.kind == "train" and (r.key.train_fraction in (None, 1.0))
-                 and r.mean.get("auc") is not None]
-        return max(cands, key=lambda r: (r.mean["auc"], -r.key.minus)) if cands else None
+                 and r.score is not None]
+        return max(cands, key=lambda r: (r.score, -r.key.minus)) if cands else None
 
     def run_of(self, row) -> Path:
         """The run of a comparison group trained with the study's first seed (else its first run)."""
@@ -413,15 +457,12 @@ class Study(StudyBase):
         n = self.cfg.heatmaps
         if n <= 0 or run_dir is None or not (run_dir / "predictions.csv").exists():
             return []
-        preds = read_predictions(run_dir / "predictions.csv")
-        classes = json.loads((run_dir / "config.json").read_text())["classes"]
-        pos = classes[-1]
-        preds.sort(key=lambda r: (r["label"] != pos, -float(r.get("probability", 0) or 0)))
+        picks = heatmap_slides(read_predictions(run_dir / "predictions.csv"),
+                               json.loads((run_dir / "config.json").read_text()).get("classes") or [], n)
         store = open_store(self.cfg.store)
         out = []
-        for i, row in enumerate(preds[:n]):
-            sid = row["slide_id"]
-            self.progress(StudyEvent("heatmaps", i, min(n, len(preds)), sid))
+        for i, sid in enumerate(picks):
+            self.progress(StudyEvent("heatmaps", i, len(picks), sid))
             try:
                 src = store.slide_info(sid)["source"]
                 png = self.out / "report" / "heatmaps" / f"{sid}.png"
@@ -430,7 +471,7 @@ class Study(StudyBase):
                 out.append((sid, png))
             except Exception as exc:  # noqa: BLE001
                 self.fail("heatmap", sid, exc)
-        self.progress(StudyEvent("heatmaps", min(n, len(preds)), min(n, len(preds))))
+        self.progress(StudyEvent("heatmaps", len(picks), len(picks)))
         return out
 
     def external(self) -> list[dict]:
@@ -520,6 +561,7 @@ class Study(StudyBase):
             plans=[(e, self.weights_used.get((e, w), w), lv) for e, w, lv in self.plans()],   # tags, not paths
             seeds=cfg.seeds, folds=cfg.folds, train_fractions=cfg.train_fractions, extract=cfg.extract,
             weights_used=self.weights_used, baseline_given=bool(cfg.baseline), rows=rows, best=best,
+            endpoint=cfg.endpoint, level=cfg.level,
             best_dir=best_dir, ft_run=ft_run, cka_files=cka_files, heatmaps=heat, external_records=external))
         self.progress(StudyEvent("report", 1, 1))
         return self.result(report)

@@ -142,16 +142,93 @@ def test_max_pooling_is_refused_for_survival(burden, tmp_path):
     assert not (tmp_path / "m" / "config.json").exists()
 
 
-def test_commands_not_built_for_survival_yet_say_so_in_one_line(burden, tmp_path):
-    store, surv, _, _ = burden
-    assert _train(store, surv, tmp_path / "s", "--epochs", "2").exit_code == 0
-    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "s"), "--store", store])
-    line = _one_line(res)
-    assert "mil predict takes classification runs for now" in line and "survival run" in line
+def test_predict_evaluate_and_heatmap_titles_take_survival_runs(burden, tmp_path):
+    """`mil predict` gives each slide the mean of the fold heads' risks; `mil evaluate` scores a
+    cohort with them and its C-index is lifelines' on those very risks; a heatmap title names the
+    slide's time, event and risk."""
+    from lifelines.utils import concordance_index
+
+    store, surv, _, burden_ = burden
+    assert _train(store, surv, tmp_path / "s").exit_code == 0
+    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "s"), "--store", store,
+                                       "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == ["slide_id", "risk"] and len(rows) == 64
+    risk = np.array([float(r["risk"]) for r in rows])
+    assert np.corrcoef(risk, burden_)[0, 1] > 0.7               # the risk tracks the planted burden
+    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(tmp_path / "s"), "--store", store, "--labels", surv,
+                                       "--name", "again"])
+    assert res.exit_code == 0, res.output
+    assert "C-index" in res.output and "Uno's C" in res.output and "external ensemble" in res.output
+    ext = tmp_path / "s" / "external" / "again"
+    m = json.loads((ext / "metrics.json").read_text())
+    assert m["task"] == "survival" and m["n_training_overlap"] == 64
+    lab = read_labels(surv)
+    assert m["external"]["ensemble"]["c_index"] == pytest.approx(
+        concordance_index(lab.target[:, 0], -risk, lab.target[:, 1]), abs=1e-4)
+    assert m["external"]["ensemble"]["risk_groups"]["logrank_p"] < 0.01
+    preds = list(csv.DictReader((ext / "predictions.csv").open()))
+    assert list(preds[0])[:5] == ["slide_id", "patient_id", "time", "event", "risk"]
+    assert "log-rank p" in (ext / "summary.md").read_text()
     from mil.heatmap import slide_title
     from mil.run import load_run
 
-    run = load_run(tmp_path / "s")
-    assert run.task == "survival"
-    title = slide_title(run, "s000")
+    title = slide_title(load_run(tmp_path / "s"), "s000")
     assert title.startswith("s000: time ") and ", risk " in title
+
+
+def test_regression_runs_predict_evaluate_and_compare(burden, tmp_path):
+    """A regression run's `mil predict` values are on the target's own scale; `mil evaluate`'s
+    Pearson r is scipy's on them; `mil compare` ranks regression runs by Pearson r and refuses
+    to put a survival run in the same table."""
+    from scipy.stats import pearsonr
+
+    store, surv, reg, _ = burden
+    for seed in ("0", "1"):
+        assert _train(store, reg, tmp_path / f"r{seed}", "--seed", seed).exit_code == 0
+    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "r0"), "--store", store,
+                                       "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    pred = np.array([float(r["prediction"]) for r in csv.DictReader((tmp_path / "p.csv").open())])
+    target = read_labels(reg).target
+    assert abs(pred.mean() - target.mean()) < 0.25 * target.std()   # de-standardised with the training scale
+    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(tmp_path / "r0"), "--store", store, "--labels", reg])
+    assert res.exit_code == 0, res.output
+    m = json.loads(next((tmp_path / "r0" / "external").glob("*/metrics.json")).read_text())
+    assert m["external"]["ensemble"]["pearson"] == pytest.approx(pearsonr(target, pred)[0], abs=1e-5)
+    assert m["external"]["ensemble"]["calibration"]["slope"] is not None
+    res = CliRunner().invoke(mil_app, ["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--out",
+                                       str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert "Pearson r" in res.output
+    row = next(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    folds = [f["pearson"] for r in ("r0", "r1")
+             for f in json.loads((tmp_path / r / "metrics.json").read_text())["folds"].values()]
+    assert int(row["n"]) == 8 and float(row["pearson_mean"]) == pytest.approx(np.mean(folds), abs=1e-9)
+    assert _train(store, surv, tmp_path / "s", "--epochs", "2").exit_code == 0
+    res = CliRunner().invoke(mil_app, ["compare", str(tmp_path / "r0"), str(tmp_path / "s"), "--out",
+                                       str(tmp_path / "cmp2")])
+    assert "runs of different tasks cannot share one table" in _one_line(res)
+
+
+def test_multi_target_labels_train_one_head_per_column_reported_apart(burden, tmp_path):
+    """--targets grade,score: one run per column in OUT/<column>/, each its own task (grade:
+    classification, score: regression); slides without a grade sit out of the grade run only;
+    targets.json puts the two side by side; a missing column is one line."""
+    store, _, _, burden_ = burden
+    rows = [{"slide_id": f"s{i:03d}", "patient_id": f"p{i:03d}", "grade": "" if i % 8 == 7 else
+             ("high" if b > 0.2 else "low"), "score": f"{100 * b:.2f}"} for i, b in enumerate(burden_)]
+    labels = write_labels(tmp_path / "multi.csv", rows)
+    res = _train(store, labels, tmp_path / "m", "--targets", "grade,score")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "m" / "targets.json").read_text())
+    assert summary["targets"] == ["grade", "score"]
+    assert summary["runs"]["grade"]["task"] == "classification" and summary["runs"]["score"]["task"] == "regression"
+    assert summary["runs"]["grade"]["n_slides"] == 56 and summary["runs"]["score"]["n_slides"] == 64
+    grade = json.loads((tmp_path / "m" / "grade" / "config.json").read_text())
+    assert grade["classes"] == ["high", "low"]
+    assert summary["runs"]["grade"]["mean"]["auc"] > 0.8 and summary["runs"]["score"]["mean"]["pearson"] > 0.7
+    assert "grade" in res.output and "score" in res.output and "Pearson r" in res.output and "AUC" in res.output
+    line = _one_line(_train(store, labels, tmp_path / "x", "--targets", "grade,stage"))
+    assert "missing column(s) stage; found slide_id, patient_id, grade, score" in line
