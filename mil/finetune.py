@@ -36,7 +36,7 @@ from mil.config import FinetuneConfig, FinetuneSpec
 from mil.errors import MilError
 from mil.parent import Parent, load_parent, parent_encoder
 from mil.run import RunWriter
-from mil.scoring import score_bags, val_metrics
+from mil.scoring import bag_outputs, score_bags, val_metrics
 from mil.topk import frozen_topk, select_topk
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class FinetuneResult:
     model: BagModel = field(repr=False)
     history: dict = field(default_factory=dict)
     selection: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    task: str = "classification"
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _Job:
     selection: dict[str, np.ndarray]
     cfg: FinetuneConfig
     report: Callable[[Event], None]
+    task: object = None                        # mil.tasks.Task of a survival / regression run; None: classes
 
     def ticker(self, stage: str, epoch: int, items) -> Callable[[], None]:
         """A per-batch progress callback for embedding *items* ((slide_id, rows) pairs)."""
@@ -148,7 +150,11 @@ def _train_epoch(job: _Job, opt: torch.optim.Optimizer) -> Callable[[int], float
         opt.zero_grad(set_to_none=True)
 
         def steps():
-            for step, (sid, x) in enumerate(job.tiles.stream([(s, job.coords[s][sel[s]]) for s in order])):
+            stream = job.tiles.stream([(s, job.coords[s][sel[s]]) for s in order])
+            if job.task is not None:
+                yield from _task_steps(job, opt, stream, len(order), jitter)
+                return
+            for step, (sid, x) in enumerate(stream):
                 x = jitter(x)
                 model.train_mode()
                 loss = backward_bag(model, x, job.parent.y[sid], 1.0 / cfg.accumulate)
@@ -163,11 +169,56 @@ def _train_epoch(job: _Job, opt: torch.optim.Optimizer) -> Callable[[int], float
     return train_epoch
 
 
+def _task_steps(job: _Job, opt: torch.optim.Optimizer, stream, n: int, jitter):
+    """Survival / regression: one optimiser step per ``max(accumulate, task.bags_per_step)`` bags,
+    on the task's loss over their outputs together (a Cox risk set needs several slides, so
+    their graphs are kept until the step; each bag's encoder activations stay checkpointed)."""
+    model, task, parent = job.model, job.task, job.parent
+    per_step = max(job.cfg.accumulate, task.bags_per_step)
+    outs, rows = [], []
+    for step, (sid, x) in enumerate(stream):
+        model.train_mode()
+        out, _ = model(jitter(x))
+        outs.append(out.float())
+        rows.append(parent.row[sid])
+        if len(outs) < per_step and step + 1 < n:
+            continue
+        loss = task.loss(torch.stack(outs), np.array(rows))
+        if loss.requires_grad:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        outs, rows = [], []
+        yield float(loss.detach())
+
+
+def _task_outputs(job: _Job, head, bags, ids: list[str]) -> tuple[np.ndarray, dict]:
+    """A survival / regression head on *ids*: the task's prediction (risk, value) and raw attention."""
+    raw, attn = bag_outputs(head, bags, ids)
+    return job.task.predict(raw), attn
+
+
 def _evaluate(job: _Job) -> Callable[[int], dict[str, float]] | None:
-    """Validation on the val slides' frozen top-k tiles (None without val slides)."""
+    """Validation on the val slides' frozen top-k tiles (None without val slides, or when the
+    task's loss cannot score them: a Cox loss needs an event)."""
     val_ids = job.parent.val
     if not val_ids:
         return None
+    if job.task is not None:
+        rows = job.parent.rows(val_ids)
+        if not job.task.val_defined(rows):
+            log.warning("the %d validation slides cannot score the %s loss (no event among them)", len(val_ids),
+                        job.task.name)
+            return None
+
+        def evaluate_task(epoch: int) -> dict[str, float]:
+            emb = job.embed([(s, job.coords[s][job.selection[s]]) for s in val_ids])
+            raw, _ = bag_outputs(job.model.head, emb, val_ids)
+            v = job.task.val_loss(torch.as_tensor(raw, dtype=torch.float32), rows)
+            job.report(Event("val", epoch, job.cfg.epochs, len(val_ids), len(val_ids), v))
+            return {"val_loss": v}
+
+        return evaluate_task
     yv = np.array([job.parent.y[s] for s in val_ids], dtype=np.int64)
 
     def evaluate(epoch: int) -> dict[str, float]:
@@ -206,6 +257,8 @@ def _score_test(job: _Job) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
     cfg, test = job.cfg, job.parent.test
     items = [(s, job.coords[s] if cfg.eval_tiles == "all" else job.coords[s][job.selection[s]]) for s in test]
     emb = job.embed(items, job.ticker("test", cfg.epochs, items))
+    if job.task is not None:
+        return _task_outputs(job, job.model.head, emb, test)
     return score_bags(job.model.head, emb, test)
 
 
@@ -236,28 +289,48 @@ def finetune_run(spec: FinetuneSpec, cfg: FinetuneConfig,
                 stage(f"frozen attention of fold {fold} over {len(ids)} slides ({parent.key})")
                 bags = load_bags(st, ids, parent.key, expected_dim=int(run.model_config["in_dim"]))
                 job = _Job(model, tiles, parent, {s: st.coords(s) for s in ids},
-                           frozen_topk(frozen, bags, ids, cfg.k), cfg, progress or (lambda e: None))
+                           frozen_topk(frozen, bags, ids, cfg.k), cfg, progress or (lambda e: None), parent.task())
                 fit = _train(job)
                 stage(f"scoring {len(parent.test)} test slides ({cfg.eval_tiles} tiles)")
                 ft_probs, ft_attn = _score_test(job)
+                cutoff = _risk_cutoff(job) if job.task is not None and job.task.name == "survival" else None
                 paths = dict(tiles.paths)
             except BaseException:
                 writer.close()
                 raise
     with writer:    # released when the run is written, or fails
-        frozen_probs, _ = score_bags(frozen, bags, parent.test)
-        y_test = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
-        ft_m = fold_metrics(y_test, ft_probs, n_boot=cfg.n_boot, seed=cfg.seed)
-        fr_m = fold_metrics(y_test, frozen_probs, n_boot=cfg.n_boot, seed=cfg.seed)
-        metrics = {**summarize({fold: ft_m}), "frozen": summarize({fold: fr_m})}
+        if job.task is None:
+            frozen_probs, _ = score_bags(frozen, bags, parent.test)
+            y_test = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
+            ft_m = fold_metrics(y_test, ft_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+            fr_m = fold_metrics(y_test, frozen_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+            keys = ("auc", "balanced_accuracy", "f1")
+        else:
+            frozen_probs, _ = _task_outputs(job, frozen, bags, parent.test)
+            test_rows = parent.rows(parent.test)
+            ft_m = job.task.fold_metrics(test_rows, ft_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+            fr_m = job.task.fold_metrics(test_rows, frozen_probs, n_boot=cfg.n_boot, seed=cfg.seed)
+            keys = job.task.keys
+        metrics = {**summarize({fold: ft_m}, keys), "frozen": summarize({fold: fr_m}, keys)}
         stage(f"writing {writer.path}")
         history = fit.as_dict()
-        _write(writer, job, fit.best_epoch, history, metrics, (ft_probs, ft_attn, frozen_probs), precision, paths)
-    return FinetuneResult(writer.path, fold, metrics, model, history, job.selection)
+        _write(writer, job, fit.best_epoch, history, metrics, (ft_probs, ft_attn, frozen_probs), precision, paths,
+               cutoff)
+    return FinetuneResult(writer.path, fold, metrics, model, history, job.selection,
+                          "classification" if job.task is None else job.task.name)
+
+
+def _risk_cutoff(job: _Job) -> float:
+    """The fine-tuned model's median risk over its training slides' top-k tiles: where km.png splits
+    the test slides into high and low risk (a cut fixed before the test slides are seen)."""
+    train = job.parent.train
+    emb = job.embed([(s, job.coords[s][job.selection[s]]) for s in train])
+    risk, _ = _task_outputs(job, job.model.head, emb, train)
+    return float(np.median(risk))
 
 
 def _write(writer: RunWriter, job: _Job, best_epoch: int, history: dict, metrics: dict, scores: tuple,
-           precision: str, paths: Mapping[str, Path]) -> None:
+           precision: str, paths: Mapping[str, Path], cutoff: float | None = None) -> None:
     """Every file of the fine-tune run: encoder checkpoint, head, metrics, predictions, plots, config."""
     from featstore import __version__ as featstore_version
     from featstore.checkpoint import file_sha256, file_tag, save_encoder
@@ -279,19 +352,32 @@ def _write(writer: RunWriter, job: _Job, best_epoch: int, history: dict, metrics
                   "parent_sha256": run.provenance.get("weights_sha256")}
     writer.models({fold: model.head.state_dict()}, model.head.config, classes, provenance)
     writer.json("metrics.json", metrics)
-    rows = lambda probs: [{"slide_id": s, "label": classes[parent.y[s]], "fold": fold, "probs": p}  # noqa: E731
-                          for s, p in zip(parent.test, probs)]
-    writer.predictions(rows(frozen_probs), classes, "predictions_frozen.csv")
-    writer.predictions(rows(ft_probs), classes)
+    task = job.task
+    name = "classification" if task is None else task.name
+    if task is None:
+        rows = lambda probs: [{"slide_id": s, "label": classes[parent.y[s]], "fold": fold, "probs": p}  # noqa: E731
+                              for s, p in zip(parent.test, probs)]
+    else:
+        rows = lambda preds: [{"slide_id": s, "fold": fold, **task.row(parent.row[s], p)}  # noqa: E731
+                              for s, p in zip(parent.test, preds)]
+    writer.predictions(rows(frozen_probs), classes, "predictions_frozen.csv", task=name)
+    writer.predictions(rows(ft_probs), classes, task=name)
     if cfg.eval_tiles == "all":
         writer.attention({(fold, s): a for s, a in ft_attn.items()})
     writer.json("topk.json", {"k": cfg.k, "fold": fold, "rows": {s: job.selection[s].tolist() for s in parent.slide_ids}})
     writer.json("history.json", {fold: history})
-    y_test = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
-    writer.plots({fold: (y_test, ft_probs)}, classes, metrics, {fold: history})
+    if task is None:
+        truth = np.array([parent.y[s] for s in parent.test], dtype=np.int64)
+    else:
+        truth = parent.labels.target[parent.rows(parent.test)]
+    writer.plots({fold: (truth, ft_probs)}, classes, metrics, {fold: history}, task=name,
+                 cutoffs=None if cutoff is None else {fold: cutoff})
     key = parent.key
+    task_config = {}
+    if task is not None:
+        task_config = {fold: {**task.config(), **({"risk_cutoff": cutoff} if cutoff is not None else {})}}
     writer.finish({
-        "kind": "finetune", "parent_run": str(run.path), "encoder": key.encoder, "weights": key.weights,
+        "kind": "finetune", "task": name, "task_config": task_config, "parent_run": str(run.path), "encoder": key.encoder, "weights": key.weights,
         "minus": key.minus, "model": run.model_config.get("name"), "seed": cfg.seed, "epochs": cfg.epochs,
         "lr": cfg.lr, "head_lr": cfg.head_lr,
         **{k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "lr", "head_lr", "seed")},

@@ -12,11 +12,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from featstore.errors import FeatstoreError, StoreError
 from featstore.store import FeatureKey, open_store
 from featstore.tags import WeightsTag
 from mil.errors import LabelsError, MilError, RunError
-from featstore.core.labels import read_labels
+from featstore.core.labels import Labels, read_labels
 from mil.run import Run, load_run
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,29 @@ class Parent:
     train: list[str]
     val: list[str]
     test: list[str]
-    y: dict[str, int]                   # slide_id -> class index into run.classes
+    y: dict[str, int]                   # slide_id -> class index into run.classes (classification)
+    labels: Labels | None = None        # the run's labels table (survival, regression)
+    row: dict[str, int] | None = None   # slide_id -> row of labels
 
     @property
     def slide_ids(self) -> list[str]:
         return self.train + self.val + self.test
+
+    def rows(self, ids: list[str]) -> np.ndarray:
+        """Label rows of *ids* (survival, regression)."""
+        return np.array([self.row[s] for s in ids], dtype=np.int64)
+
+    def task(self):
+        """The run's survival or regression task fitted on this fold's training slides exactly as
+        `mil train` fitted it (same rows: same NLL bins, same target scaling); None for
+        classification (whose loss is :func:`mil.bagmodel.backward_bag`)."""
+        if self.run.task == "classification":
+            return None
+        from mil.tasks import make_task
+
+        c = self.run.config
+        return make_task(self.labels, self.rows(self.train), survival_loss=c.get("survival_loss", "cox"),
+                         time_bins=int(c.get("time_bins", 4)), cox_batch=int(c.get("cox_batch", 16)))
 
 
 def _fold(run: Run, fold: str | None) -> tuple[str, dict[str, list[str]]]:
@@ -99,9 +119,16 @@ def _fold(run: Run, fold: str | None) -> tuple[str, dict[str, list[str]]]:
     return fold, {part: list(splits[fold].get(part, [])) for part in ("train", "val", "test")}
 
 
+def run_labels_table(run: Run) -> Labels:
+    """The run's labels file read as the run read it (its task, its target column)."""
+    c = run.config
+    return read_labels(c["labels"], error=LabelsError, task=run.task, column=c.get("target", "label"),
+                       others=c.get("other_targets") or ())
+
+
 def _labels(run: Run, need: list[str]) -> dict[str, int]:
     """{slide_id: class index} from the run's labels file, which must match the run."""
-    labels = read_labels(run.config["labels"], error=LabelsError)
+    labels = run_labels_table(run)
     if tuple(labels.classes) != tuple(run.classes):
         raise LabelsError(f"{labels.path}: classes {list(labels.classes)} differ from run {run.path}'s "
                           f"{run.classes}; use the run's labels file")
@@ -116,7 +143,7 @@ def _labels(run: Run, need: list[str]) -> dict[str, int]:
 def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None = None) -> Parent:
     """Read the run, its store, labels and the fold's split; one-line errors for every gap."""
     run = load_run(run_dir)
-    run.require_classification("mil finetune")
+    run.require_slide_level("mil finetune")
     fold, ids = _fold(run, fold)
     cfg = run.config
     store_path = store or cfg.get("store")
@@ -126,7 +153,16 @@ def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None 
         raise MilError(f"run {run.path}: cannot open its store {store_path} ({exc}); pass --store") from None
     key = FeatureKey(cfg["encoder"], cfg["weights"], int(cfg["minus"]))
     need = ids["train"] + ids["val"] + ids["test"]
-    y = _labels(run, need)
+    labels, row = None, None
+    if run.task == "classification":
+        y = _labels(run, need)
+    else:
+        y, labels = {}, run_labels_table(run)
+        row = {s: i for i, s in enumerate(labels.slide_ids)}
+        unlabeled = [s for s in need if s not in row]
+        if unlabeled:
+            raise LabelsError(f"{labels.path} lacks slide(s) {', '.join(unlabeled[:10])} of run {run.path}; "
+                              "use the run's labels file")
     try:
         missing = [s for s in need if not st.has_features(s, key.encoder, key.minus, key.weights)]
     except StoreError as exc:
@@ -136,7 +172,7 @@ def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None 
                        f"{run.path}; pass the run's store with --store")
     if not ids["train"]:
         raise MilError(f"run {run.path}: fold {fold} has no training slides")
-    return Parent(run, st, key, fold, ids["train"], ids["val"], ids["test"], y)
+    return Parent(run, st, key, fold, ids["train"], ids["val"], ids["test"], y, labels, row)
 
 
 __all__ = ["Parent", "load_parent", "parent_encoder", "parent_weights"]

@@ -343,7 +343,8 @@ def survival_metrics(train: np.ndarray, test: np.ndarray, risk: np.ndarray, *,
     except ValueError:      # no comparable pair
         return out
     c = lambda e, idx: harrell_c(time[idx.astype(int)], e, risk[idx.astype(int)])  # noqa: E731
-    lo, hi = bootstrap_ci(c, event, np.arange(len(test), dtype=np.float64), n_boot=n_boot, seed=seed)
+    with np.errstate(invalid="ignore", divide="ignore"):   # a resample without a comparable pair is NaN, dropped
+        lo, hi = bootstrap_ci(c, event, np.arange(len(test), dtype=np.float64), n_boot=n_boot, seed=seed)
     out["c_index_ci"] = [_finite(lo), _finite(hi)]
     s_tr, s_te = surv_struct(train), surv_struct(test)
     tau = float(train[:, 0].max())

@@ -378,7 +378,8 @@ def train_run(spec: RunSpec, cfg: TrainConfig,
         writer.plots(folds.results, classes, metrics, folds.histories, task=labels.task, cutoffs=folds.cutoffs)
         writer.models(folds.states, folds.model_config, classes, provenance)
         writer.finish({
-            "kind": "train", "task": labels.task, "level": spec.level,
+            "kind": "train", "task": labels.task, "level": spec.level, "target": spec.target,
+            "other_targets": list(spec.targets or ()),
             **({"patients": {p: list(m) for p, m in members.items()}} if members is not None else {}), "task_config": folds.task_config, "encoder": key.encoder, "weights": key.weights, "minus": key.minus,
             **cfg.to_dict(), "folds": spec.folds, "fold_names": [s.name for s in splits],
             "split": spec.split, "train_fraction": spec.train_fraction, "allow_missing": spec.allow_missing,

@@ -39,13 +39,22 @@ def finetune(spec: FinetuneSpec, cfg: FinetuneConfig) -> None:
         res = finetune_run(spec, cfg, progress=progress, on_stage=lambda s: bar.console.log(s))
     out = Path(spec.out)
     m, fr = res.metrics["folds"][res.fold], res.metrics["frozen"]["folds"][res.fold]
+    from mil.tasks import task_columns
+
     table = Table(title=f"{out}: fold {res.fold}, {m['n']} test slides, k={cfg.k}")
-    for col in ("model", "AUC", "95% CI", "bal. acc.", "F1"):
+    cols = task_columns(res.task)    # AUC ...; C-index ...; Pearson r ...
+    for col in ("model", *(title for title, _ in cols)):
         table.add_column(col)
+
+    def cell(row: dict, key: str) -> str:
+        if key.endswith("_ci"):
+            lo, hi = row.get(key) or (None, None)
+            return f"{_fmt(lo)}-{_fmt(hi)}"
+        v = row.get(key)
+        return str(v) if isinstance(v, int) else _fmt(v)
+
     for name, row in (("frozen", fr), ("fine-tuned", m)):
-        lo, hi = row["auc_ci"]
-        table.add_row(name, _fmt(row["auc"]), f"{_fmt(lo)}-{_fmt(hi)}", _fmt(row["balanced_accuracy"]),
-                      _fmt(row["f1"]))
+        table.add_row(name, *(cell(row, k) for _, k in cols))
     console.print(table)
     console.print(f"fine-tuned encoder: [bold]{out / 'encoder.pt'}[/] "
                   f"(featstore extract --encoder {res.model.encoder.name} --weights {out / 'encoder.pt'})")

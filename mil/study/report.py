@@ -158,14 +158,18 @@ def _fraction_table(rows: Sequence) -> list[str]:
 
 
 def _finetune_section(ft_run: Path, base: Path) -> list[str]:
+    from analysis.compare import TASK_METRICS
+
     m = json.loads((ft_run / "metrics.json").read_text())
     cfg = json.loads((ft_run / "config.json").read_text())
-    out = ["| model | slides | AUC | 95% CI | balanced accuracy | F1 |", "|---|---|---|---|---|---|"]
+    head, *rest = TASK_METRICS.get(cfg.get("task", "classification"), TASK_METRICS["classification"])
+    out = [f"| model | slides | {TITLES[head]} | 95% CI | " + " | ".join(TITLES[k] for k in rest) + " |",
+           "|---|---|---|---|" + "---|" * len(rest)]
     for name, block in (("frozen (MIL on stored features)", m.get("frozen", {})), ("top-k fine-tuned", m)):
         for fold, v in (block.get("folds") or {}).items():
-            ci = v.get("auc_ci") or [None, None]
-            out.append(f"| {name} [{fold}] | {v.get('n', '')} | {_f(v.get('auc'))} | {_f(ci[0])}–{_f(ci[1])} "
-                       f"| {_f(v.get('balanced_accuracy'))} | {_f(v.get('f1'))} |")
+            ci = v.get(f"{head}_ci") or [None, None]
+            out.append(f"| {name} [{fold}] | {v.get('n', '')} | {_f(v.get(head))} | {_f(ci[0])}–{_f(ci[1])} | "
+                       + " | ".join(_f(v.get(k)) for k in rest) + " |")
     extra = []
     if "comparison" in m:
         extra.append(f"Paired comparison on the same slides: {json.dumps(m['comparison'])}")
@@ -246,9 +250,10 @@ def _answers(rows: Sequence, best, ft_run: Path | None) -> list[str]:
     a += _pretraining_lines(frozen)
     if ft_run is not None and (ft_run / "metrics.json").exists():
         m = json.loads((ft_run / "metrics.json").read_text())
-        fa, fb = m.get("frozen", {}).get("mean", {}).get("auc"), m.get("mean", {}).get("auc")
+        key, h = best.metric, TITLES[best.metric]
+        fa, fb = m.get("frozen", {}).get("mean", {}).get(key), m.get("mean", {}).get(key)
         if fa is not None and fb is not None:
-            a.append(f"- **Fine-tuning helps?** On the same test slides: frozen AUC {_f(fa)} → fine-tuned {_f(fb)} "
+            a.append(f"- **Fine-tuning helps?** On the same test slides: frozen {h} {_f(fa)} → fine-tuned {_f(fb)} "
                      f"(Δ {fb - fa:+.3f}). See the fine-tuning table for CIs.")
     a.append("- Differences whose Welch p ≥ 0.05 or whose CIs overlap widely are not evidence of a real "
              "difference on this cohort; add seeds/folds or slides before concluding.")
@@ -293,7 +298,8 @@ def _external_table(records: Sequence[dict]) -> list[str]:
             return "-"
         return f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
-    rows = ["| cohort | configuration | seeds | internal AUC | external AUC | drop | external 95 % CI (first seed) | "
+    h = records[0].get("metric", "AUC")
+    rows = [f"| cohort | configuration | seeds | internal {h} | external {h} | drop | external 95 % CI (first seed) | "
             "external slides |", "|---|---|---|---|---|---|---|---|"]
     for (coh, enc, w, lv), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -405,8 +411,9 @@ def write_report(r: SlideReport) -> Path:
     ext = _external_table(r.external_records)
     if ext:
         lines += ["## Table V: internal vs external validation", "",
-                  "Internal: the run's cross-validated test AUC (mean over folds). External: the mean of the "
-                  "fold models' probabilities on the external cohort, never trained on (`mil evaluate`). Both "
+                  f"Internal: the run's cross-validated test {r.external_records[0].get('metric', 'AUC')} (mean over "
+                  "folds). External: the mean of the fold models' predictions on the external cohort, never trained "
+                  "on (`mil evaluate`). Both "
                   "are mean ± sd over seeds, and the external 95 % CI is the first seed's bootstrap. Pick an "
                   "encoder by the external column: a large drop means the features learned this site.", "",
                   *ext, ""]

@@ -181,7 +181,7 @@ class StudyConfig(StudyForm):
 
     def _resolve_endpoint(self) -> str:
         """The endpoint the labels ask for (``auto``: from the columns, as `mil train` does), and one
-        line for the stages a survival or regression study cannot run yet."""
+        line for what a patient-level study cannot run yet."""
         from featstore.core.labels import TASKS, read_labels
 
         if self.endpoint not in TASKS:
@@ -193,16 +193,9 @@ class StudyConfig(StudyForm):
                 endpoint = read_labels(self.labels, task=endpoint).task
             except Exception:  # noqa: BLE001 -- a bad labels file is the train stage's failure to report
                 pass
-        if endpoint in ("survival", "regression"):
-            if self.finetune.get("enabled"):
-                raise StudyError(f"finetune.enabled: true: top-k fine-tuning takes classification labels for now, "
-                                 f"and this study is task: {endpoint}; set finetune.enabled: false")
-            if self.external:
-                raise StudyError(f"external: cohorts are scored for classification studies for now, and this study "
-                                 f"is task: {endpoint}; drop the external section")
-        if self.level == "patient" and (self.finetune.get("enabled") or self.external):
-            raise StudyError("level: patient: fine-tuning and external cohorts take slide-level runs for now; "
-                             "set finetune.enabled: false and drop the external section, or use level: slide")
+        if self.level == "patient" and self.finetune.get("enabled"):
+            raise StudyError("level: patient: top-k fine-tuning takes slide-level runs for now; set "
+                             "finetune.enabled: false or use level: slide")
         return endpoint
 
     def train_config(self, seed: int) -> TrainConfig:
@@ -484,7 +477,7 @@ class Study(StudyBase):
         from featstore.extract import Extractor
         from featstore.store import open_store
         from featstore.tiling import TilingConfig
-        from mil.evaluate import evaluate_external
+        from mil.evaluate import evaluate_external, summary_columns
 
         main = open_store(self.cfg.store)
         tiling = TilingConfig.from_dict({**(main.tiling or {}), **self.cfg.tiling}, where="tiling")
@@ -522,11 +515,13 @@ class Study(StudyBase):
                 except Exception as exc:  # noqa: BLE001
                     self.fail(f"evaluate {coh.name}", path.name, exc)
                     continue
+                key, title, _, _ = summary_columns(m)   # auc, c_index or pearson
                 records.append({"cohort": coh.name, "run": str(path), "encoder": enc,
                                 "weights": self.labels.get((enc, w), w), "minus": lv, "seed": seed,
-                                "internal_auc": (m["internal"]["mean"] or {}).get("auc"),
-                                "external_auc": m["external"]["ensemble"]["auc"],
-                                "external_ci": m["external"]["ensemble"].get("auc_ci"),
+                                "metric": title,
+                                "internal_auc": (m["internal"]["mean"] or {}).get(key),
+                                "external_auc": m["external"]["ensemble"].get(key),
+                                "external_ci": m["external"]["ensemble"].get(f"{key}_ci"),
                                 "n_external": m.get("n_slides")})
             self.progress(StudyEvent(f"evaluate {coh.name}", len(runs), len(runs)))
         return records

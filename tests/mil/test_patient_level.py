@@ -166,3 +166,15 @@ def test_patient_run_evaluates_the_patients_of_another_cohort(cohort, tmp_path):
     ens = m["external"]["ensemble"]
     assert ens["auc"] == pytest.approx(fold_metrics(y, np.stack([1 - p1, p1], 1), n_boot=10)["auc"], abs=1e-9)
     assert ens["auc"] > 0.8
+
+
+def test_commands_not_built_for_patient_runs_say_so_in_one_line(cohort, tmp_path):
+    store, labels, *_ = cohort
+    assert _train(store, labels, tmp_path / "run", "--level", "patient", "--epochs", "1").exit_code == 0
+    for cmd in (["predict", "--run", str(tmp_path / "run"), "--store", store],
+                ["finetune", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "ft")]):
+        res = CliRunner().invoke(mil_app, cmd)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 1 and len(lines) == 1, res.output
+        assert f"mil {cmd[0]} takes slide-level runs for now" in lines[0] and "--level patient" in lines[0]
+    assert not (tmp_path / "ft").exists()

@@ -64,7 +64,12 @@ def _images(report: str, base: Path) -> list[Path]:
 
 
 def test_survival_study_ranks_by_c_index_and_draws_kaplan_meier(burden_dir):
-    res = CliRunner().invoke(featstore_app, ["study", str(_study(burden_dir, "surv", "survival", "survival.csv"))])
+    """... and fine-tunes the best configuration and scores an external cohort on the C-index too."""
+    ft = {"enabled": True, "k": 4, "epochs": 1, "micro_batch": 4, "precision": "fp32", "n_boot": 50,
+          "eval_tiles": "topk"}
+    ext = [{"name": "again", "slides": ["slides"], "labels": "survival.csv"}]
+    path = _study(burden_dir, "surv", "survival", "survival.csv", finetune=ft, external=ext)
+    res = CliRunner().invoke(featstore_app, ["study", str(path)])
     assert res.exit_code == 0, res.output
     out = burden_dir / "surv"
     report = (out / "report" / "report.md").read_text()
@@ -78,7 +83,10 @@ def test_survival_study_ranks_by_c_index_and_draws_kaplan_meier(burden_dir):
     assert {r["minus"] for r in rows} == {"0", "3"} and "c_index_mean" in rows[0]
     best = max(float(r["c_index_mean"]) for r in rows)
     assert best > 0.75, rows                                 # lesion burden sets the hazard
-    assert f"C-index {best:.3f}" in report.split("## Answers")[1].split("##")[0]
+    answers = report.split("## Answers")[1].split("##")[0]
+    assert f"C-index {best:.3f}" in answers and "frozen C-index" in answers
+    assert "| model | slides | C-index | 95% CI | Uno's C | td-AUC |" in report.split("## Table III")[1]
+    assert "| internal C-index | external C-index |" in report.split("## Table V")[1]
 
 
 def test_regression_study_reports_pearson_and_calibration(burden_dir):
@@ -97,9 +105,9 @@ def test_regression_study_reports_pearson_and_calibration(burden_dir):
     assert json.loads((out / "study.json").read_text())["endpoint"] == "regression"
 
 
-def test_study_refuses_what_an_endpoint_cannot_run_in_one_line(burden_dir, tmp_path):
-    path = _study(burden_dir, "bad", "survival", "survival.csv", finetune={"enabled": True})
-    with pytest.raises(StudyError, match="finetune.enabled: true: top-k fine-tuning takes classification"):
+def test_study_refuses_what_it_cannot_run_in_one_line(burden_dir, tmp_path):
+    path = _study(burden_dir, "bad", "survival", "survival.csv", level="patient", finetune={"enabled": True})
+    with pytest.raises(StudyError, match="level: patient: top-k fine-tuning takes slide-level runs for now"):
         load_study(path)
     path = _study(burden_dir, "bad", "hazard", "survival.csv")
     with pytest.raises(StudyError, match="task: 'hazard'; choose patch or segmentation, or classification, survival, regression"):
