@@ -31,6 +31,17 @@ def register_tiny() -> str:
     return TINY
 
 
+TINY_CNN = "test_r18_64"
+
+
+@pytest.fixture
+def tiny_cnn(monkeypatch) -> str:
+    """resnet18's entry at 64 px input: the CNN methods' code paths at 1/12 of the pixels."""
+    monkeypatch.setitem(registry._REGISTRY, TINY_CNN, replace(get_spec("resnet18"), name=TINY_CNN, input_size=64,
+                                                             weights={}))
+    return TINY_CNN
+
+
 @pytest.fixture
 def tiny_vit(monkeypatch) -> str:
     monkeypatch.setitem(registry._REGISTRY, TINY, tiny_vit_spec())

@@ -33,7 +33,7 @@ def test_unet_reaches_dice_085_on_held_out_glands_and_scores_out_of_domain(gland
     from featstore.cli import mil_app
 
     r = CliRunner().invoke(mil_app, ["seg", "train", "--images", str(glands / "he" / "images"), "--encoder",
-                                     "resnet18", "--epochs", "12", "--patience", "0", "--crop", "128",
+                                     "resnet18", "--epochs", "12", "--patience", "0", "--crop", "96",
                                      "--test", "0.25", "--val", "0.15", "--n-boot", "100", "--out",
                                      str(tmp_path / "run"), "--test-images", str(glands / "dark" / "images"),
                                      "--test-images", str(glands / "faded" / "images")])
@@ -44,7 +44,7 @@ def test_unet_reaches_dice_085_on_held_out_glands_and_scores_out_of_domain(gland
     assert 0 <= m["test"]["aji"] <= 1 and 0 <= m["test"]["object_dice"] <= 1
     assert m["ood:dark"]["n"] == 12 and 0 <= m["ood:dark"]["dice"] <= 1
     # the harsher style (faded haematoxylin, yellow cast) costs Dice without retraining:
-    # measured 0.976 in-domain, 0.971 he-dark, 0.903 he-faded
+    # measured (crop 96, 12 epochs) 0.975 in-domain, 0.973 he-dark, 0.453 he-faded
     assert m["ood:faded"]["dice"] < m["test"]["dice"] - 0.03, m
     assert any((tmp_path / "run" / "pictures" / "test").glob("*_pred.png"))
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
