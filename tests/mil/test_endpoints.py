@@ -36,6 +36,18 @@ def _train(store, labels, out, *extra):
                                         *extra])
 
 
+@pytest.fixture(scope="module")
+def runs(burden, tmp_path_factory):
+    """Runs trained once and read by several tests: survival (seed 0), regression (seeds 0, 1)."""
+    store, surv, reg, _ = burden
+    tmp = tmp_path_factory.mktemp("runs")
+    out = {"s": _train(store, surv, tmp / "s"), "r0": _train(store, reg, tmp / "r0"),
+           "r1": _train(store, reg, tmp / "r1", "--seed", "1")}
+    for name, res in out.items():
+        assert res.exit_code == 0, (name, res.output)
+    return {name: tmp / name for name in out} | {"s_output": out["s"].output}
+
+
 def _one_line(res) -> str:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code != 0 and len(lines) == 1 and "Traceback" not in res.output, res.output
@@ -53,20 +65,19 @@ def test_the_task_comes_from_the_columns(burden):
         assert s.target[sp.test, 1].sum() >= 5
 
 
-def test_survival_run_beats_chance_reproducibly(burden, tmp_path):
+def test_survival_run_beats_chance_reproducibly(burden, runs, tmp_path):
     store, surv, _, _ = burden
-    res = _train(store, surv, tmp_path / "a")
-    assert res.exit_code == 0, res.output
-    assert "C-index" in res.output and "Uno's C" in res.output
-    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    a = runs["s"]
+    assert "C-index" in runs["s_output"] and "Uno's C" in runs["s_output"]
+    m = json.loads((a / "metrics.json").read_text())
     assert m["mean"]["c_index"] > 0.65 and m["mean"]["c_index_uno"] > 0.65
     assert m["pooled"]["logrank_p"] < 0.01 and m["pooled"]["events_high"] > 0
-    with (tmp_path / "a" / "predictions.csv").open() as fh:
+    with (a / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["slide_id", "time", "event", "risk", "fold"] and len(rows) == 64
-    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg = json.loads((a / "config.json").read_text())
     assert cfg["task"] == "survival" and cfg["survival_loss"] == "cox" and cfg["classes"] == []
-    assert (tmp_path / "a" / "km.png").is_file() and not (tmp_path / "a" / "roc.png").exists()
+    assert (a / "km.png").is_file() and not (a / "roc.png").exists()
     # the predictions' C-index per fold is the oracle library's on the same numbers
     from lifelines.utils import concordance_index
 
@@ -90,16 +101,14 @@ def test_discrete_time_nll_survival_learns_the_burden_too(burden, tmp_path):
     assert m["mean"]["c_index"] > 0.6 and m["mean"]["ibs"] is not None
 
 
-def test_regression_run_tracks_the_score(burden, tmp_path):
-    store, _, reg, _ = burden
-    res = _train(store, reg, tmp_path / "r")
-    assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+def test_regression_run_tracks_the_score(runs):
+    r = runs["r0"]
+    m = json.loads((r / "metrics.json").read_text())
     assert m["mean"]["pearson"] > 0.7 and m["mean"]["r2"] > 0.4
-    with (tmp_path / "r" / "predictions.csv").open() as fh:
+    with (r / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["slide_id", "target", "prediction", "fold"]
-    assert (tmp_path / "r" / "scatter.png").is_file()
+    assert (r / "scatter.png").is_file()
 
 
 BAD = {
@@ -142,26 +151,26 @@ def test_max_pooling_is_refused_for_survival(burden, tmp_path):
     assert not (tmp_path / "m" / "config.json").exists()
 
 
-def test_predict_evaluate_and_heatmap_titles_take_survival_runs(burden, tmp_path):
+def test_predict_evaluate_and_heatmap_titles_take_survival_runs(burden, runs, tmp_path):
     """`mil predict` gives each slide the mean of the fold heads' risks; `mil evaluate` scores a
     cohort with them and its C-index is lifelines' on those very risks; a heatmap title names the
     slide's time, event and risk."""
     from lifelines.utils import concordance_index
 
     store, surv, _, burden_ = burden
-    assert _train(store, surv, tmp_path / "s").exit_code == 0
-    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "s"), "--store", store,
+    run = runs["s"]
+    res = CliRunner().invoke(mil_app, ["predict", "--run", str(run), "--store", store,
                                        "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert list(rows[0]) == ["slide_id", "risk"] and len(rows) == 64
     risk = np.array([float(r["risk"]) for r in rows])
     assert np.corrcoef(risk, burden_)[0, 1] > 0.7               # the risk tracks the planted burden
-    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(tmp_path / "s"), "--store", store, "--labels", surv,
-                                       "--name", "again"])
+    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(run), "--store", store, "--labels", surv,
+                                       "--name", "again", "--out", str(tmp_path / "again")])
     assert res.exit_code == 0, res.output
     assert "C-index" in res.output and "Uno's C" in res.output and "external ensemble" in res.output
-    ext = tmp_path / "s" / "external" / "again"
+    ext = tmp_path / "again"
     m = json.loads((ext / "metrics.json").read_text())
     assert m["task"] == "survival" and m["n_training_overlap"] == 64
     lab = read_labels(surv)
@@ -174,40 +183,38 @@ def test_predict_evaluate_and_heatmap_titles_take_survival_runs(burden, tmp_path
     from mil.heatmap import slide_title
     from mil.run import load_run
 
-    title = slide_title(load_run(tmp_path / "s"), "s000")
+    title = slide_title(load_run(run), "s000")
     assert title.startswith("s000: time ") and ", risk " in title
 
 
-def test_regression_runs_predict_evaluate_and_compare(burden, tmp_path):
+def test_regression_runs_predict_evaluate_and_compare(burden, runs, tmp_path):
     """A regression run's `mil predict` values are on the target's own scale; `mil evaluate`'s
     Pearson r is scipy's on them; `mil compare` ranks regression runs by Pearson r and refuses
     to put a survival run in the same table."""
     from scipy.stats import pearsonr
 
     store, surv, reg, _ = burden
-    for seed in ("0", "1"):
-        assert _train(store, reg, tmp_path / f"r{seed}", "--seed", seed).exit_code == 0
-    res = CliRunner().invoke(mil_app, ["predict", "--run", str(tmp_path / "r0"), "--store", store,
+    res = CliRunner().invoke(mil_app, ["predict", "--run", str(runs["r0"]), "--store", store,
                                        "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     pred = np.array([float(r["prediction"]) for r in csv.DictReader((tmp_path / "p.csv").open())])
     target = read_labels(reg).target
     assert abs(pred.mean() - target.mean()) < 0.25 * target.std()   # de-standardised with the training scale
-    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(tmp_path / "r0"), "--store", store, "--labels", reg])
+    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(runs["r0"]), "--store", store, "--labels", reg,
+                                       "--out", str(tmp_path / "ext")])
     assert res.exit_code == 0, res.output
-    m = json.loads(next((tmp_path / "r0" / "external").glob("*/metrics.json")).read_text())
+    m = json.loads((tmp_path / "ext" / "metrics.json").read_text())
     assert m["external"]["ensemble"]["pearson"] == pytest.approx(pearsonr(target, pred)[0], abs=1e-5)
     assert m["external"]["ensemble"]["calibration"]["slope"] is not None
-    res = CliRunner().invoke(mil_app, ["compare", str(tmp_path / "r0"), str(tmp_path / "r1"), "--out",
+    res = CliRunner().invoke(mil_app, ["compare", str(runs["r0"]), str(runs["r1"]), "--out",
                                        str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     assert "Pearson r" in res.output
     row = next(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
     folds = [f["pearson"] for r in ("r0", "r1")
-             for f in json.loads((tmp_path / r / "metrics.json").read_text())["folds"].values()]
+             for f in json.loads((runs[r] / "metrics.json").read_text())["folds"].values()]
     assert int(row["n"]) == 8 and float(row["pearson_mean"]) == pytest.approx(np.mean(folds), abs=1e-9)
-    assert _train(store, surv, tmp_path / "s", "--epochs", "2").exit_code == 0
-    res = CliRunner().invoke(mil_app, ["compare", str(tmp_path / "r0"), str(tmp_path / "s"), "--out",
+    res = CliRunner().invoke(mil_app, ["compare", str(runs["r0"]), str(runs["s"]), "--out",
                                        str(tmp_path / "cmp2")])
     assert "runs of different tasks cannot share one table" in _one_line(res)
 

@@ -507,10 +507,10 @@ def test_ctrl_c_during_pretrain_resumes_from_its_checkpoint_to_the_same_weights(
     wait_until(proc, lambda: len(torch.load(state, weights_only=True)["losses"]) >= 8, "two checkpoints")
     interrupt(proc)
     assert state.is_file() and not (out / "f1" / "provenance.json").exists()
-    # the rerun and the clean run in child processes too: same threads as the interrupted one,
-    # so the float sums (and so the weights) can be compared exactly
-    for dest in (out, tmp_path / "pt-clean"):
-        child = spawn(TINY_CLI, _pretrain_args(store, dest))
+    # the rerun and the clean run in child processes too (side by side, one thread each): same
+    # threads as the interrupted one, so the float sums (and so the weights) can be compared exactly
+    children = [spawn(TINY_CLI, _pretrain_args(store, dest)) for dest in (out, tmp_path / "pt-clean")]
+    for child in children:
         o, e = child.communicate(timeout=240)
         assert child.returncode == 0, o + e[-3000:]
     prov = json.loads((out / "f1" / "provenance.json").read_text())
