@@ -113,8 +113,9 @@ def resolve_slide_id(store: Store, slide_path: Path, slide_id: str | None) -> st
 def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Store, out: str | Path, *,
                  slide_id: str | None = None, top_k: int = 8, norm: str = "rank", max_size: int = 1024,
                  tile_px: int = 160, cmap: str = "jet", alpha: float = 0.5, mpp: float | None = None,
-                 device: str = "cpu") -> HeatmapResult:
-    """Draw thumbnail | attention overlay, with the top-k tiles in a strip below, to *out* (PNG)."""
+                 device: str = "cpu", geojson: str | Path | None = None) -> HeatmapResult:
+    """Draw thumbnail | attention overlay, with the top-k tiles in a strip below, to *out* (PNG);
+    with *geojson*, also the same attention as QuPath GeoJSON (:func:`attention_geojson`)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
@@ -127,7 +128,8 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
     st = store if isinstance(store, Store) else open_store(store)
     slide_path = Path(slide_path)
     sid = resolve_slide_id(st, slide_path, slide_id)
-    scores = combine_attention(slide_attention(run, st, sid, device=device), norm)
+    per_fold = slide_attention(run, st, sid, device=device)
+    scores = combine_attention(per_fold, norm)
     coords = st.coords(sid)
     info = st.slide_info(sid)
     size0 = float(info.get("size0") or 0)
@@ -173,7 +175,49 @@ def make_heatmap(run: str | Path | Run, slide_path: str | Path, store: str | Sto
         ax.set_axis_off()
     out = save(fig, out, dpi=None, bbox_inches="tight")
     log.info("heatmap of %s (%d tiles) -> %s", sid, len(coords), out)
+    if geojson is not None:
+        attention_geojson(run, st, sid, per_fold, norm, geojson, slide=slide_path, mpp=mpp, device=device)
     return HeatmapResult(out, sid, scores, top)
+
+
+def attention_geojson(run: Run, store: Store, sid: str, per_fold: dict[str, np.ndarray], norm: str,
+                      path: str | Path, *, slide: str | Path | None = None, mpp: float | None = None,
+                      device: str = "cpu") -> Path:
+    """QuPath GeoJSON of a slide under a run: tissue contours, every tile with its attention
+    (``attention``: the heatmap's *norm*-normalised mean over folds; ``attention_<fold>``: each
+    head's raw score; ``attention_rank``: 1 = most attended) and a whole-slide annotation whose
+    classification and measurements carry the run's prediction (mean of the fold heads)."""
+    from featstore.geojson import feature, slide_geojson, slide_tissue, write_geojson
+    from mil.predict import predict
+
+    scores = combine_attention(per_fold, norm)
+    rank = np.empty(len(scores), np.float64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    measurements = {"attention": scores, "attention_rank": rank,
+                    **{f"attention_{fold}": np.asarray(a, np.float64) for fold, a in per_fold.items()}}
+    if run.level == "slide":
+        pred = predict(run, store, [sid], device=device)
+        if hasattr(pred, "values"):
+            name, values = f"{pred.column} {pred.values[0]:.3g}", {pred.column: pred.values[0]}
+        else:
+            name, values = pred.predicted[0], {f"P({c})": p for c, p in zip(pred.classes, pred.probs[0])}
+    else:   # a patient-level head scores patients, not one slide: the title names the patient's row
+        name, values = "patient prediction", {}
+    info = store.slide_info(sid)
+    coords, size0 = store.coords(sid), float(info["size0"])
+    x0, y0 = coords.min(0)
+    x1, y1 = coords.max(0) + size0
+    box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+    whole = feature(box, object_type="annotation", name=name, color=(200, 40, 40), measurements=values,
+                    properties={"name": slide_title(run, sid), "isLocked": True})
+    try:
+        tissue = slide_tissue(store, sid, slide)
+    except Exception as exc:  # noqa: BLE001 -- the contours are a courtesy; tiles and attention still go out
+        log.warning("%s: no tissue contours in the GeoJSON (%s)", sid, exc)
+        tissue = None
+    doc = slide_geojson(store, sid, tissue=tissue, measurements=measurements, extra=[whole],
+                        run=str(run.path), attention_norm=norm, folds=list(per_fold))
+    return write_geojson(doc, path)
 
 
 def slide_title(run: Run, sid: str) -> str:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import typer
 
-_MODULES = ("tiling", "encoders", "extract", "store", "pretrain", "stain")
+_MODULES = ("tiling", "encoders", "extract", "store", "pretrain", "stain", "geojson")
 
 
 def command_modules(package: str, names: tuple[str, ...]) -> Iterator[ModuleType]:

@@ -147,15 +147,21 @@ def heatmap(
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", "--mpp", help="Microns per pixel of a "
                                                        "slide whose file does not record it (as in extract).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when present, else the CPU).")] = "auto",
+    geojson: Annotated[Optional[Path], typer.Option(help="Also write the attention as QuPath GeoJSON: tissue "
+                                                         "contours, every tile with its attention as measurements, "
+                                                         "the slide's prediction (level-0 px).")] = None,
 ) -> None:
-    """Draw a run's attention over a slide thumbnail, with the top-k tiles below."""
+    """Draw a run's attention over a slide thumbnail, with the top-k tiles below (and, with --geojson, the
+    same attention for QuPath)."""
     from mil.heatmap import make_heatmap
 
     if not slide.exists():
         raise MilError(f"slide file {slide} does not exist; check --slide")
     res = make_heatmap(run, slide, store, out, slide_id=slide_id, top_k=top_k, norm=norm,
-                       max_size=max_size, mpp=slide_mpp, device=device)
+                       max_size=max_size, mpp=slide_mpp, device=device, geojson=geojson)
     console.print(f"heatmap of [bold]{res.slide_id}[/] ({len(res.scores)} tiles) written to [bold]{res.path}[/]")
+    if geojson is not None:
+        console.print(f"QuPath GeoJSON written to [bold]{geojson}[/] (drag it onto the slide in QuPath)")
 
 
 def register(app: typer.Typer) -> None:
