@@ -357,7 +357,30 @@ def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | P
     fa = [m["auc"] for m in res.metrics["external"]["folds"].values() if m["auc"] is not None]
     res.metrics["external"]["fold_mean"] = {"auc": float(np.mean(fa)) if fa else None,
                                             "auc_std": float(np.std(fa, ddof=1)) if len(fa) > 1 else 0.0}
+    fused = _patient_fusion(lab, y, res.probs, n_boot=n_boot, seed=seed) if members is None else None
+    if fused is not None:
+        res.metrics["external"]["patient"] = fused
     return res
+
+
+def _patient_fusion(lab: Labels, y: np.ndarray, probs: np.ndarray, *, n_boot: int, seed: int) -> dict | None:
+    """A slide-level run on a cohort whose patients have several slides: each patient's ensemble
+    probabilities averaged over its slides (late fusion, as `mil train` reports internally) and
+    scored per patient. None when every patient has one slide, or a patient's slides disagree."""
+    if len(set(lab.patients)) == len(lab):
+        return None
+    by_patient: dict[str, list[int]] = {}
+    for i, p in enumerate(lab.patients):
+        by_patient.setdefault(p, []).append(i)
+    if any(len(set(y[rows].tolist())) > 1 for rows in by_patient.values()):
+        log.warning("%s: some patients' slides carry different labels; no patient-level metrics", lab.path)
+        return None
+    py = np.array([y[rows[0]] for rows in by_patient.values()], dtype=np.int64)
+    pp = np.stack([probs[rows].mean(0) for rows in by_patient.values()])
+    if len(np.unique(py)) < 2:
+        return None
+    return {"fusion": "mean of the patient's slide probabilities", "n_patients": len(py),
+            **fold_metrics(py, pp, n_boot=n_boot, seed=seed)}
 
 
 def _value_metrics(task: str, target: np.ndarray, pred: np.ndarray, *, n_boot: int, seed: int) -> dict:
@@ -443,6 +466,8 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append(row("internal pooled out-of-fold", i["pooled"]))
     rows += [row(f"external {f}", m) for f, m in e["folds"].items()]
     rows.append(row("external ensemble", e["ensemble"]))
+    if e.get("patient"):
+        rows.append(row("external patients (mean of slides)", e["patient"]))
     return rows
 
 

@@ -178,3 +178,26 @@ def test_commands_not_built_for_patient_runs_say_so_in_one_line(cohort, tmp_path
         assert res.exit_code == 1 and len(lines) == 1, res.output
         assert f"mil {cmd[0]} takes slide-level runs for now" in lines[0] and "--level patient" in lines[0]
     assert not (tmp_path / "ft").exists()
+
+
+def test_slide_run_evaluated_on_another_cohort_adds_patient_metrics(cohort, tmp_path):
+    """A slide-level run's external evaluation fuses each patient's slide probabilities too."""
+    store, labels, *_ = cohort
+    assert _train(store, labels, tmp_path / "run").exit_code == 0
+    ext_store, ext_labels, members, *_ = patient_cohort(tmp_path, n_patients=20, seed=5)
+    res = CliRunner().invoke(mil_app, ["evaluate", "--run", str(tmp_path / "run"), "--store", ext_store,
+                                       "--labels", ext_labels, "--name", "site2"])
+    assert res.exit_code == 0, res.output
+    assert "external patients (mean of slides)" in res.output
+    out = tmp_path / "run" / "external" / "site2"
+    m = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    probs: dict[str, list[float]] = {}
+    truth = {}
+    for r in rows:
+        probs.setdefault(r["patient_id"], []).append(float(r["prob_tumor"]))
+        truth[r["patient_id"]] = int(r["label"] == "tumor")
+    ps = sorted(probs)
+    p1 = np.array([np.mean(probs[p]) for p in ps])
+    want = fold_metrics(np.array([truth[p] for p in ps]), np.stack([1 - p1, p1], 1), n_boot=10)["auc"]
+    assert m["external"]["patient"]["n_patients"] == 20 and m["external"]["patient"]["auc"] == pytest.approx(want)
