@@ -107,6 +107,7 @@ def _build() -> tuple[typer.Typer, typer.Typer]:
     import mil.patches.commands
     import mil.seg.commands
     import mil.study.commands
+    import mil.viewer.commands
 
     fs = _make_app("Slides -> tissue tiles -> encoder embeddings in a chunked Zarr store.")
     ml = _make_app("Tasks over a featstore: attention-MIL (train, predict, heatmaps, top-k fine-tuning), "
@@ -117,6 +118,7 @@ def _build() -> tuple[typer.Typer, typer.Typer]:
     mil.patches.commands.register(ml)
     mil.seg.commands.register(ml)
     mil.study.commands.register(fs, ml)
+    mil.viewer.commands.register(fs)
     return _guard(fs), _guard(ml)
 
 

@@ -1,0 +1,169 @@
+"""The viewer's Flask app: pages, deep-zoom tiles and overlays (see :mod:`mil.viewer`).
+
+Routes take slide ids only (checked against the store), never paths; a slide file is read only
+from the store's recorded source or the --slides folders (:meth:`ViewerData.slide_path`). A slide
+that cannot be opened answers its tiles with an error tile, and its page says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, Response, abort, render_template_string
+
+from mil.viewer.data import ViewerData, ViewerError, error_tile, run_rows, summary
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>featstore view</title>
+<style>body{font:14px sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{padding:3px 10px;
+border-bottom:1px solid #ddd;text-align:left}</style></head><body>
+<h2>{{ store }}</h2>
+{% if run %}<p>run <code>{{ run }}</code> ({{ task }}{% for k, v in metrics %}; {{ k }} {{ v }}{% endfor %})</p>{% endif %}
+<table id="slides"><tr><th>slide</th><th>tiles</th>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for s in slides %}<tr><td><a href="slide/{{ s.id }}">{{ s.id }}</a></td><td>{{ s.tiles }}</td>
+{% for c in columns %}<td>{{ s.row.get(c, "") }}</td>{% endfor %}</tr>{% endfor %}</table></body></html>"""
+
+SLIDE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ sid }}</title>
+<script src="../static/openseadragon/openseadragon.min.js"></script>
+<style>body{font:13px sans-serif;margin:0;display:flex;height:100vh}#osd{flex:1;background:#222}
+#side{width:260px;padding:10px;overflow:auto}.bar{height:12px;background:linear-gradient(to right,
+#00007f,#0000ff,#007fff,#00ffff,#7fff7f,#ffff00,#ff7f00,#ff0000,#7f0000)}</style></head><body>
+<div id="osd"></div><div id="side"><a href="../">all slides</a><h3>{{ sid }}</h3><p id="title">{{ title }}</p>
+{% if error %}<p id="error" style="color:#b00">{{ error }}</p>{% endif %}
+{% if overlay %}<label><input type="checkbox" id="overlay" checked> attention</label><br>
+<input type="range" id="opacity" min="0" max="100" value="50"> opacity<div class="bar"></div>
+<small>low attention &larr; &rarr; high (rank-normalised, mean over folds)</small>
+<h4>top tiles</h4><ol id="top">{% for t in top %}<li><a href="#" data-box="{{ t.x }},{{ t.y }},{{ t.size }}">
+row {{ t.row }}: {{ '%.3f' % t.score }}</a></li>{% endfor %}</ol>{% endif %}
+<p>{{ tiles }} tissue tiles of {{ size0 }} level-0 px</p></div>
+<script>
+const cfg = {{ cfg|safe }};
+const viewer = OpenSeadragon({id: "osd", prefixUrl: "../static/openseadragon/images/", tileSources: cfg.dzi,
+  showNavigator: true, animationTime: 0.2, crossOriginPolicy: "Anonymous"});
+window.fsReady = false;
+function ready() { window.fsReady = [...Array(viewer.world.getItemCount()).keys()]
+  .every(i => viewer.world.getItemAt(i).getFullyLoaded()); }
+viewer.addHandler("open", () => {
+  if (cfg.overlay) viewer.addTiledImage({tileSource: {type: "image", url: cfg.overlay}, x: 0, y: 0, width: cfg.overlay_width,
+    opacity: 0.5, success: e => { window.overlayItem = e.item; e.item.addHandler("fully-loaded-change", ready); ready(); }});
+  viewer.world.getItemAt(0).addHandler("fully-loaded-change", ready);
+});
+const box = document.getElementById("overlay"), op = document.getElementById("opacity");
+function setOpacity() { if (window.overlayItem) window.overlayItem.setOpacity(box.checked ? op.value / 100 : 0); }
+if (box) { box.onchange = setOpacity; op.oninput = setOpacity; }
+document.querySelectorAll("#top a").forEach(a => a.onclick = e => { e.preventDefault();
+  const [x, y, s] = a.dataset.box.split(",").map(Number), item = viewer.world.getItemAt(0);
+  viewer.viewport.fitBounds(item.imageToViewportRectangle(x, y, s, s)); });
+</script></body></html>"""
+
+
+def _columns(rows: dict) -> list[str]:
+    first = next(iter(rows.values()), {})
+    return [c for c in first if c not in ("slide_id", "slides", "fold")] + (["fold"] if "fold" in first else [])
+
+
+def overlay_width(data: ViewerData, sid: str) -> float:
+    """The overlay's width in viewport units (the slide's width is 1): its pixels times their
+    level-0 size, over the slide's width, so tile edges land exactly."""
+    from mil.viewer.data import OVERLAY_PX_PER_TILE
+
+    w0 = data.zoom(sid).level_dimensions[-1][0]
+    ds = float(data.store.slide_info(sid)["size0"]) / OVERLAY_PX_PER_TILE
+    return float(np.ceil(w0 / ds) * ds / w0)
+
+
+def tile_response(data: ViewerData, sid: str, level: int, col: int, row: int) -> Response:
+    """One deep-zoom JPEG tile; the error tile for a slide that cannot be opened; 404 outside the pyramid."""
+    import io
+
+    try:
+        data.check(sid)
+    except ViewerError:
+        abort(404)
+    try:
+        gen = data.zoom(sid)
+    except ViewerError as exc:
+        return Response(error_tile(str(exc)), mimetype="image/jpeg")
+    if not 0 <= level < gen.level_count or not (0 <= col < gen.level_tiles[level][0]
+                                                and 0 <= row < gen.level_tiles[level][1]):
+        abort(404)
+    buf = io.BytesIO()
+    gen.get_tile(level, (col, row)).convert("RGB").save(buf, "JPEG", quality=85)
+    return Response(buf.getvalue(), mimetype="image/jpeg")
+
+
+def create_app(data: ViewerData) -> Flask:
+    """The viewer app over *data* (a store, an optional run, the allowed slide folders)."""
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    rows = run_rows(data.run)
+
+    @app.get("/")
+    def index():
+        slides = [{"id": s, "tiles": data.store.n_tiles(s), "row": rows.get(s, {})} for s in data.slide_ids()]
+        run = data.run
+        return render_template_string(INDEX, store=str(data.store.path), slides=slides, columns=_columns(rows),
+                                      run=None if run is None else str(run.path), task=getattr(run, "task", ""),
+                                      metrics=summary(run))
+
+    @app.get("/slide/<sid>")
+    def slide(sid: str):
+        try:
+            data.check(sid)
+        except ViewerError:
+            abort(404)
+        error = None
+        try:
+            data.zoom(sid)
+        except ViewerError as exc:
+            error = str(exc)
+        info = data.store.slide_info(sid)
+        overlay = data.run is not None and error is None
+        cfg = {"dzi": f"../dzi/{sid}.dzi", "overlay": f"../overlay/{sid}.png" if overlay else None,
+               "overlay_width": overlay_width(data, sid) if overlay else 1.0}
+        title = sid
+        if data.run is not None:
+            from mil.heatmap import slide_title
+
+            title = slide_title(data.run, sid)
+        return render_template_string(SLIDE, sid=sid, title=title, error=error, overlay=overlay,
+                                      top=data.top_tiles(sid) if overlay else [], cfg=json.dumps(cfg),
+                                      tiles=data.store.n_tiles(sid), size0=info.get("size0"))
+
+    @app.get("/dzi/<sid>.dzi")
+    def dzi(sid: str):
+        try:
+            data.check(sid)
+            xml = data.zoom(sid).get_dzi("jpeg")
+        except ViewerError as exc:
+            log.warning("%s", exc)   # a one-tile image whose only tile is the error tile
+            xml = ('<?xml version="1.0" encoding="UTF-8"?><Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
+                   'Format="jpeg" Overlap="0" TileSize="256"><Size Width="256" Height="256"/></Image>')
+            if sid not in set(data.slide_ids()):
+                abort(404)
+        return Response(xml, mimetype="application/xml")
+
+    @app.get("/dzi/<sid>_files/<int:level>/<int:col>_<int:row>.jpeg")
+    def tile(sid: str, level: int, col: int, row: int):
+        return tile_response(data, sid, level, col, row)
+
+    @app.get("/overlay/<sid>.png")
+    def overlay_png(sid: str):
+        try:
+            data.check(sid)
+            size = data.zoom(sid).level_dimensions[-1]
+        except ViewerError:
+            abort(404)
+        if data.run is None:
+            abort(404)
+        return Response(data.overlay_png(sid, size), mimetype="image/png")
+
+    return app
+
+
+__all__ = ["create_app", "tile_response", "overlay_width", "ViewerData"]

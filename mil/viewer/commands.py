@@ -1,0 +1,50 @@
+"""`featstore view`: serve a store's slides (and a run's attention) to a local browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from featstore.core.ui import out_console
+
+
+def view(
+    store: Annotated[str, typer.Argument(help="Feature store made by `featstore extract`.")],
+    run: Annotated[Optional[Path], typer.Option(help="A `mil train` run: predictions in the list, attention "
+                                                     "overlay and top-k tiles on each slide.")] = None,
+    slides: Annotated[Optional[list[Path]], typer.Option(help="Folders the slide files may be read from (repeat); "
+                                                              "default: only the files the store recorded.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8765,
+    device: Annotated[str, typer.Option(help="Device for the run's attention: cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """Open a local web viewer: the slides with labels, predictions and metrics; each slide at full resolution
+    with its tissue tiles, the run's attention overlay (opacity slider, colour bar) and top-k tiles."""
+    from werkzeug.serving import make_server
+
+    from featstore.store import open_store
+    from mil.errors import MilError
+    from mil.run import load_run
+    from mil.viewer.app import create_app
+    from mil.viewer.data import ViewerData
+
+    dirs = tuple(Path(d) for d in slides or ())
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise MilError(f"--slides {', '.join(missing)}: not a folder")
+    data = ViewerData(open_store(store), load_run(run) if run is not None else None, dirs, device)
+    server = make_server(host, port, create_app(data), threaded=True)
+    out_console.print(f"featstore view: http://{host}:{server.server_port}/  ({len(data.slide_ids())} slides; "
+                      "Ctrl-C stops)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def register(featstore_app: typer.Typer) -> None:
+    featstore_app.command("view")(view)
