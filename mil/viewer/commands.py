@@ -35,6 +35,9 @@ def view(
     if missing:
         raise MilError(f"--slides {', '.join(missing)}: not a folder")
     data = ViewerData(open_store(store), load_run(run) if run is not None else None, dirs, device)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per tile request
     server = make_server(host, port, create_app(data), threaded=True)
     out_console.print(f"featstore view: http://{host}:{server.server_port}/  ({len(data.slide_ids())} slides; "
                       "Ctrl-C stops)", highlight=False)
