@@ -55,6 +55,7 @@ class SlideReport(ReportInputs):
     external_records: list = field(default_factory=list)
     endpoint: str = "classification"   # classification | survival | regression
     level: str = "slide"
+    slides: list = field(default_factory=list)   # slide folders (the viewer command in report.html)
 
 
 @dataclass
@@ -441,7 +442,48 @@ def write_report(r: SlideReport) -> Path:
               "- `../study.json`: the study configuration as run.", ""]
     path = rep_dir / "report.md"
     path.write_text("\n".join(lines))
+    write_html(r, "\n".join(lines))
     return path
+
+
+VIEWER_URL = "http://127.0.0.1:8765/"   # `featstore view`'s default address
+
+
+def write_html(r: SlideReport, markdown_text: str) -> Path:
+    """``report.html`` beside report.md: the same report (Python-Markdown, tables kept), plus a first
+    section that links each configuration's run (its first seed) to `featstore view`."""
+    import html
+    from urllib.parse import urlencode
+
+    import markdown
+
+    runs_dir = r.out / "runs"
+    slides = " ".join(f"--slides {shlex_quote(s)}" for s in r.slides)
+    cmd = f"featstore view {shlex_quote(r.store)} --run {shlex_quote(str(runs_dir))} {slides}".strip()
+    items = []
+    for row in r.rows:
+        run = next((Path(p) for p in sorted(row.runs) if Path(p).parent == runs_dir), None)
+        if run is not None:
+            url = VIEWER_URL + "?" + urlencode({"run": run.name})
+            items.append(f'<li><a href="{html.escape(url)}">{html.escape(row.key.label())}</a> '
+                         f"(run <code>{html.escape(run.name)}</code>)</li>")
+    viewer = (f"<h2>Open the slides in the viewer</h2><p>Start it with <code>{html.escape(cmd)}</code>, then "
+              "follow a configuration to see its attention over every slide:</p><ul>" + "".join(items) + "</ul>")
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    style = ("body{font:14px/1.45 sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "img{max-width:100%}code{background:#f3f3f3}")
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(r.name)}</title>"
+            f"<style>{style}</style></head><body>{viewer}{body}</body></html>")
+    path = r.report_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(str(text))
 
 
 def _calibration_rows(records: Sequence[dict]) -> list[str]:

@@ -556,7 +556,7 @@ class Study(StudyBase):
             plans=[(e, self.weights_used.get((e, w), w), lv) for e, w, lv in self.plans()],   # tags, not paths
             seeds=cfg.seeds, folds=cfg.folds, train_fractions=cfg.train_fractions, extract=cfg.extract,
             weights_used=self.weights_used, baseline_given=bool(cfg.baseline), rows=rows, best=best,
-            endpoint=cfg.endpoint, level=cfg.level,
+            endpoint=cfg.endpoint, level=cfg.level, slides=list(cfg.slides),
             best_dir=best_dir, ft_run=ft_run, cka_files=cka_files, heatmaps=heat, external_records=external))
         self.progress(StudyEvent("report", 1, 1))
         return self.result(report)

@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flask import Flask, Response, abort, render_template_string
+from urllib.parse import urlencode
+
+from flask import Flask, Response, abort, render_template_string, request
 
 from mil.viewer.data import ViewerData, ViewerError, error_tile, run_rows, summary
 
@@ -24,9 +26,10 @@ INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>featstore vie
 <style>body{font:14px sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{padding:3px 10px;
 border-bottom:1px solid #ddd;text-align:left}</style></head><body>
 <h2>{{ store }}</h2>
+{% if runs|length > 1 %}<p id="runs">runs: {% for r in runs %}<a href="?run={{ r|urlencode }}">{% if r == name %}<b>{{ r }}</b>{% else %}{{ r }}{% endif %}</a> {% endfor %}</p>{% endif %}
 {% if run %}<p>run <code>{{ run }}</code> ({{ task }}{% for k, v in metrics %}; {{ k }} {{ v }}{% endfor %})</p>{% endif %}
 <table id="slides"><tr><th>slide</th><th>tiles</th>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for s in slides %}<tr><td><a href="slide/{{ s.id }}">{{ s.id }}</a></td><td>{{ s.tiles }}</td>
+{% for s in slides %}<tr><td><a href="slide/{{ s.id }}{{ q }}">{{ s.id }}</a></td><td>{{ s.tiles }}</td>
 {% for c in columns %}<td>{{ s.row.get(c, "") }}</td>{% endfor %}</tr>{% endfor %}</table></body></html>"""
 
 SLIDE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ sid }}</title>
@@ -34,7 +37,8 @@ SLIDE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ sid }}</ti
 <style>body{font:13px sans-serif;margin:0;display:flex;height:100vh}#osd{flex:1;background:#222}
 #side{width:260px;padding:10px;overflow:auto}.bar{height:12px;background:linear-gradient(to right,
 #00007f,#0000ff,#007fff,#00ffff,#7fff7f,#ffff00,#ff7f00,#ff0000,#7f0000)}</style></head><body>
-<div id="osd"></div><div id="side"><a href="../">all slides</a><h3>{{ sid }}</h3><p id="title">{{ title }}</p>
+<div id="osd"></div><div id="side"><a href="../{{ q }}">all slides</a><h3>{{ sid }}</h3><p id="title">{{ title }}</p>
+{% if run %}<p>run <code>{{ run }}</code></p>{% endif %}
 {% if error %}<p id="error" style="color:#b00">{{ error }}</p>{% endif %}
 {% if overlay %}<label><input type="checkbox" id="overlay" checked> attention</label><br>
 <input type="range" id="opacity" min="0" max="100" value="50"> opacity<div class="bar"></div>
@@ -64,6 +68,20 @@ document.querySelectorAll("#top a").forEach(a => a.onclick = e => { e.preventDef
   const [x, y, s] = a.dataset.box.split(",").map(Number), item = viewer.world.getItemAt(0);
   viewer.viewport.fitBounds(item.imageToViewportRectangle(x, y, s, s)); });
 </script></body></html>"""
+
+
+def _run_arg(data: ViewerData):
+    """(name, Run) of the request's ``?run=`` (the default run without one); 404 for an unknown run."""
+    name = request.args.get("run")
+    try:
+        run = data.get_run(name)
+    except ViewerError:
+        abort(404)
+    return name, run
+
+
+def _query(name: str | None) -> str:
+    return "" if name is None else "?" + urlencode({"run": name})
 
 
 def _columns(rows: dict) -> list[str]:
@@ -104,18 +122,19 @@ def tile_response(data: ViewerData, sid: str, level: int, col: int, row: int) ->
 def create_app(data: ViewerData) -> Flask:
     """The viewer app over *data* (a store, an optional run, the allowed slide folders)."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
-    rows = run_rows(data.run)
 
     @app.get("/")
     def index():
+        name, run = _run_arg(data)
+        rows = run_rows(run)
         slides = [{"id": s, "tiles": data.store.n_tiles(s), "row": rows.get(s, {})} for s in data.slide_ids()]
-        run = data.run
         return render_template_string(INDEX, store=str(data.store.path), slides=slides, columns=_columns(rows),
                                       run=None if run is None else str(run.path), task=getattr(run, "task", ""),
-                                      metrics=summary(run))
+                                      metrics=summary(run), runs=list(data.runs), name=name, q=_query(name))
 
     @app.get("/slide/<sid>")
     def slide(sid: str):
+        name, run = _run_arg(data)
         try:
             data.check(sid)
         except ViewerError:
@@ -126,17 +145,18 @@ def create_app(data: ViewerData) -> Flask:
         except ViewerError as exc:
             error = str(exc)
         info = data.store.slide_info(sid)
-        overlay = data.run is not None and error is None
-        cfg = {"dzi": f"../dzi/{sid}.dzi", "overlay": f"../overlay/{sid}.png" if overlay else None,
+        overlay = run is not None and error is None
+        cfg = {"dzi": f"../dzi/{sid}.dzi", "overlay": f"../overlay/{sid}.png{_query(name)}" if overlay else None,
                "overlay_width": overlay_width(data, sid) if overlay else 1.0}
         title = sid
-        if data.run is not None:
+        if run is not None:
             from mil.heatmap import slide_title
 
-            title = slide_title(data.run, sid)
-        return render_template_string(SLIDE, sid=sid, title=title, error=error, overlay=overlay,
-                                      top=data.top_tiles(sid) if overlay else [], cfg=json.dumps(cfg),
-                                      tiles=data.store.n_tiles(sid), size0=info.get("size0"))
+            title = slide_title(run, sid)
+        return render_template_string(SLIDE, sid=sid, title=title, error=error, overlay=overlay, q=_query(name),
+                                      top=data.top_tiles(sid, run=name) if overlay else [], cfg=json.dumps(cfg),
+                                      tiles=data.store.n_tiles(sid), size0=info.get("size0"),
+                                      run=None if run is None else str(run.path))
 
     @app.get("/dzi/<sid>.dzi")
     def dzi(sid: str):
@@ -157,14 +177,15 @@ def create_app(data: ViewerData) -> Flask:
 
     @app.get("/overlay/<sid>.png")
     def overlay_png(sid: str):
+        name, run = _run_arg(data)
         try:
             data.check(sid)
             size = data.zoom(sid).level_dimensions[-1]
         except ViewerError:
             abort(404)
-        if data.run is None:
+        if run is None:
             abort(404)
-        return Response(data.overlay_png(sid, size), mimetype="image/png")
+        return Response(data.overlay_png(sid, size, name), mimetype="image/png")
 
     return app
 

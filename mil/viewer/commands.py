@@ -12,8 +12,10 @@ from featstore.core.ui import out_console
 
 def view(
     store: Annotated[str, typer.Argument(help="Feature store made by `featstore extract`.")],
-    run: Annotated[Optional[Path], typer.Option(help="A `mil train` run: predictions in the list, attention "
-                                                     "overlay and top-k tiles on each slide.")] = None,
+    run: Annotated[Optional[list[Path]], typer.Option(help="A `mil train` run folder, or a folder of runs such as a "
+                                                           "study's runs/ (repeat): predictions in the list, attention "
+                                                           "overlay and top-k tiles on each slide; ?run=NAME picks "
+                                                           "one.")] = None,
     slides: Annotated[Optional[list[Path]], typer.Option(help="Folders the slide files may be read from (repeat); "
                                                               "default: only the files the store recorded.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
@@ -26,21 +28,20 @@ def view(
 
     from featstore.store import open_store
     from mil.errors import MilError
-    from mil.run import load_run
     from mil.viewer.app import create_app
-    from mil.viewer.data import ViewerData
+    from mil.viewer.data import ViewerData, find_runs
 
     dirs = tuple(Path(d) for d in slides or ())
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise MilError(f"--slides {', '.join(missing)}: not a folder")
-    data = ViewerData(open_store(store), load_run(run) if run is not None else None, dirs, device)
+    data = ViewerData(open_store(store), find_runs(run) if run else {}, dirs, device)
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per tile request
     server = make_server(host, port, create_app(data), threaded=True)
-    out_console.print(f"featstore view: http://{host}:{server.server_port}/  ({len(data.slide_ids())} slides; "
-                      "Ctrl-C stops)", highlight=False)
+    out_console.print(f"featstore view: http://{host}:{server.server_port}/  ({len(data.slide_ids())} slides, "
+                      f"{len(data.runs)} run(s); Ctrl-C stops)", highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

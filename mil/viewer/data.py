@@ -25,15 +25,34 @@ class ViewerError(MilError):
 
 @dataclass
 class ViewerData:
-    """The store, the optional run and the folders slide files may be read from."""
+    """The store, the runs (by folder name; the first is the default) and the folders slide
+    files may be read from. ``run`` is the default run, or None."""
 
     store: object
-    run: object | None = None
+    runs: dict = field(default_factory=dict)
     slide_dirs: tuple[Path, ...] = ()
     device: str = "cpu"
     _zoom: dict = field(default_factory=dict, repr=False)
     _scores: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.runs is None:
+            self.runs = {}
+        elif not isinstance(self.runs, dict):     # one run given
+            self.runs = {Path(self.runs.path).name: self.runs}
+
+    @property
+    def run(self):
+        return next(iter(self.runs.values()), None)
+
+    def get_run(self, name: str | None):
+        """The run called *name* (a run folder name), the default run for None."""
+        if name is None:
+            return self.run
+        if name not in self.runs:
+            raise ViewerError(f"no run {name!r} (runs: {', '.join(self.runs) or 'none'})")
+        return self.runs[name]
 
     def slide_ids(self) -> list[str]:
         return list(self.store.slide_ids())
@@ -76,20 +95,21 @@ class ViewerData:
                     raise ViewerError(f"{sid}: the slide file cannot be opened ({exc})") from None
             return self._zoom[sid]
 
-    def scores(self, sid: str) -> np.ndarray | None:
-        """The run's attention of every tile (rank-normalised mean over folds, as `mil heatmap`)."""
-        if self.run is None:
+    def scores(self, sid: str, run: str | None = None) -> np.ndarray | None:
+        """A run's attention of every tile (rank-normalised mean over folds, as `mil heatmap`)."""
+        r = self.get_run(run)
+        if r is None:
             return None
+        key = (str(r.path), sid)
         with self._lock:
-            if sid not in self._scores:
+            if key not in self._scores:
                 from mil.heatmap import combine_attention
                 from mil.predict import slide_attention
 
-                self._scores[sid] = combine_attention(slide_attention(self.run, self.store, sid,
-                                                                      device=self.device), "rank")
-            return self._scores[sid]
+                self._scores[key] = combine_attention(slide_attention(r, self.store, sid, device=self.device), "rank")
+            return self._scores[key]
 
-    def overlay_png(self, sid: str, size0_wh: tuple[int, int]) -> bytes:
+    def overlay_png(self, sid: str, size0_wh: tuple[int, int], run: str | None = None) -> bytes:
         """RGBA PNG of the attention (jet), transparent where there is no tile; it spans the
         whole slide (*size0_wh*, level-0 px) at OVERLAY_PX_PER_TILE pixels per tile side."""
         from matplotlib import colormaps
@@ -101,7 +121,7 @@ class ViewerData:
         size0 = float(info["size0"])
         ds = size0 / OVERLAY_PX_PER_TILE
         w, h = (int(np.ceil(v / ds)) for v in size0_wh)
-        scores = self.scores(sid)
+        scores = self.scores(sid, run)
         heat, covered = paint((h, w), self.store.coords(sid), size0, scores, ds)
         rgba = (colormaps["jet"](heat) * 255).astype(np.uint8)
         rgba[..., 3] = np.where(covered, 255, 0)
@@ -109,9 +129,9 @@ class ViewerData:
         Image.fromarray(rgba, "RGBA").save(buf, "PNG")
         return buf.getvalue()
 
-    def top_tiles(self, sid: str, k: int = 8) -> list[dict]:
+    def top_tiles(self, sid: str, k: int = 8, run: str | None = None) -> list[dict]:
         """The k most attended tiles: level-0 box and score, best first."""
-        scores = self.scores(sid)
+        scores = self.scores(sid, run)
         if scores is None:
             return []
         coords, size0 = self.store.coords(sid), int(self.store.slide_info(sid)["size0"])
@@ -164,4 +184,19 @@ def summary(run) -> list[tuple[str, str]]:
     return [(k, f"{fmt(m['mean'].get(k))} ± {fmt(m['std'].get(k))}") for k in task_keys(run.task)]
 
 
-__all__ = ["ViewerData", "ViewerError", "error_tile", "run_rows", "summary", "OVERLAY_PX_PER_TILE"]
+def find_runs(paths) -> dict:
+    """{folder name: Run} of run folders, or of the run folders inside a folder (a study's runs/)."""
+    from mil.run import load_run
+
+    out = {}
+    for p in map(Path, paths):
+        found = [p] if (p / "config.json").is_file() else sorted(d for d in p.iterdir() if (d / "config.json").is_file()) \
+            if p.is_dir() else []
+        if not found:
+            raise ViewerError(f"--run {p}: no run folder here (a folder holding config.json, or a folder of them)")
+        for d in found:
+            out[d.name] = load_run(d)
+    return out
+
+
+__all__ = ["find_runs", "ViewerData", "ViewerError", "error_tile", "run_rows", "summary", "OVERLAY_PX_PER_TILE"]

@@ -212,3 +212,31 @@ def test_the_page_in_headless_chromium_overlay_opacity_toggle_and_zoom(served):
         assert driver.execute_script("return viewer.viewport.getZoom()") > 4
     finally:
         driver.quit()
+
+
+def test_several_runs_one_viewer(cohort, tmp_path):
+    """--run of a folder of runs: ?run=NAME picks the run whose predictions, attention and
+    overlay are shown; an unknown run is a 404; a folder without runs is one line."""
+    from mil.viewer.data import ViewerError, find_runs
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(cohort / "run", runs / "a")
+    res = CliRunner().invoke(mil_app, ["train", "--store", str(cohort / "c.zarr"), "--labels",
+                                       str(cohort / "labels.csv"), "--encoder", "resnet18", "--minus", "2", "--folds",
+                                       "2", "--epochs", "2", "--seed", "1", "--out", str(runs / "b")])
+    assert res.exit_code == 0, res.output
+    data = ViewerData(open_store(str(cohort / "c.zarr")), find_runs([runs]), (cohort / "slides",))
+    assert list(data.runs) == ["a", "b"]
+    c = create_app(data).test_client()
+    page = c.get("/").get_data(as_text=True)
+    assert 'href="?run=a"' in page and 'href="?run=b"' in page and 'href="slide/s0"' in page
+    assert 'href="slide/s0?run=b"' in c.get("/?run=b").get_data(as_text=True)
+    a, b = data.scores("s1", "a"), data.scores("s1", "b")
+    assert not np.allclose(a, b)                               # two seeds, two attentions
+    page = c.get("/slide/s1?run=b").get_data(as_text=True)
+    assert "overlay/s1.png?run=b" in page and str(runs / "b") in page
+    assert c.get("/overlay/s1.png?run=b").status_code == 200 and c.get("/overlay/s1.png?run=zz").status_code == 404
+    assert c.get("/slide/s1?run=zz").status_code == 404
+    with pytest.raises(ViewerError, match="no run folder here"):
+        find_runs([cohort / "slides"])

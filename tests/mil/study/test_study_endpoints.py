@@ -85,6 +85,12 @@ def test_survival_study_ranks_by_c_index_and_draws_kaplan_meier(burden_dir):
     answers = report.split("## Answers")[1].split("##")[0]
     assert f"C-index {best:.3f}" in answers and "frozen C-index" in answers
     assert "| model | slides | C-index | 95% CI | Uno's C | td-AUC |" in report.split("## Table III")[1]
+    # report.html: the same tables, and each configuration a link into `featstore view`
+    page = (out / "report" / "report.html").read_text()
+    assert "<table>" in page and "C-index" in page and "featstore view " in page
+    for r in rows:
+        run = f"resnet18-random-minus{r['minus']}-seed0"
+        assert f'href="http://127.0.0.1:8765/?run={run}"' in page, run
     # an external cohort's table (Table V) names the endpoint's metric too
     from mil.study.report import _external_table
 
