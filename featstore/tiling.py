@@ -22,7 +22,7 @@ from featstore.read.slide import Slide
 
 log = logging.getLogger(__name__)
 
-MASKS = ("saturation", "gray")
+MASKS = ("saturation", "gray", "robust")
 _MIN_SATURATION = 0.05   # below this nothing is tissue, whatever Otsu says (blank glass)
 _MIN_DARKNESS = 20.0     # gray mode: 255 - gray must exceed this
 
@@ -37,7 +37,9 @@ class TilingConfig(Config):
     mpp: float = option(0.5, "Target microns per pixel of a patch (0.5 ≈ 20x).", gt=0)
     overlap: int = option(0, "Overlap between patches in pixels at --mpp.", ge=0)
     min_tissue: float = option(0.5, "Keep patches with at least this tissue fraction.", ge=0, le=1)
-    mask: str = option("saturation", "Tissue mask: saturation (H&E) or gray (inverted grayscale).", choices=MASKS)
+    mask: str = option("saturation", "Tissue mask: saturation (Otsu on saturation, H&E), gray (inverted grayscale) "
+                                     "or robust (faint tissue kept; pen ink, marker dots, bubble rims and dark "
+                                     "debris left out).", choices=MASKS)
     thumb_mpp: float = option(8.0, "Resolution of the tissue mask in µm/px (finer for tiny patches).", gt=0)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,9 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int 
     filled. A thumbnail with no tissue contrast (blank glass) gives an empty mask.
     """
     x = rgb.astype(np.float32)
+    if method == "robust":
+        cand, exclude = robust_candidates(x)
+        return _clean(cand, min_object_px, max_hole_px) & ~exclude
     if method == "saturation":
         mx, mn = x.max(axis=2), x.min(axis=2)
         channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
@@ -108,7 +113,42 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int 
         # Otsu split stroma from nuclei, so fall back to the glass floor
         thr = floor
     thr = max(thr, floor)
-    mask = channel > thr
+    return _clean(channel > thr, min_object_px, max_hole_px)
+
+
+#: robust mask: saturation a faint tissue still reaches (glass stays below, a grey bubble rim too)
+_FAINT_SATURATION = 0.05
+_INK_HUES = (90.0, 245.0)     # green to blue ink (H&E is pink to purple: 255-360 and 0-30 degrees)
+_INK_SATURATION = 0.15
+_DARK_MAX = 72.0              # black ink and debris: the brightest channel below this
+MAX_ARTIFACT = 0.05           # robust mask: a tile with more of its area on ink or debris is left out
+
+
+def robust_candidates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue candidates, pixels to leave out) of an RGB float image for ``mask="robust"``.
+
+    Candidates are pixels whose saturation exceeds both the glass's own (its median plus six
+    robust sds, measured on the brightest quarter) and :data:`_FAINT_SATURATION`, so faint,
+    weakly stained tissue is kept where Otsu's split of strong stain vs the rest drops it.
+    Left out: coloured ink by hue (green to blue) and black ink or debris by darkness, each
+    grown by two pixels so their anti-aliased rims go too."""
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
+    bright = mx >= np.percentile(mx, 75)
+    glass = sat[bright]
+    mad = float(np.median(np.abs(glass - np.median(glass)))) if glass.size else 0.0
+    floor = max(_FAINT_SATURATION, float(np.median(glass)) + 6 * 1.4826 * mad if glass.size else 0.0)
+    cand = sat > floor
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hue = (np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2 * r - g - b)) + 360.0) % 360.0
+    ink = (hue >= _INK_HUES[0]) & (hue <= _INK_HUES[1]) & (sat > _INK_SATURATION)
+    dark = mx < _DARK_MAX
+    exclude = ndimage.binary_dilation(ink | dark, structure=np.ones((3, 3), bool), iterations=2)
+    return cand & ~exclude, exclude
+
+
+def _clean(mask: np.ndarray, min_object_px: int, max_hole_px: int) -> np.ndarray:
+    """Opening, specks below *min_object_px* removed, holes below *max_hole_px* filled."""
     mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) if mask.any() else mask
     if min_object_px > 0 and mask.any():
         lab, n = ndimage.label(mask)
@@ -147,6 +187,12 @@ def mask_for_slide(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, floa
 
     The mask resolution is made fine enough that a patch spans at least 16 mask pixels.
     """
+    mask, ds, thumb, _ = _mask_and_artifacts(slide, config)
+    return mask, ds, thumb
+
+
+def _mask_and_artifacts(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
+    """:func:`mask_for_slide` plus, for ``mask="robust"``, the ink/debris pixels it left out."""
     slide_mpp = slide.mpp
     patch_um = config.patch_size * config.mpp
     thumb_mpp = min(config.thumb_mpp, patch_um / 16.0)
@@ -155,9 +201,11 @@ def mask_for_slide(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, floa
     max_side = int(min(8192, max(64, math.ceil(max(w, h) / target_ds))))
     thumb, ds = slide.thumbnail(max_side)
     patch_thumb = patch_um / (slide_mpp * ds)
-    mask = tissue_mask(thumb, config.mask, min_object_px=int((patch_thumb / 4) ** 2),
-                       max_hole_px=int((patch_thumb / 2) ** 2))
-    return mask, ds, thumb
+    sizes = dict(min_object_px=int((patch_thumb / 4) ** 2), max_hole_px=int((patch_thumb / 2) ** 2))
+    if config.mask == "robust":
+        cand, exclude = robust_candidates(thumb.astype(np.float32))
+        return _clean(cand, **sizes) & ~exclude, ds, thumb, exclude
+    return tissue_mask(thumb, config.mask, **sizes), ds, thumb, None
 
 
 def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
@@ -171,7 +219,7 @@ def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
     if w < size0 or h < size0:
         log.warning("%s: smaller than one patch (%dx%d < %d px)", slide.path, w, h, size0)
         return empty
-    mask, ds, _ = mask_for_slide(slide, config)
+    mask, ds, thumb, exclude = _mask_and_artifacts(slide, config)
     if not mask.any():
         log.info("%s: no tissue found", slide.path)
         return empty
@@ -183,5 +231,7 @@ def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
     dsx, dsy = w / mask.shape[1], h / mask.shape[0]
     frac = coverage(mask, gx / dsx, gy / dsy, (gx + size0) / dsx, (gy + size0) / dsy)
     keep = frac >= config.min_tissue - 1e-6
+    if exclude is not None:   # robust: a tile grazing pen ink or debris is left out, however much tissue it holds
+        keep &= coverage(exclude, gx / dsx, gy / dsy, (gx + size0) / dsx, (gy + size0) / dsy) <= MAX_ARTIFACT
     coords = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int32)
     return Tiles(coords, np.clip(frac[keep], 0, 1).astype(np.float32), size0, slide_mpp, config)
