@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         mpp: Annotated[float, typer.Option(help="Target microns per pixel of a patch (0.5 ≈ 20x).")] = 0.5,
         overlap: Annotated[int, typer.Option(help="Overlap between patches in pixels at --mpp.")] = 0,
         min_tissue: Annotated[float, typer.Option(help="Keep patches with at least this tissue fraction.")] = 0.5,
-        mask: Annotated[str, typer.Option(help="Tissue mask: saturation (H&E) or gray (inverted grayscale).")] = "saturation",
+        mask: Annotated[str, typer.Option(help="Tissue mask: saturation (H&E), gray (inverted grayscale) or robust (faint tissue kept; pen ink and debris left out).")] = "saturation",
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
     ) -> None:
         """Tile one slide: print the patch count and save a QC picture to check the tissue mask by eye."""
