@@ -29,9 +29,29 @@ class SlideRef:
 
     slide_id: str
     path: Path
+    mpp: float | None = None   # this slide's microns per pixel, over its file's (a slide list's mpp column)
+
+
+def _row_mpp(path: Path, line: int, text: str) -> float | None:
+    """A slide list's optional ``mpp`` cell: empty for the file's own, else a plausible µm/px."""
+    from featstore.read.slide import MPP_RANGE, plausible_mpp
+
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = float("nan")
+    if not plausible_mpp(mpp):
+        raise FeatstoreError(f"{path}:{line}: mpp {text!r} is not a plausible microns per pixel "
+                             f"({MPP_RANGE[0]}-{MPP_RANGE[1]}); leave it empty to use the file's own")
+    return mpp
 
 
 def _from_csv(path: Path) -> list[SlideRef]:
+    """``slide_id,path[,mpp]``: an ``mpp`` column gives a slide its microns per pixel (a scanner
+    that wrote none, or a wrong one); an empty cell keeps the file's."""
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
@@ -44,7 +64,7 @@ def _from_csv(path: Path) -> list[SlideRef]:
             p = Path(row["path"].strip()).expanduser()
             if not p.is_absolute():
                 p = path.parent / p
-            refs.append(SlideRef(safe_slide_id(row["slide_id"].strip()), p))
+            refs.append(SlideRef(safe_slide_id(row["slide_id"].strip()), p, _row_mpp(path, i, row.get("mpp"))))
     return refs
 
 

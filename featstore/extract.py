@@ -305,7 +305,7 @@ class Extractor:
         """The slide's handle, or an image shard's :class:`~featstore.read.images.ImageShard` of all its rows."""
         if isinstance(ref, ImageShardRef):
             return readers.open(ref.path, images=ref.images)
-        return readers.open(ref.path, self.cfg.slide_mpp)
+        return readers.open(ref.path, ref.mpp if ref.mpp is not None else self.cfg.slide_mpp)
 
     def _skip(self, store: Store, ref: SlideRef, report: ExtractReport) -> None:
         """Count a complete slide as skipped. A complete image shard is first checked against
@@ -429,7 +429,7 @@ class Extractor:
                 progress.slide_finished(ref.slide_id, "skipped")
                 continue
             self._open_jobs.append(job)
-            readers.add(ref.slide_id, ref.path, job.size0, reader=job.reader, images=job.images)
+            readers.add(ref.slide_id, ref.path, job.size0, ref.mpp, reader=job.reader, images=job.images)
             progress.slide_started(ref.slide_id, len(job.coords))
             pos, n = 0, len(job.coords)
             while pos < n:

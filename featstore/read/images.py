@@ -167,7 +167,8 @@ def discover_images(source: str | Path, shard_size: int = DEFAULT_SHARD_SIZE) ->
     else:
         raise FeatstoreError(f"{p}: --images takes a folder (<class>/<image>) or a CSV with path,label")
     rows = sorted(rows, key=ImageRow.key)
-    return [ImageShardRef(sid, root, tuple(part), int(shard_size)) for sid, part in _shard_ids(rows, int(shard_size))]
+    return [ImageShardRef(sid, root, images=tuple(part), shard_size=int(shard_size))
+            for sid, part in _shard_ids(rows, int(shard_size))]
 
 
 # ---------------------------------------------------------------------------- decoding
