@@ -39,3 +39,40 @@ def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1
                   f"{c.mask} mask)")
     fig.tight_layout()
     return save(fig, out_png, dpi=None)
+
+
+def masks_compare(slide: Slide, config, out_png: str | Path, methods: tuple[str, ...] | None = None,
+                  max_size: int = 1200) -> tuple[Path, dict[str, int]]:
+    """Save the slide's tissue mask under every method side by side (contour in green, the
+    tiles each keeps in blue) to *out_png*; returns the path and each method's tile count."""
+    from dataclasses import replace
+
+    from matplotlib.patches import Rectangle
+
+    from featstore.core.plotting import new_figure, save
+    from featstore.tiling import MASKS, tile_slide
+
+    methods = tuple(methods or MASKS)
+    thumb, ds = slide.thumbnail(max_size)
+    h, w = thumb.shape[:2]
+    fig = new_figure(5.0 * len(methods), 5.0 * h / max(w, 1) + 0.7, dpi=100, layout=None)
+    axes = np.atleast_1d(fig.subplots(1, len(methods)))
+    counts = {}
+    for ax, method in zip(axes, methods):
+        cfg = replace(config, mask=method)
+        mask, mds, _ = mask_for_slide(slide, cfg)
+        tiles = tile_slide(slide, cfg)
+        counts[method] = len(tiles)
+        ax.imshow(thumb)
+        scale = mds / ds
+        if mask.any() and not mask.all():
+            ax.contour((np.arange(mask.shape[1]) + 0.5) * scale, (np.arange(mask.shape[0]) + 0.5) * scale,
+                       mask.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+        side = tiles.size0 / ds
+        for x, y in tiles.coords:
+            ax.add_patch(Rectangle((x / ds, y / ds), side, side, fill=False, lw=0.5, ec=(0.1, 0.3, 1.0, 0.7)))
+        ax.set_title(f"{method}: {len(tiles)} tiles, {mask.mean():.1%} of the thumbnail", fontsize=10)
+        ax.set_axis_off()
+    fig.tight_layout()
+    return save(fig, out_png, dpi=None), counts
+

@@ -130,8 +130,9 @@ def robust_candidates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Candidates are pixels whose saturation exceeds both the glass's own (its median plus six
     robust sds, measured on the brightest quarter) and :data:`_FAINT_SATURATION`, so faint,
     weakly stained tissue is kept where Otsu's split of strong stain vs the rest drops it.
-    Left out: coloured ink by hue (green to blue) and black ink or debris by darkness, each
-    grown by two pixels so their anti-aliased rims go too."""
+    Left out: coloured ink by hue (green to blue) and black ink or debris by darkness, as regions
+    (an opening drops lone pixels such as nuclei), grown by two pixels so their anti-aliased rims
+    go too."""
     mx, mn = x.max(axis=2), x.min(axis=2)
     sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
     bright = mx >= np.percentile(mx, 75)
@@ -143,7 +144,10 @@ def robust_candidates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hue = (np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2 * r - g - b)) + 360.0) % 360.0
     ink = (hue >= _INK_HUES[0]) & (hue <= _INK_HUES[1]) & (sat > _INK_SATURATION)
     dark = mx < _DARK_MAX
-    exclude = ndimage.binary_dilation(ink | dark, structure=np.ones((3, 3), bool), iterations=2)
+    # ink and debris are regions: an opening drops lone dark or bluish pixels (nuclei, a fold's
+    # dense spots) so that only strokes, dots and debris are left out
+    marks = ndimage.binary_opening(ink | dark, structure=np.ones((3, 3), bool))
+    exclude = ndimage.binary_dilation(marks, structure=np.ones((3, 3), bool), iterations=2)
     return cand & ~exclude, exclude
 
 

@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         min_tissue: Annotated[float, typer.Option(help="Keep patches with at least this tissue fraction.")] = 0.5,
         mask: Annotated[str, typer.Option(help="Tissue mask: saturation (H&E), gray (inverted grayscale) or robust (faint tissue kept; pen ink and debris left out).")] = "saturation",
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
+        compare: Annotated[Optional[Path], typer.Option(help="Also save every mask method side by side (contour and "
+                                                              "kept tiles each) to this PNG.")] = None,
     ) -> None:
         """Tile one slide: print the patch count and save a QC picture to check the tissue mask by eye."""
         from featstore.read.native import probe
@@ -42,6 +44,12 @@ def register(app: typer.Typer) -> None:
                       if not isinstance(layout, str) else f"openslide (native reader: {layout})"), highlight=False)
             if out is not None:
                 con.print(f"QC picture: {tiling_qc(s, tiles, out)}")
+            if compare is not None:
+                from featstore.qc import masks_compare
+
+                path, counts = masks_compare(s, cfg, compare)
+                con.print("masks compared: " + ", ".join(f"{m} {n} tiles" for m, n in counts.items())
+                          + f" -> {path}", highlight=False)
 
     @app.command("demo-data")
     def demo_data_cmd(

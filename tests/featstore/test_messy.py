@@ -61,3 +61,20 @@ def test_no_robust_tile_on_ink_or_glass(slides):
             assert m.ink[y:y + s0, x:x + s0].mean() < 0.02, (x, y)          # at most anti-aliased ink
             assert m.tissue[y:y + s0, x:x + s0].mean() > 0.25, (x, y)       # not glass
     assert cfg.to_dict()["mask"] == "robust"        # part of the tiling a store records and keys on
+
+
+def test_tiles_compare_draws_every_method_side_by_side(slides, tmp_path):
+    from typer.testing import CliRunner
+
+    from featstore.cli import featstore_app
+
+    path, m = slides[0]
+    res = CliRunner().invoke(featstore_app, ["tiles", str(path), "--patch-size", "32", "--mpp", str(MPP),
+                                             "--compare", str(tmp_path / "cmp.png")])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("masks compared:"))
+    counts = dict((name, int(n)) for name, n in
+                  (part.split()[:2] for part in line.split(": ", 1)[1].split(" -> ")[0].split(", ")))
+    assert set(counts) == {"saturation", "gray", "robust"} and all(n > 0 for n in counts.values())
+    img = Image.open(tmp_path / "cmp.png")
+    assert img.size[0] > 2.5 * img.size[1]            # three panels side by side
