@@ -69,8 +69,24 @@ def _from_csv(path: Path) -> list[SlideRef]:
 
 
 def _from_dir(path: Path) -> list[SlideRef]:
+    """Every slide file under *path*; a folder of DICOM files is one slide (a DICOM WSI series
+    stores each level, label and overview in a file of its own), named after the folder."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-    return [SlideRef(safe_slide_id(p.stem), p) for p in files]
+    refs, dicom_dirs = [], set()
+    for p in files:
+        if p.suffix.lower() == ".dcm":
+            if p.parent not in dicom_dirs:
+                dicom_dirs.add(p.parent)
+                refs.append(_dicom_ref(p))
+            continue
+        refs.append(SlideRef(safe_slide_id(p.stem), p))
+    return refs
+
+
+def _dicom_ref(path: Path) -> SlideRef:
+    """A DICOM WSI series through any of its files (OpenSlide 4 finds the rest in the same folder):
+    named after the folder, since the files are named by their instance UIDs."""
+    return SlideRef(safe_slide_id(path.parent.name), path)
 
 
 def discover_slides(inputs: list[str | Path]) -> list[SlideRef]:
@@ -92,7 +108,7 @@ def discover_slides(inputs: list[str | Path]) -> list[SlideRef]:
         elif p.suffix.lower() == ".csv" and p.is_file():
             refs.extend(_from_csv(p))
         elif p.exists():
-            refs.append(SlideRef(safe_slide_id(p.stem), p))
+            refs.append(_dicom_ref(p) if p.suffix.lower() == ".dcm" else SlideRef(safe_slide_id(p.stem), p))
         elif any(ch in s for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True))
             matches = [m for m in matches if m.is_file()]
