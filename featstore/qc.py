@@ -50,7 +50,7 @@ def masks_compare(slide: Slide, config, out_png: str | Path, methods: tuple[str,
     from matplotlib.patches import Rectangle
 
     from featstore.core.plotting import new_figure, save
-    from featstore.tiling import MASKS, tile_slide
+    from featstore.tiling import MASKS, mask_and_artifacts, tiles_from_mask
 
     methods = tuple(methods or MASKS)
     thumb, ds = slide.thumbnail(max_size)
@@ -60,8 +60,8 @@ def masks_compare(slide: Slide, config, out_png: str | Path, methods: tuple[str,
     counts = {}
     for ax, method in zip(axes, methods):
         cfg = replace(config, mask=method)
-        mask, mds, _ = mask_for_slide(slide, cfg)
-        tiles = tile_slide(slide, cfg)
+        mask, mds, _, exclude = mask_and_artifacts(slide, cfg)     # one thumbnail read per method
+        tiles = tiles_from_mask(slide, cfg, mask, exclude)
         counts[method] = len(tiles)
         ax.imshow(thumb)
         scale = mds / ds

@@ -95,8 +95,7 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int 
     """
     x = rgb.astype(np.float32)
     if method == "robust":
-        cand, exclude = robust_candidates(x)
-        return _clean(cand, min_object_px, max_hole_px) & ~exclude
+        return robust_mask(x, min_object_px, max_hole_px)[0]
     if method == "saturation":
         mx, mn = x.max(axis=2), x.min(axis=2)
         channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
@@ -151,6 +150,12 @@ def robust_candidates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cand & ~exclude, exclude
 
 
+def robust_mask(x: np.ndarray, min_object_px: int = 0, max_hole_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue mask, ink/debris pixels) of ``mask="robust"``: the candidates cleaned up, ink kept out."""
+    cand, exclude = robust_candidates(x)
+    return _clean(cand, min_object_px, max_hole_px) & ~exclude, exclude
+
+
 def _clean(mask: np.ndarray, min_object_px: int, max_hole_px: int) -> np.ndarray:
     """Opening, specks below *min_object_px* removed, holes below *max_hole_px* filled."""
     mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) if mask.any() else mask
@@ -191,11 +196,11 @@ def mask_for_slide(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, floa
 
     The mask resolution is made fine enough that a patch spans at least 16 mask pixels.
     """
-    mask, ds, thumb, _ = _mask_and_artifacts(slide, config)
+    mask, ds, thumb, _ = mask_and_artifacts(slide, config)
     return mask, ds, thumb
 
 
-def _mask_and_artifacts(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
+def mask_and_artifacts(slide: Slide, config: TilingConfig) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
     """:func:`mask_for_slide` plus, for ``mask="robust"``, the ink/debris pixels it left out."""
     slide_mpp = slide.mpp
     patch_um = config.patch_size * config.mpp
@@ -207,26 +212,32 @@ def _mask_and_artifacts(slide: Slide, config: TilingConfig) -> tuple[np.ndarray,
     patch_thumb = patch_um / (slide_mpp * ds)
     sizes = dict(min_object_px=int((patch_thumb / 4) ** 2), max_hole_px=int((patch_thumb / 2) ** 2))
     if config.mask == "robust":
-        cand, exclude = robust_candidates(thumb.astype(np.float32))
-        return _clean(cand, **sizes) & ~exclude, ds, thumb, exclude
+        mask, exclude = robust_mask(thumb.astype(np.float32), **sizes)
+        return mask, ds, thumb, exclude
     return tissue_mask(thumb, config.mask, **sizes), ds, thumb, None
 
 
 def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
     """Grid of patches with tissue fraction >= ``min_tissue``; zero tissue gives empty Tiles."""
-    slide_mpp = slide.mpp
-    size0 = max(1, int(round(config.patch_size * config.mpp / slide_mpp)))
-    overlap0 = int(round(config.overlap * config.mpp / slide_mpp))
-    stride0 = max(1, size0 - overlap0)
+    size0 = max(1, int(round(config.patch_size * config.mpp / slide.mpp)))
     w, h = slide.dimensions
-    empty = Tiles(np.zeros((0, 2), np.int32), np.zeros((0,), np.float32), size0, slide_mpp, config)
     if w < size0 or h < size0:
         log.warning("%s: smaller than one patch (%dx%d < %d px)", slide.path, w, h, size0)
-        return empty
-    mask, ds, thumb, exclude = _mask_and_artifacts(slide, config)
-    if not mask.any():
+        return Tiles(np.zeros((0, 2), np.int32), np.zeros((0,), np.float32), size0, slide.mpp, config)
+    mask, _, _, exclude = mask_and_artifacts(slide, config)
+    return tiles_from_mask(slide, config, mask, exclude)
+
+
+def tiles_from_mask(slide: Slide, config: TilingConfig, mask: np.ndarray, exclude: np.ndarray | None = None) -> Tiles:
+    """The patch grid of :func:`tile_slide` over an already computed *mask* (and, for the robust
+    mask, its ink/debris pixels *exclude*), so a caller holding the mask reads no thumbnail again."""
+    slide_mpp = slide.mpp
+    size0 = max(1, int(round(config.patch_size * config.mpp / slide_mpp)))
+    stride0 = max(1, size0 - int(round(config.overlap * config.mpp / slide_mpp)))
+    w, h = slide.dimensions
+    if not mask.any() or w < size0 or h < size0:
         log.info("%s: no tissue found", slide.path)
-        return empty
+        return Tiles(np.zeros((0, 2), np.int32), np.zeros((0,), np.float32), size0, slide_mpp, config)
     xs = np.arange(0, w - size0 + 1, stride0)
     ys = np.arange(0, h - size0 + 1, stride0)
     gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from featstore.core.config import Config, option
+from featstore.core.labels import LEVELS
 from mil.errors import MilConfigError, MilError
 
 
@@ -117,7 +118,7 @@ class RunSpec(Config):
     level: str = option("slide", "The unit a head learns and is scored on: slide, or patient (a patient's "
                                  "slides pooled into one bag; needs a patient_id column). Slide runs also "
                                  "report patient metrics from the mean of each patient's slide scores.",
-                        choices=("slide", "patient"))
+                        choices=LEVELS)
     weights: str | None = option(None, "Weights tag; needed only if the store holds several.")
     folds: int | None = option(None, "K-fold CV (patient-grouped, stratified). Default: the labels' split/fold "
                                      "column, else one 80/20 hold-out.")

@@ -463,6 +463,26 @@ class PatientBags:
         return dict(zip(ids, np.split(np.asarray(attention), ends[:-1])))
 
 
+def patient_rows(labels: Labels) -> tuple[Labels, np.ndarray]:
+    """(the patient table of :func:`featstore.core.labels.pool_patients`, each label row's row in
+    it). Raises the pool's one-line LabelsError when a patient's slides disagree."""
+    from featstore.core.labels import pool_patients
+
+    pooled, _ = pool_patients(labels, error=LabelsError)
+    row_of = {p: i for i, p in enumerate(pooled.slide_ids)}
+    return pooled, np.array([row_of[p] for p in labels.patients], dtype=np.int64)
+
+
+def patient_means(patient_row: np.ndarray, rows: Sequence[int], preds) -> tuple[np.ndarray, np.ndarray]:
+    """Late fusion: (the patient rows of label rows *rows*, each patient's mean of its slides'
+    predictions *preds*), patients in row order."""
+    groups: dict[int, list] = {}
+    for i, pred in zip(rows, preds):
+        groups.setdefault(int(patient_row[i]), []).append(pred)
+    out = np.array(sorted(groups), dtype=np.int64)
+    return out, np.stack([np.mean(np.asarray(groups[r], np.float64), 0) for r in out])
+
+
 def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = "auto",
               max_cache_bytes: int | None = None, expected_dim: int | None = None,
               progress=None) -> Bags:
@@ -514,4 +534,4 @@ def load_bags(store, slide_ids: Sequence[str], key: FeatureKey, *, cache: str = 
     return bags
 
 
-__all__ = ["Split", "make_splits", "assign_sites", "fold_balance", "SPLIT_MODES", "carve_val", "subsample_train", "Bags", "PatientBags", "load_bags"]
+__all__ = ["Split", "make_splits", "assign_sites", "fold_balance", "SPLIT_MODES", "carve_val", "subsample_train", "Bags", "PatientBags", "patient_rows", "patient_means", "load_bags"]

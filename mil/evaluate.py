@@ -357,26 +357,28 @@ def evaluate_external(run: str | Path | Run, store: str | Store, labels: str | P
     fa = [m["auc"] for m in res.metrics["external"]["folds"].values() if m["auc"] is not None]
     res.metrics["external"]["fold_mean"] = {"auc": float(np.mean(fa)) if fa else None,
                                             "auc_std": float(np.std(fa, ddof=1)) if len(fa) > 1 else 0.0}
-    fused = _patient_fusion(lab, y, res.probs, n_boot=n_boot, seed=seed) if members is None else None
+    fused = _patient_fusion(lab, classes, res.probs, n_boot=n_boot, seed=seed) if members is None else None
     if fused is not None:
         res.metrics["external"]["patient"] = fused
     return res
 
 
-def _patient_fusion(lab: Labels, y: np.ndarray, probs: np.ndarray, *, n_boot: int, seed: int) -> dict | None:
+def _patient_fusion(lab: Labels, classes: Sequence[str], probs: np.ndarray, *, n_boot: int, seed: int) -> dict | None:
     """A slide-level run on a cohort whose patients have several slides: each patient's ensemble
-    probabilities averaged over its slides (late fusion, as `mil train` reports internally) and
-    scored per patient. None when every patient has one slide, or a patient's slides disagree."""
+    probabilities averaged over its slides (late fusion, :func:`mil.data.patient_means`, as `mil
+    train` reports internally) and scored per patient. None when every patient has one slide, a
+    patient's slides disagree, or one class is left."""
+    from mil.data import patient_means, patient_rows
+
     if len(set(lab.patients)) == len(lab):
         return None
-    by_patient: dict[str, list[int]] = {}
-    for i, p in enumerate(lab.patients):
-        by_patient.setdefault(p, []).append(i)
-    if any(len(set(y[rows].tolist())) > 1 for rows in by_patient.values()):
-        log.warning("%s: some patients' slides carry different labels; no patient-level metrics", lab.path)
+    try:
+        pooled, patient_row = patient_rows(lab)
+        rows, pp = patient_means(patient_row, range(len(lab)), probs)
+    except LabelsError as exc:
+        log.warning("no patient-level metrics: %s", exc)
         return None
-    py = np.array([y[rows[0]] for rows in by_patient.values()], dtype=np.int64)
-    pp = np.stack([probs[rows].mean(0) for rows in by_patient.values()])
+    py = run_labels(pooled, classes)[rows]
     if len(np.unique(py)) < 2:
         return None
     return {"fusion": "mean of the patient's slide probabilities", "n_patients": len(py),

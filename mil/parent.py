@@ -78,7 +78,7 @@ class Parent:
     val: list[str]
     test: list[str]
     y: dict[str, int]                   # slide_id -> class index into run.classes (classification)
-    labels: Labels | None = None        # the run's labels table (survival, regression)
+    labels: Labels | None = None        # the run's labels table
     row: dict[str, int] | None = None   # slide_id -> row of labels
 
     @property
@@ -126,18 +126,19 @@ def run_labels_table(run: Run) -> Labels:
                        others=c.get("other_targets") or ())
 
 
-def _labels(run: Run, need: list[str]) -> dict[str, int]:
-    """{slide_id: class index} from the run's labels file, which must match the run."""
+def _labels(run: Run, need: list[str]) -> tuple[Labels, dict[str, int]]:
+    """The run's labels table and {slide_id: its row}; the table must match the run (its classes)
+    and hold every slide the fold needs."""
     labels = run_labels_table(run)
-    if tuple(labels.classes) != tuple(run.classes):
+    if run.task == "classification" and tuple(labels.classes) != tuple(run.classes):
         raise LabelsError(f"{labels.path}: classes {list(labels.classes)} differ from run {run.path}'s "
                           f"{run.classes}; use the run's labels file")
-    y = dict(zip(labels.slide_ids, (int(v) for v in labels.y)))
-    unlabeled = [s for s in need if s not in y]
+    row = {s: i for i, s in enumerate(labels.slide_ids)}
+    unlabeled = [s for s in need if s not in row]
     if unlabeled:
         raise LabelsError(f"{labels.path} lacks slide(s) {', '.join(unlabeled[:10])} of run {run.path}; "
                           "use the run's labels file")
-    return y
+    return labels, row
 
 
 def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None = None) -> Parent:
@@ -153,16 +154,8 @@ def load_parent(run_dir: str | Path, fold: str | None = None, store: str | None 
         raise MilError(f"run {run.path}: cannot open its store {store_path} ({exc}); pass --store") from None
     key = FeatureKey(cfg["encoder"], cfg["weights"], int(cfg["minus"]))
     need = ids["train"] + ids["val"] + ids["test"]
-    labels, row = None, None
-    if run.task == "classification":
-        y = _labels(run, need)
-    else:
-        y, labels = {}, run_labels_table(run)
-        row = {s: i for i, s in enumerate(labels.slide_ids)}
-        unlabeled = [s for s in need if s not in row]
-        if unlabeled:
-            raise LabelsError(f"{labels.path} lacks slide(s) {', '.join(unlabeled[:10])} of run {run.path}; "
-                              "use the run's labels file")
+    labels, row = _labels(run, need)
+    y = {s: int(labels.y[i]) for s, i in row.items()} if run.task == "classification" else {}
     try:
         missing = [s for s in need if not st.has_features(s, key.encoder, key.minus, key.weights)]
     except StoreError as exc:

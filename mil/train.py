@@ -285,28 +285,22 @@ def _slide_attention(bags, unit: str, attention) -> dict:
 
 def late_fusion(labels: Labels, splits: Sequence[Split], results: dict, cfg: TrainConfig, n_boot: int) -> dict | None:
     """Patient metrics of a slide-level run: each test patient's slide predictions averaged (late
-    fusion), scored per fold as the slides are. None when every patient has one slide, or when a
-    patient's slides disagree on the label (no single answer to score against)."""
-    from featstore.core.labels import pool_patients
+    fusion, :func:`mil.data.patient_means`), scored per fold as the slides are. None when every
+    patient has one slide, or when a patient's slides disagree on the label."""
+    from mil.data import patient_means, patient_rows
     from mil.metrics import summarize
     from mil.tasks import task_keys
 
     if len(set(labels.patients)) == len(labels):
         return None
     try:
-        pooled, _ = pool_patients(labels, error=LabelsError)
+        pooled, patient_row = patient_rows(labels)
     except LabelsError as exc:
         log.warning("no patient-level metrics: %s", exc)
         return None
-    row_of = {p: i for i, p in enumerate(pooled.slide_ids)}
-    patient_row = np.array([row_of[p] for p in labels.patients])
     per_fold = {}
     for sp in splits:
-        groups: dict[int, list] = {}
-        for i, pred in zip(sp.test, results[sp.name][1]):
-            groups.setdefault(int(patient_row[i]), []).append(pred)
-        rows = np.array(sorted(groups), dtype=np.int64)
-        pred = np.stack([np.mean(np.asarray(groups[r], np.float64), 0) for r in rows])
+        rows, pred = patient_means(patient_row, sp.test, results[sp.name][1])
         task = make_task(pooled, np.unique(patient_row[sp.train]), survival_loss=cfg.survival_loss,
                          time_bins=cfg.time_bins, cox_batch=cfg.cox_batch)
         per_fold[sp.name] = task.fold_metrics(rows, pred, n_boot=n_boot, seed=cfg.seed)
@@ -398,8 +392,9 @@ def train_targets(spec: RunSpec, cfg: TrainConfig,
     task, folds and heads, reported apart), then ``OUT/targets.json``: every target's task, slides
     and mean metrics side by side. A target that fails is one line in targets.json; the others
     still run; if every target fails, the first error is raised."""
-    import json
     from dataclasses import replace
+
+    from mil.run import write_json
 
     targets = list(dict.fromkeys(spec.targets or ()))
     if not targets:
@@ -433,9 +428,7 @@ def train_targets(spec: RunSpec, cfg: TrainConfig,
                    "std": r.metrics["std"]} for t, r in done.items()}
     summary.update({t: {"error": e} for t, e in failed.items()})
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "targets.json.tmp"
-    tmp.write_text(json.dumps({"targets": targets, "runs": summary}, indent=2, default=str))
-    tmp.replace(root / "targets.json")
+    write_json(root / "targets.json", {"targets": targets, "runs": summary})
     return done
 
 

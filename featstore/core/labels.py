@@ -365,9 +365,7 @@ def pool_patients(labels: Labels, *, error: type[Exception] = LabelsError) -> tu
 def _one_target(path: Path, rows: Rows, column: str, error: type[Exception]) -> Rows:
     """The rows of a multi-target table as a one-label table: *column* renamed ``label``, the other
     targets dropped, rows without a value for *column* left out (with a warning)."""
-    if column not in rows.columns:
-        raise error(f"{path}: no column {column!r} (named by --targets); found {', '.join(rows.columns)}")
-    kept = Rows()
+    kept = Rows()   # read_table has already refused a missing target column
     kept.columns = tuple(c for c in rows.columns if c not in _target_columns(rows.columns, column)) + ("label",)
     empty = []
     for r in rows:

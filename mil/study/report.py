@@ -453,13 +453,14 @@ def write_html(r: SlideReport, markdown_text: str) -> Path:
     """``report.html`` beside report.md: the same report (Python-Markdown, tables kept), plus a first
     section that links each configuration's run (its first seed) to `featstore view`."""
     import html
+    from shlex import quote
     from urllib.parse import urlencode
 
     import markdown
 
     runs_dir = r.out / "runs"
-    slides = " ".join(f"--slides {shlex_quote(s)}" for s in r.slides)
-    cmd = f"featstore view {shlex_quote(r.store)} --run {shlex_quote(str(runs_dir))} {slides}".strip()
+    slides = " ".join(f"--slides {quote(str(s))}" for s in r.slides)
+    cmd = f"featstore view {quote(str(r.store))} --run {quote(str(runs_dir))} {slides}".strip()
     items = []
     for row in r.rows:
         run = next((Path(p) for p in sorted(row.runs) if Path(p).parent == runs_dir), None)
@@ -478,12 +479,6 @@ def write_html(r: SlideReport, markdown_text: str) -> Path:
     path = r.report_dir / "report.html"
     path.write_text(page)
     return path
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(str(text))
 
 
 def _calibration_rows(records: Sequence[dict]) -> list[str]:

@@ -154,8 +154,10 @@ class StudyConfig(StudyForm):
         check_plans(self.encoders, self.seeds)
         if self.split not in ("patient", "site", "site-preserved"):
             raise StudyError(f"split: {self.split!r}; choose patient, site or site-preserved")
-        if self.level not in ("slide", "patient"):
-            raise StudyError(f"level: {self.level!r}; choose slide or patient")
+        from featstore.core.labels import LEVELS
+
+        if self.level not in LEVELS:
+            raise StudyError(f"level: {self.level!r}; choose {' or '.join(LEVELS)}")
         self.endpoint = self._resolve_endpoint()
         from_dict(TilingConfig, self.tiling, where="tiling", error=StudyError)
         first = self.encoders[0]

@@ -36,6 +36,7 @@ def view(
     if missing:
         raise MilError(f"--slides {', '.join(missing)}: not a folder")
     data = ViewerData(open_store(store), find_runs(run) if run else {}, dirs, device)
+    _check_port(host, port)
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no line per tile request
@@ -48,6 +49,21 @@ def view(
         pass
     finally:
         server.server_close()
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line, in the tool's style, for an address werkzeug could not bind (it would print its own
+    two lines and exit)."""
+    import socket
+
+    from mil.errors import MilError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as exc:
+        raise MilError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another "
+                       "--port (0: any free one)") from None
 
 
 def register(featstore_app: typer.Typer) -> None:

@@ -240,3 +240,17 @@ def test_several_runs_one_viewer(cohort, tmp_path):
     assert c.get("/slide/s1?run=zz").status_code == 404
     with pytest.raises(ViewerError, match="no run folder here"):
         find_runs([cohort / "slides"])
+
+
+def test_view_on_a_busy_port_is_one_line(cohort):
+    import socket
+
+    from featstore.cli import featstore_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = CliRunner().invoke(featstore_app, ["view", str(cohort / "c.zarr"), "--port", str(port)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and f"--port {port}: cannot listen there" in lines[0], res.output
