@@ -38,7 +38,7 @@ from featstore.read.prefetch import in_thread
 from featstore.stain import stained_tag
 from featstore.read.native import reader_of
 from featstore.store import FeatureKey, FeatureWriter, Store, open_store
-from featstore.tiling import tile_slide
+from featstore.tiling import mask_provenance, tile_slide
 from featstore.read.tilesource import TileSource, check_fingerprint
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class Extractor:
         info = {
             "source": str(ref.path), "fingerprint": fingerprint, "slide_mpp": float(tiles.slide_mpp),
             "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
-            "dimensions": list(slide.dimensions), "vendor": slide.vendor,
+            "dimensions": list(slide.dimensions), "vendor": slide.vendor, **mask_provenance(self.cfg.tiling),
         }
         store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
         return tiles.coords, int(tiles.size0)

@@ -44,15 +44,18 @@ def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1
 def masks_compare(slide: Slide, config, out_png: str | Path, methods: tuple[str, ...] | None = None,
                   max_size: int = 1200) -> tuple[Path, dict[str, int]]:
     """Save the slide's tissue mask under every method side by side (contour in green, the
-    tiles each keeps in blue) to *out_png*; returns the path and each method's tile count."""
+    tiles each keeps in blue) to *out_png*; returns the path and each method's tile count.
+    Deep segmenters take part when *config* names one with its weights."""
     from dataclasses import replace
 
     from matplotlib.patches import Rectangle
 
     from featstore.core.plotting import new_figure, save
-    from featstore.tiling import MASKS, mask_and_artifacts, tiles_from_mask
+    from featstore.masks import MASK_METHODS, mask_names
+    from featstore.tiling import mask_and_artifacts, tiles_from_mask
 
-    methods = tuple(methods or MASKS)
+    methods = tuple(methods or (m for m in mask_names() if not MASK_METHODS[m].needs_weights
+                                or (m == config.mask and config.mask_weights)))
     thumb, ds = slide.thumbnail(max_size)
     h, w = thumb.shape[:2]
     fig = new_figure(5.0 * len(methods), 5.0 * h / max(w, 1) + 0.7, dpi=100, layout=None)

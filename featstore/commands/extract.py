@@ -24,8 +24,8 @@ DEFAULT_SHARD_SIZE = 1024   # featstore.read.images.DEFAULT_SHARD_SIZE (not impo
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
 _DEFAULT_LEVELS = ",".join(str(lv) for lv in _FIELDS["levels"].default)
-#: Tiling options of the command (the mask and its resolution keep their defaults / the store's).
-TILING_OPTIONS = Options(TilingConfig, exclude=("mask", "thumb_mpp"), overrides=True, note="or the store's tiling")
+#: Tiling options of the command (the mask's resolution keeps its default / the store's).
+TILING_OPTIONS = Options(TilingConfig, exclude=("thumb_mpp",), overrides=True, note="or the store's tiling")
 #: Pipeline options: every ExtractConfig field but the levels (``--minus`` text, "all" needs the encoder).
 EXTRACT_OPTIONS = Options(ExtractConfig, exclude=("levels",))
 

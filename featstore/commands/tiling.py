@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from featstore.core.config import help_of
 from featstore.core.ui import counting_bar, out_console
+
+from featstore.tiling import TilingConfig
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TilingConfig)}
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +25,8 @@ def register(app: typer.Typer) -> None:
         mpp: Annotated[float, typer.Option(help="Target microns per pixel of a patch (0.5 ≈ 20x).")] = 0.5,
         overlap: Annotated[int, typer.Option(help="Overlap between patches in pixels at --mpp.")] = 0,
         min_tissue: Annotated[float, typer.Option(help="Keep patches with at least this tissue fraction.")] = 0.5,
-        mask: Annotated[str, typer.Option(help="Tissue mask: saturation (H&E), gray (inverted grayscale) or robust (faint tissue kept; pen ink and debris left out).")] = "saturation",
+        mask: Annotated[str, typer.Option("--mask", "--tissue", help=help_of(_FIELDS["mask"]))] = _FIELDS["mask"].default,
+        mask_weights: Annotated[Optional[str], typer.Option(help=help_of(_FIELDS["mask_weights"]))] = None,
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
         compare: Annotated[Optional[Path], typer.Option(help="Also save every mask method side by side (contour and "
                                                               "kept tiles each) to this PNG.")] = None,
@@ -28,9 +35,10 @@ def register(app: typer.Typer) -> None:
         from featstore.read.native import probe
         from featstore.qc import tiling_qc
         from featstore.read.slide import Slide
-        from featstore.tiling import TilingConfig, tile_slide
+        from featstore.tiling import tile_slide
 
-        cfg = TilingConfig(patch_size=patch_size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, mask=mask)
+        cfg = TilingConfig(patch_size=patch_size, mpp=mpp, overlap=overlap, min_tissue=min_tissue, mask=mask,
+                           mask_weights=mask_weights or "")
         con = out_console
         with Slide(slide, mpp=slide_mpp) as s:
             tiles = tile_slide(s, cfg)

@@ -37,7 +37,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_robust_mask_matches_the_truth_where_otsu_does_not(slides):
-    cfg = TilingConfig(patch_size=32, mpp=MPP)
+    cfg = TilingConfig(patch_size=32, mpp=MPP, mask="saturation")
     for path, m in slides:
         with Slide(path) as s:
             robust, ds, _ = mask_for_slide(s, TilingConfig(patch_size=32, mpp=MPP, mask="robust"))

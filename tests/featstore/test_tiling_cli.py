@@ -103,7 +103,7 @@ def test_unreadable_slide_is_one_red_line_and_exit_1(tmp_path, kind):
 def test_bad_tiling_option_is_one_line(slide):
     res = _run("tiles", slide, "--mask", "hue")
     assert res.exit_code == 1
-    assert "--mask 'hue' must be one of saturation, gray" in res.stderr
+    assert "--mask 'hue' must be one of robust, saturation, gray, grandqc, hest" in res.stderr
 
 
 def test_demo_data_writes_a_labelled_cohort(tmp_path):

@@ -85,6 +85,6 @@ def test_finetune_takes_survival_and_regression_runs(cohort, tmp_path, task, lab
         from scipy.stats import pearsonr
 
         y, p = (np.array([float(r[c]) for r in ft_rows]) for c in ("target", "prediction"))
-        assert m["folds"]["test"]["pearson"] == pytest.approx(pearsonr(y, p)[0], abs=1e-6)
+        assert m["folds"]["test"]["pearson"] == pytest.approx(pearsonr(y, p)[0], abs=1e-5)   # the CSV rounds
         assert (ft / "scatter.png").is_file() and "Pearson r" in res.output
         assert cfg["task_config"]["test"]["target_sd"] > 0
