@@ -32,6 +32,13 @@ class SlideRef:
     mpp: float | None = None   # this slide's microns per pixel, over its file's (a slide list's mpp column)
 
 
+def slide_stem(path: Path) -> str:
+    """A slide file's id stem: its name without the extension, and without ``.ome`` for an OME-TIFF."""
+    from featstore.read.ome import is_ome_tiff
+
+    return path.name[: path.name.lower().rindex(".ome.")] if is_ome_tiff(path) else path.stem
+
+
 def _row_mpp(path: Path, line: int, text: str) -> float | None:
     """A slide list's optional ``mpp`` cell: empty for the file's own, else a plausible µm/px."""
     from featstore.read.slide import MPP_RANGE, plausible_mpp
@@ -79,7 +86,7 @@ def _from_dir(path: Path) -> list[SlideRef]:
                 dicom_dirs.add(p.parent)
                 refs.append(_dicom_ref(p))
             continue
-        refs.append(SlideRef(safe_slide_id(p.stem), p))
+        refs.append(SlideRef(safe_slide_id(slide_stem(p)), p))
     return refs
 
 
@@ -108,13 +115,13 @@ def discover_slides(inputs: list[str | Path]) -> list[SlideRef]:
         elif p.suffix.lower() == ".csv" and p.is_file():
             refs.extend(_from_csv(p))
         elif p.exists():
-            refs.append(_dicom_ref(p) if p.suffix.lower() == ".dcm" else SlideRef(safe_slide_id(p.stem), p))
+            refs.append(_dicom_ref(p) if p.suffix.lower() == ".dcm" else SlideRef(safe_slide_id(slide_stem(p)), p))
         elif any(ch in s for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True))
             matches = [m for m in matches if m.is_file()]
             if not matches:
                 raise FeatstoreError(f"{s}: pattern matches no file")
-            refs.extend(SlideRef(safe_slide_id(m.stem), m) for m in matches)
+            refs.extend(SlideRef(safe_slide_id(slide_stem(m)), m) for m in matches)
         else:
             raise SlideNotFoundError(f"{p}: no such file or directory")
     seen: dict[str, Path] = {}

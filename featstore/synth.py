@@ -105,6 +105,27 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, 
     return path
 
 
+def write_ome_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, *, tile: int = 256,
+                   compression: str = "jpeg", levels: int | None = None, unit: str = "µm") -> Path:
+    """Write *rgb* as a pyramidal OME-TIFF the way Bio-Formats' bfconvert does: the full image in
+    the first IFD, the reduced levels in its SubIFDs, the resolution only in the OME-XML
+    (``PhysicalSizeX/Y`` in *unit*: µm or nm), no TIFF resolution tags."""
+    rgb = np.ascontiguousarray(rgb)
+    pyramid = pyramid_levels(rgb, levels, tile)
+    codec = None if compression == "none" else compression
+    kw: dict = dict(photometric="rgb", tile=(tile, tile), compression=codec, compressionargs=_COMPRESSIONS[compression])
+    meta: dict = {"axes": "YXS"}
+    if mpp is not None:
+        size = mpp * (1000.0 if unit == "nm" else 1.0)
+        meta.update(PhysicalSizeX=size, PhysicalSizeY=size, PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=sum(a.nbytes for a in pyramid) > 2**31, ome=True) as tw:
+        tw.write(pyramid[0], subifds=len(pyramid) - 1, metadata=meta, **kw)
+        for level in pyramid[1:]:
+            tw.write(level, subfiletype=1, **kw)
+    return path
+
+
 def svs_tiles(level: np.ndarray, tile: int, quality: int) -> tuple[bytes, list[bytes]]:
     """(JPEGTables, abbreviated tiles in row-major order) of *level*, as an Aperio writer does.
 

@@ -1,4 +1,4 @@
-"""A thin reader over OpenSlide: every format OpenSlide opens, regions at a target size.
+"""A thin reader over OpenSlide: every format OpenSlide opens (and OME-TIFF), regions at a target size.
 
 Only reading lives here (no masks, no tiling, no plotting). Errors name the file and say what
 is wrong. OpenSlide errors are sticky (after one failed read every call on the handle fails),
@@ -78,6 +78,14 @@ def plausible_mpp(mpp: float) -> bool:
     return math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
 
 
+def open_handle(path: str | Path):
+    """An OpenSlide handle of *path*, or for an OME-TIFF (its pyramid in SubIFDs, which OpenSlide does
+    not list) the same API over tiffslide (:class:`featstore.read.ome.OmeTiff`)."""
+    from featstore.read.ome import OmeTiff, is_ome_tiff
+
+    return OmeTiff(path) if is_ome_tiff(path) else openslide.OpenSlide(str(path))
+
+
 class Slide:
     """One whole-slide image. ``mpp`` overrides (or supplies) the file's microns per pixel.
 
@@ -102,7 +110,7 @@ class Slide:
 
     def _open(self) -> openslide.OpenSlide:
         try:
-            return openslide.OpenSlide(str(self.path))
+            return open_handle(self.path)
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideFormatError(
                 f"{self.path}: not a slide OpenSlide can read (unsupported format, or a corrupt/truncated file)"

@@ -83,11 +83,12 @@ class ViewerData:
         """The slide's DeepZoomGenerator (opened once, kept)."""
         with self._lock:
             if sid not in self._zoom:
-                from openslide import OpenSlide
                 from openslide.deepzoom import DeepZoomGenerator
 
+                from featstore.read.slide import open_handle
+
                 try:
-                    self._zoom[sid] = DeepZoomGenerator(OpenSlide(str(self.slide_path(sid))), tile_size=DZ_TILE,
+                    self._zoom[sid] = DeepZoomGenerator(open_handle(self.slide_path(sid)), tile_size=DZ_TILE,
                                                         overlap=DZ_OVERLAP, limit_bounds=False)
                 except ViewerError:
                     raise
