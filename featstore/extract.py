@@ -345,6 +345,9 @@ class Extractor:
         if isinstance(slide, ImageShard):
             return self._tile_images(store, ref, slide, report)
         tiles = tile_slide(slide, self.cfg.tiling)
+        if len(tiles.coords) == 0 and tiles.qc_dropped:
+            raise FeatstoreError(f"{ref.path}: --qc drop left no tile (flagged: " + ", ".join(
+                f"{k} {v}" for k, v in tiles.qc_dropped.items()) + "); check with `featstore tiles --qc flag`")
         if len(tiles.coords) == 0:
             raise FeatstoreError(
                 f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "
@@ -357,7 +360,11 @@ class Extractor:
             "size0": int(tiles.size0), "tiling": self.cfg.tiling.to_dict(),
             "dimensions": list(slide.dimensions), "vendor": slide.vendor, **mask_provenance(self.cfg.tiling),
         }
-        store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info)
+        if tiles.qc_flags is not None:
+            from featstore.tileqc import qc_counts
+
+            info["qc"] = {"flagged": qc_counts(tiles.qc_flags), "dropped": tiles.qc_dropped or {}}
+        store.write_tiling(ref.slide_id, tiles.coords, tiles.tissue, info, qc=tiles.qc, qc_flags=tiles.qc_flags)
         return tiles.coords, int(tiles.size0)
 
     def _tile_images(self, store: Store, ref: ImageShardRef, shard: ImageShard,

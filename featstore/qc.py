@@ -10,8 +10,13 @@ from featstore.read.slide import Slide
 from featstore.tiling import Tiles, mask_for_slide
 
 
+#: the QC picture's colour of each flag (featstore.tileqc.FLAGS bits), the first that applies
+QC_COLOURS = ((2, (0.85, 0.1, 0.1)), (1, (1.0, 0.55, 0.0)), (4, (0.5, 0.5, 0.5)))
+
+
 def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1600) -> Path:
-    """Save thumbnail | thumbnail + tissue contour (green) + kept patches (blue boxes) to *out_png*."""
+    """Save thumbnail | thumbnail + tissue contour (green) + kept patches (blue boxes; with QC, flagged
+    ones in orange (blur), red (dark or folded) or grey (mostly background)) to *out_png*."""
     from matplotlib.patches import Rectangle
 
     from featstore.core.plotting import new_figure, save
@@ -31,12 +36,21 @@ def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1
     if mask.any() and not mask.all():
         ax1.contour(xs, ys, mask.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
     side = tiles.size0 / ds
-    for (x, y), f in zip(tiles.coords, tiles.tissue):
-        ax1.add_patch(Rectangle((x / ds, y / ds), side, side, fill=False, lw=0.6,
-                                ec=(0.1, 0.3, 1.0, 0.4 + 0.6 * float(f))))
+    flags = tiles.qc_flags if tiles.qc_flags is not None else np.zeros(len(tiles), np.uint8)
+    for (x, y), f, q in zip(tiles.coords, tiles.tissue, flags):
+        colour = next((c for bit, c in QC_COLOURS if q & bit), (0.1, 0.3, 1.0))
+        ax1.add_patch(Rectangle((x / ds, y / ds), side, side, fill=False, lw=0.6 if not q else 1.2,
+                                ec=(*colour, 0.4 + 0.6 * float(f) if not q else 1.0)))
     c = tiles.config
-    ax1.set_title(f"{len(tiles)} patches of {c.patch_size}px @ {c.mpp} µm/px (≥{c.min_tissue:.0%} tissue, "
-                  f"{c.mask} mask)")
+    title = (f"{len(tiles)} patches of {c.patch_size}px @ {c.mpp} µm/px (≥{c.min_tissue:.0%} tissue, "
+             f"{c.mask} mask)")
+    if tiles.qc_flags is not None:
+        from featstore.tileqc import qc_counts
+
+        counts = tiles.qc_dropped or qc_counts(flags)
+        title += ("\nQC " + ("dropped: " if tiles.qc_dropped else "flagged: ")
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    ax1.set_title(title)
     fig.tight_layout()
     return save(fig, out_png, dpi=None)
 

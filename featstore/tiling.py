@@ -20,11 +20,12 @@ from featstore.errors import TilingError
 from featstore.masks import (MASK_METHODS, MAX_ARTIFACT, MaskInput, get_mask, mask_names,
                              otsu_threshold, robust_candidates, robust_mask, tissue_mask)
 from featstore.read.slide import Slide
+from featstore.tileqc import QC_MODES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TilingConfig", "Tiles", "coverage", "mask_provenance", "mask_for_slide", "mask_and_artifacts",
-           "tile_slide", "tiles_from_mask", "TilingError",
+           "tile_slide", "tiles_from_mask", "with_qc", "TilingError",
            # the masks themselves live in featstore.masks; these names stay importable from here
            "MASK_METHODS", "MAX_ARTIFACT", "get_mask", "mask_names", "otsu_threshold", "robust_candidates",
            "robust_mask", "tissue_mask"]
@@ -46,6 +47,9 @@ class TilingConfig(Config):
                                  "(see docs/tiling.md).", flags=("--mask", "--tissue"), choices=mask_names)
     mask_weights: str = option("", "Weights file of a deep --mask (grandqc: Tissue_Detection_MPP10.pth; hest: "
                                    "deeplabv3_seg_v4.ckpt); read offline, never downloaded.")
+    qc: str = option("off", "Per-tile QC at 2 µm/px (featstore.tileqc): flag records blurred, folded/dark and "
+                            "mostly empty tiles (counted in `featstore ls`); drop also leaves them out; off "
+                            "measures nothing.", choices=QC_MODES)
     thumb_mpp: float = option(8.0, "Resolution of the tissue mask in µm/px (finer for tiny patches).", gt=0)
 
     def __post_init__(self) -> None:
@@ -66,11 +70,12 @@ class TilingConfig(Config):
                               f"(the deep ones do: {', '.join(m for m in mask_names() if MASK_METHODS[m].needs_weights)})")
 
     def to_dict(self) -> dict:
-        """The fields as a dict; ``mask_weights`` only when set, so stores tiled before it existed
-        keep their tiling key."""
+        """The fields as a dict; ``mask_weights`` and ``qc`` only when set, so stores tiled before
+        they existed keep their tiling key."""
         d = asdict(self)
-        if not d["mask_weights"]:
-            del d["mask_weights"]
+        for key, unset in (("mask_weights", ""), ("qc", "off")):    # fields newer than the first stores
+            if d[key] == unset:
+                del d[key]
         return d
 
 
@@ -83,6 +88,9 @@ class Tiles:
     size0: int               # patch side in level-0 px
     slide_mpp: float
     config: TilingConfig = field(default_factory=TilingConfig)
+    qc: np.ndarray | None = None          # (N, 3) featstore.tileqc.MEASURES per kept tile (config.qc != "off")
+    qc_flags: np.ndarray | None = None    # (N,) uint8 featstore.tileqc.FLAGS bits
+    qc_dropped: dict | None = None        # --qc drop: how many tiles each flag left out
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -149,7 +157,24 @@ def tile_slide(slide: Slide, config: TilingConfig = TilingConfig()) -> Tiles:
         log.warning("%s: smaller than one patch (%dx%d < %d px)", slide.path, w, h, size0)
         return Tiles(np.zeros((0, 2), np.int32), np.zeros((0,), np.float32), size0, slide.mpp, config)
     mask, _, _, exclude = mask_and_artifacts(slide, config)
-    return tiles_from_mask(slide, config, mask, exclude)
+    return with_qc(slide, tiles_from_mask(slide, config, mask, exclude))
+
+
+def with_qc(slide: Slide, tiles: Tiles) -> Tiles:
+    """*tiles* with their per-tile QC (``config.qc`` flag or drop; unchanged when off)."""
+    if tiles.config.qc == "off" or not len(tiles):
+        return tiles
+    from dataclasses import replace
+
+    from featstore.tileqc import flag_tiles, qc_counts, slide_measures
+
+    measures = slide_measures(slide, tiles.coords, tiles.size0)
+    flags = flag_tiles(measures)
+    if tiles.config.qc == "flag":
+        return replace(tiles, qc=measures, qc_flags=flags)
+    keep = flags == 0
+    return replace(tiles, coords=tiles.coords[keep], tissue=tiles.tissue[keep], qc=measures[keep],
+                   qc_flags=flags[keep], qc_dropped=qc_counts(flags))
 
 
 def tiles_from_mask(slide: Slide, config: TilingConfig, mask: np.ndarray, exclude: np.ndarray | None = None) -> Tiles:

@@ -20,6 +20,21 @@ def _key_text(k) -> str:
     return f"{k.encoder}:{k.weights}:minus{k.minus}"
 
 
+def _has_qc(st) -> bool:
+    """True when the store was tiled with per-tile QC (``--qc flag|drop``)."""
+    return (st.tiling or {}).get("qc", "off") != "off"
+
+
+def _qc_text(st, sid: str) -> str:
+    """A slide's QC counts, e.g. ``blur 3, dark 1, background 0`` (``dropped`` with --qc drop)."""
+    q = st.slide_info(sid).get("qc")
+    if not q:
+        return "-"
+    counts = q.get("dropped") or q.get("flagged") or {}
+    word = "dropped " if q.get("dropped") else ""
+    return word + ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def _coverage_table(st, store: str, show_all: bool = False) -> tuple[str, Table, list[str]]:
     """A title line, the table slides x feature sets (tile counts, which features are complete, a
     totals row) and the legend lines naming each column's feature set in full
@@ -33,6 +48,9 @@ def _coverage_table(st, store: str, show_all: bool = False) -> tuple[str, Table,
     t = Table()
     t.add_column("slide", no_wrap=True)
     t.add_column("tiles", justify="right")
+    qc = _has_qc(st)
+    if qc:
+        t.add_column("QC flagged", no_wrap=True)
     for i, _ in enumerate(keys):
         t.add_column(f"#{i + 1}", justify="center")
     totals = [0] * len(keys)
@@ -43,24 +61,27 @@ def _coverage_table(st, store: str, show_all: bool = False) -> tuple[str, Table,
             totals[i] += k in have
     for sid in shown:
         n, have = cov[sid]
-        t.add_row(sid, "?" if n is None else str(n),
+        t.add_row(sid, "?" if n is None else str(n), *([_qc_text(st, sid)] if qc else []),
                   *["[green]yes[/]" if k in have else "[dim]-[/]" for k in keys])
+    pad = [""] * (len(keys) + qc)
     if len(shown) < len(slides):
-        t.add_row(f"[dim]... {len(slides) - len(shown)} more (--all)", "", *[""] * len(keys))
-    t.add_row("[bold]complete", "", *[f"{n}/{len(slides)}" for n in totals], end_section=True)
+        t.add_row(f"[dim]... {len(slides) - len(shown)} more (--all)", "", *pad)
+    t.add_row("[bold]complete", "", *([""] if qc else []), *[f"{n}/{len(slides)}" for n in totals], end_section=True)
     legend = [f"#{i + 1}  {_key_text(k)}  ({n}/{len(slides)} slides)" for i, (k, n) in enumerate(zip(keys, totals))]
     return f"{store}: {len(slides)} slides, {len(keys)} feature sets", t, legend
 
 
 def _coverage_records(st) -> tuple[list[dict], list[str]]:
     """One record per slide (every slide): id, tiles and ``yes``/``no`` per feature set, whose
-    column is its whole ``encoder:weights:minusK``."""
+    column is its whole ``encoder:weights:minusK`` (and its QC counts last, when tiled with --qc)."""
     cov = st.coverage()
     keys = sorted({k for _, ks in cov.values() for k in ks})
     names = [_key_text(k) for k in keys]
-    records = [{"slide": sid, "tiles": n, **{name: "yes" if k in have else "no" for name, k in zip(names, keys)}}
+    qc = _has_qc(st)
+    records = [{"slide": sid, "tiles": n, **{name: "yes" if k in have else "no" for name, k in zip(names, keys)},
+                **({"qc": _qc_text(st, sid)} if qc else {})}
                for sid, (n, have) in cov.items()]
-    return records, ["slide", "tiles", *names]
+    return records, ["slide", "tiles", *names, *(["qc"] if qc else [])]
 
 
 def _print_provenance(st) -> None:
@@ -91,7 +112,8 @@ def ls(
         if fmt == "tsv":
             write_tsv(records, columns)
         else:
-            write_json({"store": store, "feature_sets": columns[2:], "slides": records, "failures": st.failures()})
+            write_json({"store": store, "feature_sets": [c for c in columns[2:] if c != "qc"], "slides": records,
+                        "failures": st.failures()})
         return
     title, table, legend = _coverage_table(st, store, show_all)
     out_console.print(title, markup=False, highlight=False, soft_wrap=True)

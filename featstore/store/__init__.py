@@ -6,6 +6,8 @@ Layout (documented in docs/store-format.md)::
       slides/<slide_id>/                 attrs: source, fingerprint, slide_mpp, size0, n_tiles, tiling_complete
         coords      (N, 2) int32         level-0 (x, y) of each patch's top-left corner
         tissue      (N,)   float32       tissue fraction per patch
+        qc          (N, 3) float32       --qc flag|drop only: sharpness, density, background (featstore.tileqc)
+        qc_flags    (N,)   uint8         --qc flag|drop only: bits 1 blur, 2 dark, 4 background
         features/<key>  (N, D) float16   attrs: encoder, weights, minus, dim, provenance, complete
       failures/<slide_id>/               attrs: reason, source, time
 

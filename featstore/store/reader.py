@@ -222,6 +222,15 @@ class StoreReader:
         """(N,) float32 tissue fraction per patch."""
         return self._slide(slide_id)["tissue"][:]
 
+    def qc(self, slide_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-tile QC of a slide tiled with ``--qc flag|drop``: (N, 3) measures (sharpness, density,
+        background; featstore.tileqc.MEASURES) and (N,) uint8 flag bits (featstore.tileqc.FLAGS);
+        None when the slide was tiled without QC."""
+        g = self._slide(slide_id)
+        if "qc" not in g:
+            return None
+        return g["qc"][:], g["qc_flags"][:]
+
     def slide_info(self, slide_id: str) -> dict:
         """Source path, file fingerprint, slide mpp, tiling config, patch size in level-0 px."""
         return dict(self._slide(slide_id).attrs)

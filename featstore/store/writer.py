@@ -95,8 +95,10 @@ class StoreWriter(StoreReader):
             meta["tiling"] = tiling
             self._root.attrs["featstore"] = meta
 
-    def write_tiling(self, slide_id: str, coords: np.ndarray, tissue: np.ndarray, info: dict) -> None:
-        """Write a slide's coords and tissue fractions, then mark its tiling complete."""
+    def write_tiling(self, slide_id: str, coords: np.ndarray, tissue: np.ndarray, info: dict,
+                     qc: np.ndarray | None = None, qc_flags: np.ndarray | None = None) -> None:
+        """Write a slide's coords and tissue fractions (and per-tile QC measures and flags, if
+        measured), then mark its tiling complete."""
         self.refresh()
         coords = np.asarray(coords, dtype=np.int32).reshape(-1, 2)
         tissue = np.asarray(tissue, dtype=np.float32).reshape(-1)
@@ -110,6 +112,11 @@ class StoreWriter(StoreReader):
                        compressors=None, fill_value=0)[:] = coords
         g.create_array("tissue", shape=tissue.shape, dtype="float32", chunks=(min(n, 1 << 16),),
                        compressors=None, fill_value=0)[:] = tissue
+        if qc is not None:
+            g.create_array("qc", shape=(len(coords), 3), dtype="float32", chunks=(min(n, 1 << 16), 3),
+                           compressors=None, fill_value=0)[:] = np.asarray(qc, np.float32).reshape(-1, 3)
+            g.create_array("qc_flags", shape=(len(coords),), dtype="uint8", chunks=(min(n, 1 << 16),),
+                           compressors=None, fill_value=0)[:] = np.asarray(qc_flags, np.uint8).reshape(-1)
         g.attrs.update({**info, "n_tiles": int(len(coords)), "created": now()})
         g.attrs["tiling_complete"] = True
         self._markers.done(slide_id, token)
