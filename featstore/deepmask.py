@@ -41,9 +41,14 @@ _GLASS_BRIGHT = 220
 
 
 def _unetpp_effnet_b0():
+    import warnings
+
     import segmentation_models_pytorch as smp
 
-    return smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=2, activation=None)
+    with warnings.catch_warnings():    # smp deprecates its "timm-" encoders; GrandQC's weights are keyed for this one
+        warnings.filterwarnings("ignore", message=".*timm-. encoders are deprecated", category=DeprecationWarning)
+        return smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=2,
+                                activation=None)
 
 
 def _deeplabv3_resnet50():

@@ -456,8 +456,6 @@ def write_html(r: SlideReport, markdown_text: str) -> Path:
     from shlex import quote
     from urllib.parse import urlencode
 
-    import markdown
-
     runs_dir = r.out / "runs"
     slides = " ".join(f"--slides {quote(str(s))}" for s in r.slides)
     cmd = f"featstore view {quote(str(r.store))} --run {quote(str(runs_dir))} {slides}".strip()
@@ -470,13 +468,22 @@ def write_html(r: SlideReport, markdown_text: str) -> Path:
                          f"(run <code>{html.escape(run.name)}</code>)</li>")
     viewer = (f"<h2>Open the slides in the viewer</h2><p>Start it with <code>{html.escape(cmd)}</code>, then "
               "follow a configuration to see its attention over every slide:</p><ul>" + "".join(items) + "</ul>")
+    return write_page(r.report_dir / "report.html", r.name, markdown_text, viewer)
+
+
+def write_page(path: Path, title: str, markdown_text: str, prefix_html: str = "") -> Path:
+    """An HTML page of *markdown_text* (Python-Markdown, tables kept; pictures by their relative
+    paths, so it sits beside report.md), after *prefix_html*."""
+    import html
+
+    import markdown
+
     body = markdown.markdown(markdown_text, extensions=["tables"])
     style = ("body{font:14px/1.45 sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
              "img{max-width:100%}code{background:#f3f3f3}")
-    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(r.name)}</title>"
-            f"<style>{style}</style></head><body>{viewer}{body}</body></html>")
-    path = r.report_dir / "report.html"
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{prefix_html}{body}</body></html>")
     path.write_text(page)
     return path
 
@@ -516,9 +523,11 @@ def write_patch_report(r: PatchReport) -> Path:
 
 
 def _finish(rep_dir: Path, lines: list[str], failures: Sequence[dict]) -> Path:
-    """``report.md`` of *lines* and the failures table, written to *rep_dir*."""
+    """``report.md`` of *lines* and the failures table, and the same as ``report.html``, written to *rep_dir*."""
     path = rep_dir / "report.md"
-    path.write_text("\n".join(lines + _failures(failures)) + "\n")
+    text = "\n".join(lines + _failures(failures)) + "\n"
+    path.write_text(text)
+    write_page(rep_dir / "report.html", lines[0].lstrip("# ") if lines else "report", text)
     return path
 
 

@@ -17,7 +17,7 @@ from featstore.tiling import TilingConfig
 #: The command's options before they were generated (names and defaults users rely on).
 OPTIONS = {
     "--store": None, "--encoder": None, "--minus": "0", "--weights": "random", "--mpp": None, "--patch-size": None,
-    "--overlap": None, "--min-tissue": None, "--mask": None, "--mask-weights": None, "--resize": None, "--batch-size": 32, "--workers": 0,
+    "--overlap": None, "--min-tissue": None, "--mask": None, "--mask-weights": None, "--qc": None, "--resize": None, "--batch-size": 32, "--workers": 0,
     "--precision": "auto", "--device": "auto", "--slide-mpp": None, "--seed": 0, "--allow-download": False,
     "--strict-weights": True, "--cluster": None, "--storage-options": None, "--reader": "auto",
     "--images": None, "--shard-size": 1024, "--stain": "none", "--stain-reference": None, "--stain-tiles": 32,

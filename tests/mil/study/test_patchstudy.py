@@ -34,6 +34,8 @@ def test_patch_study_end_to_end_and_rerun_does_nothing_new(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "study" / "patches" / "runs").iterdir())
     assert len(runs) == 1 * 2 * 2 * 2 + 2 * 2      # levels x seeds x fractions x probes + finetune seeds x fractions
     assert (tmp_path / "study" / "report" / "balanced_accuracy_vs_fraction.png").is_file()
+    page = (tmp_path / "study" / "report" / "report.html").read_text()     # the same report, as HTML
+    assert "<table>" in page and "ECE after T" in page and 'src="balanced_accuracy_vs_fraction.png"' in page
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "patches" / "runs").glob("*/config.json")}
     r = CliRunner().invoke(featstore_app, ["study", str(tmp_path / "s.yaml")])
     assert r.exit_code == 0 and "'extracted_images': 0" in r.output

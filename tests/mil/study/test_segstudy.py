@@ -79,6 +79,8 @@ def test_sweep_report_and_rerun(cohort):
         assert float(row["dice_p_welch"]) == pytest.approx(want, rel=1e-6)
     report = res.report.read_text()
     assert "ood:dark" in report and "Welch p against random" in report and "dice_vs_fraction.png" in report
+    page = res.report.with_name("report.html").read_text()
+    assert "<table>" in page and "ood:dark" in page and 'src="dice_vs_fraction.png"' in page
     again = SegStudy(load_study(_yaml(cohort))).run()
     assert again.new_work == {"seg_runs": 0, "reused_runs": 12}
     changed = SegStudy(load_study(_yaml(cohort, seeds=[0], train_fractions=[1.0],
