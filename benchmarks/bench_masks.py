@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import print_table  # noqa: E402
 
-from featstore.messy import messy_slide  # noqa: E402
+from featstore.messy import ihc_view, messy_slide  # noqa: E402
 from featstore.read.slide import Slide  # noqa: E402
-from featstore.synth import smooth_noise, write_pyramid_tiff  # noqa: E402
+from featstore.synth import write_pyramid_tiff  # noqa: E402
 from featstore.tiling import TilingConfig, mask_and_artifacts, tiles_from_mask, tissue_mask  # noqa: E402
 
 METHODS = ("saturation", "gray", "robust")
@@ -46,15 +46,6 @@ def _at(mask: np.ndarray, shape) -> np.ndarray:
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
-def _ihc(rng, od_scale: float, dab: float, shape=(600, 800)):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    truth = ((yy - shape[0] / 2) / (shape[0] * 0.37)) ** 2 + ((xx - shape[1] / 2) / (shape[1] * 0.4)) ** 2 < 1
-    h = od_scale * (0.6 + 0.8 * smooth_noise(shape, 20, rng)) * truth
-    d = dab * (smooth_noise(shape, 30, rng) > 0.6) * truth
-    od = h[..., None] * np.array([0.65, 0.70, 0.29]) + d[..., None] * np.array([0.27, 0.57, 0.78])
-    return np.clip(255 * np.exp(-od) + rng.normal(0, 3, od.shape), 0, 255).astype(np.uint8), truth
 
 
 def messy_rows(seeds: int, root: Path) -> dict[str, dict[str, list[float]]]:
@@ -86,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = messy_rows(args.seeds, Path(tmp))
     rng = np.random.default_rng(0)
-    views = [_ihc(rng, h, d) for h in (0.15, 0.3, 1.0, 2.0) for d in (0.0, 0.8)]
+    views = [ihc_view(rng, h, d) for h in (0.15, 0.3, 1.0, 2.0) for d in (0.0, 0.8)]
     ihc = {m: min(_dice(tissue_mask(v, m, 16, 64), t) for v, t in views) for m in METHODS}
     best = min(res["robust"]["dice"])
     base = float(np.mean(res["saturation"]["time"]))

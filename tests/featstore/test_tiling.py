@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from featstore.errors import FeatstoreError
+from featstore.messy import ihc_view
 from featstore.read.slide import Slide
 from featstore.synth import add_grain, rectangles_slide, write_pyramid_tiff
 from featstore.tiling import TilingConfig, TilingError, Tiles, coverage, otsu_threshold, tile_slide, tissue_mask
@@ -249,23 +250,11 @@ def test_robust_is_the_default_and_its_edges_are_close_to_exact(tmp_path):
     assert (3 * P, 4 * P) not in frac and (12 * P, 2 * P) not in frac          # 41 % and 39 % covered: dropped
 
 
-def _ihc(rng, od_scale: float, dab: float, shape=(300, 400)):
-    """An IHC-like thumbnail (Ruifrok's haematoxylin and DAB vectors) of an ellipse, and its truth."""
-    from featstore.synth import smooth_noise
-
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    truth = ((yy - shape[0] / 2) / (shape[0] * 0.37)) ** 2 + ((xx - shape[1] / 2) / (shape[1] * 0.4)) ** 2 < 1
-    h = od_scale * (0.6 + 0.8 * smooth_noise(shape, 10, rng)) * truth
-    d = dab * (smooth_noise(shape, 15, rng) > 0.6) * truth
-    od = h[..., None] * np.array([0.65, 0.70, 0.29]) + d[..., None] * np.array([0.27, 0.57, 0.78])
-    return np.clip(255 * np.exp(-od) + rng.normal(0, 3, od.shape), 0, 255).astype(np.uint8), truth
-
-
 @pytest.mark.parametrize("od_scale,dab", [(0.15, 0.0), (0.3, 0.8), (1.0, 0.0), (2.0, 0.8)])
 def test_robust_keeps_haematoxylin_and_dab_which_are_not_ink(od_scale, dab):
     # haematoxylin is blue-violet (hue ~245°) and dense DAB is dark: neither may be taken for pen ink or debris;
     # measured Dice 0.91-1.0 (robust) vs 0.51-1.0 (Otsu), lowest for faint haematoxylin with DAB
-    rgb, truth = _ihc(np.random.default_rng(0), od_scale, dab)
+    rgb, truth = ihc_view(np.random.default_rng(0), od_scale, dab)
     mask = tissue_mask(rgb, "robust", 16, 64)
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice >= 0.9, dice
