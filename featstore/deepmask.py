@@ -145,7 +145,7 @@ def weights_sha256(name: str, path: str) -> str:
 
 def _windows(inp: Any, thumb: np.ndarray, size0: int) -> list[tuple[int, int]]:
     """Level-0 (x, y) of the windows whose thumbnail footprint holds anything but glass."""
-    x = thumb.astype(np.float32)
+    x = thumb.astype(np.float32)     # (featstore.masks imports this module: no import back)
     mx, mn = x.max(axis=2), x.min(axis=2)
     busy = ((mx - mn) / np.maximum(mx, 1) > _GLASS_SATURATION) | (mx < _GLASS_BRIGHT)
     w, h = inp.slide.dimensions

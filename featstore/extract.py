@@ -346,8 +346,8 @@ class Extractor:
             return self._tile_images(store, ref, slide, report)
         tiles = tile_slide(slide, self.cfg.tiling)
         if len(tiles.coords) == 0 and tiles.qc_dropped:
-            raise FeatstoreError(f"{ref.path}: --qc drop left no tile (flagged: " + ", ".join(
-                f"{k} {v}" for k, v in tiles.qc_dropped.items()) + "); check with `featstore tiles --qc flag`")
+            raise FeatstoreError(f"{ref.path}: --qc drop left no tile ({tiles.qc_summary()}); check with "
+                                 "`featstore tiles --qc flag`")
         if len(tiles.coords) == 0:
             raise FeatstoreError(
                 f"{ref.path}: no tissue (no patch with >= {self.cfg.tiling.min_tissue:.0%} tissue); "

@@ -69,7 +69,7 @@ _MIN_SATURATION = 0.05   # below this nothing is tissue, whatever Otsu says (bla
 _MIN_DARKNESS = 20.0     # gray mode: 255 - gray must exceed this
 
 
-def _channel_max_min(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_max_min(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel max and min over R, G, B (element-wise: several times faster than a reduction over axis 2)."""
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     return np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
@@ -80,11 +80,15 @@ def _window(a: np.ndarray, size: int, op, pad_mode: str, axis: int) -> np.ndarra
     (one pass per offset: several times faster than scipy's filters on bool and float images)."""
     r = size // 2
     widths = [(r, r) if ax == axis else (0, 0) for ax in range(a.ndim)]
-    p = np.pad(a, widths, mode=pad_mode) if pad_mode != "constant" else np.pad(a, widths)
+    p = np.pad(a, widths, mode=pad_mode)
     n = a.shape[axis]
-    out = np.take(p, range(0, n), axis=axis) if axis else p[0:n].copy()
+
+    def at(i: int) -> np.ndarray:
+        return p[i:i + n] if axis == 0 else p[:, i:i + n]
+
+    out = at(0).copy()
     for i in range(1, 2 * r + 1):
-        op(out, p[i:i + n] if axis == 0 else p[:, i:i + n], out=out)
+        op(out, at(i), out=out)
     return out
 
 
@@ -150,7 +154,7 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_object_px: int 
     if method not in ("saturation", "gray"):
         raise TilingError(f"tissue_mask: method must be saturation, gray or robust, got {method!r}")
     if method == "saturation":
-        mx, mn = _channel_max_min(x)
+        mx, mn = channel_max_min(x)
         channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
         floor = _MIN_SATURATION
     elif method == "gray":
@@ -188,7 +192,7 @@ def robust_candidates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Left out: coloured ink by hue (green to blue) and black ink or debris by darkness, as regions
     (an opening drops lone pixels such as nuclei), grown by two pixels so their anti-aliased rims
     go too."""
-    mx, mn = _channel_max_min(x)
+    mx, mn = channel_max_min(x)
     sat = ((mx - mn) / np.maximum(mx, 1)).astype(np.float32)
     smooth = _box_mean(sat, 3)   # scanner noise averaged out
     sub_mx, sub = mx[::2, ::2], smooth[::2, ::2]      # a quarter of the pixels is plenty for the levels

@@ -45,11 +45,7 @@ def tiling_qc(slide: Slide, tiles: Tiles, out_png: str | Path, max_size: int = 1
     title = (f"{len(tiles)} patches of {c.patch_size}px @ {c.mpp} µm/px (≥{c.min_tissue:.0%} tissue, "
              f"{c.mask} mask)")
     if tiles.qc_flags is not None:
-        from featstore.tileqc import qc_counts
-
-        counts = tiles.qc_dropped or qc_counts(flags)
-        title += ("\nQC " + ("dropped: " if tiles.qc_dropped else "flagged: ")
-                  + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        title += f"\nQC: {tiles.qc_summary()}"
     ax1.set_title(title)
     fig.tight_layout()
     return save(fig, out_png, dpi=None)

@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from featstore.masks import channel_max_min
+
 QC_MODES = ("off", "flag", "drop")
 QC_MPP = 2.0
 MEASURES = ("sharpness", "density", "background")
@@ -46,8 +48,7 @@ class QCRule:
 def tile_measures(rgb: np.ndarray) -> tuple[float, float, float]:
     """(sharpness, density, background share) of one RGB uint8 tile (see the module docstring)."""
     x = rgb.astype(np.float32)
-    mx = np.maximum(np.maximum(x[..., 0], x[..., 1]), x[..., 2])
-    mn = np.minimum(np.minimum(x[..., 0], x[..., 1]), x[..., 2])
+    mx, mn = channel_max_min(x)
     glass = ((mx - mn) / np.maximum(mx, 1) < _GLASS_SAT) & (mx > _GLASS_BRIGHT)
     background = float(glass.mean())
     stained = ~glass
@@ -103,3 +104,12 @@ def slide_measures(slide, coords: np.ndarray, size0: int) -> np.ndarray:
 def qc_counts(flags: np.ndarray) -> dict[str, int]:
     """How many tiles carry each flag (a tile can carry several)."""
     return {name: int((flags & bit).astype(bool).sum()) for name, bit in FLAGS.items()}
+
+
+def qc_text(flagged: dict[str, int] | None, dropped: dict[str, int] | None = None) -> str:
+    """One line of QC counts, e.g. ``blur 3, dark 1, background 0``, prefixed ``dropped`` when the
+    flagged tiles were left out (--qc drop); ``-`` without QC."""
+    counts = dropped or flagged
+    if not counts:
+        return "-"
+    return ("dropped " if dropped else "") + ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -95,6 +95,12 @@ class Tiles:
     def __len__(self) -> int:
         return len(self.coords)
 
+    def qc_summary(self) -> str:
+        """The QC counts in one line (``blur 3, dark 1, background 0``; ``dropped ...`` with --qc drop)."""
+        from featstore.tileqc import qc_counts, qc_text
+
+        return qc_text(None if self.qc_flags is None else qc_counts(self.qc_flags), self.qc_dropped)
+
 
 def _bilinear(S: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Bilinear read of the integral image S (H+1, W+1) at fractional (y, x)."""

@@ -27,12 +27,10 @@ def _has_qc(st) -> bool:
 
 def _qc_text(st, sid: str) -> str:
     """A slide's QC counts, e.g. ``blur 3, dark 1, background 0`` (``dropped`` with --qc drop)."""
-    q = st.slide_info(sid).get("qc")
-    if not q:
-        return "-"
-    counts = q.get("dropped") or q.get("flagged") or {}
-    word = "dropped " if q.get("dropped") else ""
-    return word + ", ".join(f"{k} {v}" for k, v in counts.items())
+    from featstore.tileqc import qc_text
+
+    q = st.slide_info(sid).get("qc") or {}
+    return qc_text(q.get("flagged"), q.get("dropped"))
 
 
 def _coverage_table(st, store: str, show_all: bool = False) -> tuple[str, Table, list[str]]:

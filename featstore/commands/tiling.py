@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         min_tissue: Annotated[float, typer.Option(help="Keep patches with at least this tissue fraction.")] = 0.5,
         mask: Annotated[str, typer.Option("--mask", "--tissue", help=help_of(_FIELDS["mask"]))] = _FIELDS["mask"].default,
         mask_weights: Annotated[Optional[str], typer.Option(help=help_of(_FIELDS["mask_weights"]))] = None,
-        qc: Annotated[str, typer.Option(help=help_of(_FIELDS["qc"]))] = "off",
+        qc: Annotated[str, typer.Option(help=help_of(_FIELDS["qc"]))] = _FIELDS["qc"].default,
         slide_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of a slide whose file does not record it.")] = None,
         compare: Annotated[Optional[Path], typer.Option(help="Also save every mask method side by side (contour and "
                                                               "kept tiles each) to this PNG.")] = None,
@@ -49,10 +49,7 @@ def register(app: typer.Typer) -> None:
                 con.print(f"{slide}: {len(tiles)} patches of {tiles.size0} level-0 px "
                           f"({patch_size} px @ {mpp} µm/px; slide {s.mpp:.4g} µm/px, {s.vendor})", highlight=False)
             if tiles.qc_flags is not None:
-                from featstore.tileqc import qc_counts
-
-                counts = tiles.qc_dropped or qc_counts(tiles.qc_flags)
-                con.print(f"QC ({qc}): " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+                con.print(f"QC: {tiles.qc_summary()}", highlight=False)
             layout = probe(s.path, s.level_dimensions)
             con.print("reader (--reader auto): " + (f"native ({len(layout.levels)} JPEG-tiled levels)"
                       if not isinstance(layout, str) else f"openslide (native reader: {layout})"), highlight=False)
