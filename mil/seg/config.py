@@ -61,3 +61,32 @@ class WsiSource(Config):
     def class_map(self) -> dict[str, int] | None:
         names = [n.strip() for n in (self.class_names or "").split(",") if n.strip()]
         return {n: i for i, n in enumerate(names, start=1)} or None
+
+
+def _mask_names():
+    from featstore.masks import mask_names
+
+    return mask_names()
+
+
+@dataclass(frozen=True)
+class SlidePredictConfig(Config):
+    """Whole slides segmented by a trained run (`mil seg predict-slides`; docs/segmentation.md,
+    "Segmenting whole slides"): windows of ``window`` px at ``mpp`` with ``margin`` px of context."""
+
+    config_error = SegConfigError
+
+    mpp: float | None = option(None, "µm/px to segment at (default: the run's own, recorded by `mil seg train "
+                                     "--slides`; a run trained on image folders needs it).", gt=0)
+    window: int = option(512, "Window side in px at --mpp, predicted at once.", ge=32)
+    margin: int = option(32, "Context in px read around each window on every side and then discarded, so window "
+                             "edges do not show.", ge=0)
+    max_side: int = option(4096, "Longer side of each slide's class map in px (the map is coarser than --mpp "
+                                 "where the slide is larger).", ge=64)
+    mask: str = option("robust", "Tissue mask (featstore.masks): windows without tissue are not segmented and "
+                                 "stay class 0.", flags=("--mask", "--tissue"), choices=_mask_names)
+    mask_weights: str = option("", "Weights file of a deep --mask (grandqc, hest).")
+    slide_mpp: float | None = option(None, "Override every slide's level-0 µm/px (files without it).", gt=0)
+    geojson: bool = option(False, "Also write <slide_id>.geojson: each class's regions as QuPath annotations.")
+    batch_size: int = option(4, "Windows per forward pass.", ge=1)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")

@@ -28,8 +28,9 @@ border-bottom:1px solid #ddd;text-align:left}</style></head><body>
 <h2>{{ store }}</h2>
 {% if runs|length > 1 %}<p id="runs">runs: {% for r in runs %}<a href="?run={{ r|urlencode }}">{% if r == name %}<b>{{ r }}</b>{% else %}{{ r }}{% endif %}</a> {% endfor %}</p>{% endif %}
 {% if run %}<p>run <code>{{ run }}</code> ({{ task }}{% for k, v in metrics %}; {{ k }} {{ v }}{% endfor %})</p>{% endif %}
-<table id="slides"><tr><th>slide</th><th>tiles</th>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for s in slides %}<tr><td><a href="slide/{{ s.id }}{{ q }}">{{ s.id }}</a></td><td>{{ s.tiles }}</td>
+{% if seg %}<p id="seg">class maps <code>{{ seg }}</code>: area per class in mm²</p>{% endif %}
+<table id="slides"><tr><th>slide</th>{% if tiles %}<th>tiles</th>{% endif %}{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for s in slides %}<tr><td><a href="slide/{{ s.id }}{{ q }}">{{ s.id }}</a></td>{% if tiles %}<td>{{ s.tiles }}</td>{% endif %}
 {% for c in columns %}<td>{{ s.row.get(c, "") }}</td>{% endfor %}</tr>{% endfor %}</table></body></html>"""
 
 SLIDE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ sid }}</title>
@@ -45,7 +46,12 @@ SLIDE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ sid }}</ti
 <small>low attention &larr; &rarr; high (rank-normalised, mean over folds)</small>
 <h4>top tiles</h4><ol id="top">{% for t in top %}<li><a href="#" data-box="{{ t.x }},{{ t.y }},{{ t.size }}">
 row {{ t.row }}: {{ '%.3f' % t.score }}</a></li>{% endfor %}</ol>{% endif %}
-<p>{{ tiles }} tissue tiles of {{ size0 }} level-0 px</p></div>
+{% if seg %}<h4>segmentation</h4><label><input type="checkbox" id="mask" checked> class map</label><br>
+<input type="range" id="mask-opacity" min="0" max="100" value="50"> opacity
+<ul id="legend" style="list-style:none;padding:0">{% for name, color in legend %}<li><span style="display:inline-block;
+width:12px;height:12px;background:{{ color }}"></span> {{ name }}</li>{% endfor %}</ul>
+<small>{{ seg }}</small>{% endif %}
+{% if tiles is not none %}<p>{{ tiles }} tissue tiles of {{ size0 }} level-0 px</p>{% endif %}</div>
 <script>
 const cfg = {{ cfg|safe }};
 // the canvas drawer: OpenSeadragon 5's WebGL drawer took 3.8 s instead of 0.8 s to first paint where
@@ -56,14 +62,18 @@ window.fsReady = false;
 function ready() { window.fsReady = [...Array(viewer.world.getItemCount()).keys()]
   .every(i => viewer.world.getItemAt(i).getFullyLoaded());
   if (window.fsReady && !window.fsReadyAt) window.fsReadyAt = performance.now(); }
+// the overlays (attention, class map), each an image over the whole slide with its on/off box and opacity slider
+const layers = [["overlay", "opacity", cfg.overlay, cfg.overlay_width], ["mask", "mask-opacity", cfg.seg, cfg.seg_width]]
+  .filter(l => l[2]).map(([box, slider, url, width]) => ({box: document.getElementById(box),
+    slider: document.getElementById(slider), url, width, item: null}));
 viewer.addHandler("open", () => {
-  if (cfg.overlay) viewer.addTiledImage({tileSource: {type: "image", url: cfg.overlay}, x: 0, y: 0, width: cfg.overlay_width,
-    opacity: 0.5, success: e => { window.overlayItem = e.item; e.item.addHandler("fully-loaded-change", ready); ready(); }});
+  layers.forEach(l => viewer.addTiledImage({tileSource: {type: "image", url: l.url}, x: 0, y: 0, width: l.width,
+    opacity: 0.5, success: e => { l.item = e.item; if (l.url === cfg.overlay) window.overlayItem = e.item;
+      if (l.url === cfg.seg) window.maskItem = e.item; e.item.addHandler("fully-loaded-change", ready); ready(); }}));
   viewer.world.getItemAt(0).addHandler("fully-loaded-change", ready);
 });
-const box = document.getElementById("overlay"), op = document.getElementById("opacity");
-function setOpacity() { if (window.overlayItem) window.overlayItem.setOpacity(box.checked ? op.value / 100 : 0); }
-if (box) { box.onchange = setOpacity; op.oninput = setOpacity; }
+layers.forEach(l => { const set = () => { if (l.item) l.item.setOpacity(l.box.checked ? l.slider.value / 100 : 0); };
+  l.box.onchange = set; l.slider.oninput = set; });
 document.querySelectorAll("#top a").forEach(a => a.onclick = e => { e.preventDefault();
   const [x, y, s] = a.dataset.box.split(",").map(Number), item = viewer.world.getItemAt(0);
   viewer.viewport.fitBounds(item.imageToViewportRectangle(x, y, s, s)); });
@@ -119,6 +129,39 @@ def tile_response(data: ViewerData, sid: str, level: int, col: int, row: int) ->
     return Response(buf.getvalue(), mimetype="image/jpeg")
 
 
+def _areas(data: ViewerData, sid: str) -> dict[str, str]:
+    return data.seg.areas(sid) if data.has_seg(sid) else {}
+
+
+def _seg_columns(data: ViewerData) -> list[str]:
+    return [f"{c['name']} mm²" for c in data.seg.classes()]
+
+
+def slide_page(data: ViewerData, sid: str, name: str | None, run) -> str:
+    """A slide's page: the slide, the run's attention (opacity slider, colour bar, top tiles) and
+    the class map (opacity slider, legend), each where there is one; the error of a broken slide."""
+    error = None
+    try:
+        w0 = data.zoom(sid).level_dimensions[-1][0]
+    except ViewerError as exc:
+        error = str(exc)
+    overlay = run is not None and error is None
+    seg = error is None and data.has_seg(sid)
+    cfg = {"dzi": f"../dzi/{sid}.dzi", "overlay": f"../overlay/{sid}.png{_query(name)}" if overlay else None,
+           "overlay_width": overlay_width(data, sid) if overlay else 1.0,
+           "seg": f"../seg/{sid}.png" if seg else None, "seg_width": data.seg.width(sid, w0) if seg else 1.0}
+    title = sid
+    if run is not None:
+        from mil.heatmap import slide_title
+
+        title = slide_title(run, sid)
+    return render_template_string(SLIDE, sid=sid, title=title, error=error, overlay=overlay, q=_query(name),
+                                  top=data.top_tiles(sid, run=name) if overlay else [], cfg=json.dumps(cfg),
+                                  tiles=data.n_tiles(sid), size0=data.info(sid).get("size0"),
+                                  run=None if run is None else str(run.path), seg=seg and str(data.seg.folder),
+                                  legend=data.seg.legend() if seg else [])
+
+
 def create_app(data: ViewerData) -> Flask:
     """The viewer app over *data* (a store, an optional run, the allowed slide folders)."""
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
@@ -127,8 +170,11 @@ def create_app(data: ViewerData) -> Flask:
     def index():
         name, run = _run_arg(data)
         rows = run_rows(run)
-        slides = [{"id": s, "tiles": data.store.n_tiles(s), "row": rows.get(s, {})} for s in data.slide_ids()]
-        return render_template_string(INDEX, store=str(data.store.path), slides=slides, columns=_columns(rows),
+        slides = [{"id": s, "tiles": data.n_tiles(s), "row": {**rows.get(s, {}), **_areas(data, s)}}
+                  for s in data.slide_ids()]
+        columns = _columns(rows) + (_seg_columns(data) if data.seg is not None else [])
+        return render_template_string(INDEX, store=data.title, slides=slides, columns=columns,
+                                      tiles=data.store is not None, seg=data.seg and str(data.seg.folder),
                                       run=None if run is None else str(run.path), task=getattr(run, "task", ""),
                                       metrics=summary(run), runs=list(data.runs), name=name, q=_query(name))
 
@@ -139,24 +185,7 @@ def create_app(data: ViewerData) -> Flask:
             data.check(sid)
         except ViewerError:
             abort(404)
-        error = None
-        try:
-            data.zoom(sid)
-        except ViewerError as exc:
-            error = str(exc)
-        info = data.store.slide_info(sid)
-        overlay = run is not None and error is None
-        cfg = {"dzi": f"../dzi/{sid}.dzi", "overlay": f"../overlay/{sid}.png{_query(name)}" if overlay else None,
-               "overlay_width": overlay_width(data, sid) if overlay else 1.0}
-        title = sid
-        if run is not None:
-            from mil.heatmap import slide_title
-
-            title = slide_title(run, sid)
-        return render_template_string(SLIDE, sid=sid, title=title, error=error, overlay=overlay, q=_query(name),
-                                      top=data.top_tiles(sid, run=name) if overlay else [], cfg=json.dumps(cfg),
-                                      tiles=data.store.n_tiles(sid), size0=info.get("size0"),
-                                      run=None if run is None else str(run.path))
+        return slide_page(data, sid, name, run)
 
     @app.get("/dzi/<sid>.dzi")
     def dzi(sid: str):
@@ -175,6 +204,16 @@ def create_app(data: ViewerData) -> Flask:
     def tile(sid: str, level: int, col: int, row: int):
         return tile_response(data, sid, level, col, row)
 
+    @app.get("/seg/<sid>.png")
+    def seg_png(sid: str):
+        try:
+            data.check(sid)
+            if not data.has_seg(sid):
+                abort(404)
+            return Response(data.seg.png(sid), mimetype="image/png")
+        except ViewerError:
+            abort(404)
+
     @app.get("/overlay/<sid>.png")
     def overlay_png(sid: str):
         name, run = _run_arg(data)
@@ -190,4 +229,4 @@ def create_app(data: ViewerData) -> Flask:
     return app
 
 
-__all__ = ["create_app", "tile_response", "overlay_width", "ViewerData"]
+__all__ = ["create_app", "tile_response", "overlay_width", "ViewerData", "slide_page"]

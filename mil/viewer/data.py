@@ -4,6 +4,7 @@ its deep-zoom generator, and a run's attention painted as an overlay image."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -25,13 +26,15 @@ class ViewerError(MilError):
 
 @dataclass
 class ViewerData:
-    """The store, the runs (by folder name; the first is the default) and the folders slide
-    files may be read from. ``run`` is the default run, or None."""
+    """The store, the runs (by folder name; the first is the default), the folders slide files
+    may be read from, and class maps (:class:`mil.viewer.seg.SegMaps`). ``run`` is the default
+    run, or None. Without a store the slides are the class maps' (segmentation only)."""
 
-    store: object
+    store: object | None
     runs: dict = field(default_factory=dict)
     slide_dirs: tuple[Path, ...] = ()
     device: str = "cpu"
+    seg: object | None = None
     _zoom: dict = field(default_factory=dict, repr=False)
     _scores: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -41,6 +44,12 @@ class ViewerData:
             self.runs = {}
         elif not isinstance(self.runs, dict):     # one run given
             self.runs = {Path(self.runs.path).name: self.runs}
+        if self.store is None and (self.seg is None or self.runs):
+            raise ViewerError("give a feature store (a --run's attention needs one), or --seg class maps alone")
+
+    @property
+    def title(self) -> str:
+        return str(self.store.path if self.store is not None else self.seg.folder)
 
     @property
     def run(self):
@@ -55,18 +64,30 @@ class ViewerData:
         return self.runs[name]
 
     def slide_ids(self) -> list[str]:
-        return list(self.store.slide_ids())
+        return list(self.store.slide_ids()) if self.store is not None else self.seg.slide_ids()
+
+    def info(self, sid: str) -> dict:
+        """The store's record of a slide (source, size0, ...); the class map's without a store."""
+        if self.store is not None:
+            return self.store.slide_info(sid)
+        return self.seg.record(sid) or {}
+
+    def n_tiles(self, sid: str) -> int | None:
+        return None if self.store is None else self.store.n_tiles(sid)
+
+    def has_seg(self, sid: str) -> bool:
+        return self.seg is not None and self.seg.record(sid) is not None
 
     def check(self, sid: str) -> str:
         """*sid* if the store holds it (ids, never paths, come from a request)."""
         if sid not in set(self.slide_ids()):
-            raise ViewerError(f"no slide {sid!r} in {self.store.path}")
+            raise ViewerError(f"no slide {sid!r} in {self.title}")
         return sid
 
     def slide_path(self, sid: str) -> Path:
         """The slide's file: the source the store recorded, or a file of that name under a
         --slides folder; never a path outside those folders (symlinks resolved)."""
-        src = Path(str(self.store.slide_info(self.check(sid)).get("source", "")))
+        src = Path(str(self.info(self.check(sid)).get("source", "")))
         if not self.slide_dirs:
             if not src.is_file():
                 raise ViewerError(f"slide file {src} of {sid} is not there; pass --slides DIR")
@@ -185,6 +206,13 @@ def summary(run) -> list[tuple[str, str]]:
     return [(k, f"{fmt(m['mean'].get(k))} ± {fmt(m['std'].get(k))}") for k in task_keys(run.task)]
 
 
+def _is_segmentation(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("kind") == "segmentation"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def find_runs(paths) -> dict:
     """{folder name: Run} of run folders, or of the run folders inside a folder (a study's runs/)."""
     from mil.run import load_run
@@ -196,6 +224,9 @@ def find_runs(paths) -> dict:
         if not found:
             raise ViewerError(f"--run {p}: no run folder here (a folder holding config.json, or a folder of them)")
         for d in found:
+            if _is_segmentation(d):
+                raise ViewerError(f"--run {d}: a segmentation run; segment the slides with `mil seg predict-slides "
+                                  f"SLIDES --run {d} --out MAPS` and show the maps with --seg MAPS")
             out[d.name] = load_run(d)
     return out
 

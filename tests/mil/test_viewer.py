@@ -25,6 +25,7 @@ from featstore.tiling import TilingConfig
 from mil.run import load_run
 from mil.viewer.app import create_app
 from mil.viewer.data import OVERLAY_PX_PER_TILE, ViewerData
+from tests.mil.browser import chrome, pixel, wait
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +130,6 @@ def test_a_slide_that_cannot_be_opened_shows_an_error_tile(cohort, tmp_path):
 
 
 # ------------------------------------------------------------------------------ in a real browser
-def _chrome():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,800",
-              "--force-device-scale-factor=1", "--disable-dev-shm-usage"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
 @pytest.fixture(scope="module")
 def served(cohort):
     from werkzeug.serving import make_server
@@ -156,33 +142,14 @@ def served(cohort):
     server.shutdown()
 
 
-def _wait(driver, script: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if driver.execute_script(f"return {script}"):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {script}")
-
-
-def _pixel(driver, x0: float, y0: float) -> np.ndarray:
-    """The screenshot's RGB at level-0 point (x0, y0) of the slide."""
-    xy = driver.execute_script(
-        "const p = viewer.world.getItemAt(0).imageToViewerElementCoordinates(new OpenSeadragon.Point(arguments[0], "
-        "arguments[1])); const r = document.getElementById('osd').getBoundingClientRect(); "
-        "return [p.x + r.left, p.y + r.top];", float(x0), float(y0))
-    shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
-    return np.asarray(shot, np.float64)[int(round(xy[1])), int(round(xy[0]))]
-
-
 def test_the_page_in_headless_chromium_overlay_opacity_toggle_and_zoom(served):
     from matplotlib import colormaps
 
     url, data = served
-    driver = _chrome()
+    driver = chrome()
     try:
         driver.get(f"{url}/slide/s2")
-        _wait(driver, "window.fsReady === true && viewer.world.getItemCount() === 2")
+        wait(driver, "window.fsReady === true && viewer.world.getItemCount() === 2")
         scores, coords = data.scores("s2"), data.store.coords("s2")
         size0 = int(data.store.slide_info("s2")["size0"])
         hot = int(np.argmax(scores))
@@ -190,21 +157,21 @@ def test_the_page_in_headless_chromium_overlay_opacity_toggle_and_zoom(served):
         driver.execute_script("const o = document.getElementById('opacity'); o.value = 100; o.oninput();")
         time.sleep(0.5)
         want = np.asarray(colormaps["jet"](scores[hot]))[:3] * 255
-        assert np.abs(_pixel(driver, cx, cy) - want).max() < 40, (_pixel(driver, cx, cy), want)
+        assert np.abs(pixel(driver, cx, cy) - want).max() < 40, (pixel(driver, cx, cy), want)
         driver.find_element("id", "overlay").click()              # overlay off: the tissue itself
         time.sleep(0.5)
-        tissue = _pixel(driver, cx, cy)
+        tissue = pixel(driver, cx, cy)
         assert np.abs(tissue - want).max() > 60 and tissue.mean() < 235        # stained tissue, not glass
         driver.find_element("id", "overlay").click()
         driver.execute_script("const o = document.getElementById('opacity'); o.value = 50; o.oninput();")
         time.sleep(0.5)
-        half = _pixel(driver, cx, cy)
+        half = pixel(driver, cx, cy)
         assert np.abs(half - (want + tissue) / 2).max() < 45                    # alpha blending at 0.5
         if os.environ.get("FEATSTORE_VIEWER_SHOT"):                             # docs/viewer.md's picture
             driver.save_screenshot(os.environ["FEATSTORE_VIEWER_SHOT"])
         # zoom in on the hottest tile: deeper deep-zoom levels are fetched and drawn
         driver.execute_script("document.querySelector('#top a').click();")
-        _wait(driver, "window.fsReady === true")
+        wait(driver, "window.fsReady === true")
         levels = driver.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('_files/'))"
             ".map(n => +n.split('_files/')[1].split('/')[0]);")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from featstore.core.config import Options, config_command
 from featstore.core.ui import out_console
-from mil.seg.config import SegConfig, WsiSource
+from mil.seg.config import SegConfig, SlidePredictConfig, WsiSource
 
 
 @config_command(cfg=Options(SegConfig), wsi=Options(WsiSource))
@@ -76,6 +76,27 @@ def predict(
                           highlight=False)
 
 
+@config_command(cfg=Options(SlidePredictConfig))
+def predict_slides(
+    slides: Annotated[list[str], typer.Argument(help="Slide files, folders, globs, or a CSV slide_id,path[,mpp].")],
+    run: Annotated[Path, typer.Option("--run", help="A `mil seg train` run folder (config.json, model.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <slide_id>.png class maps and seg.json "
+                                                          "(resumes where it stopped).")],
+    cfg: SlidePredictConfig,
+) -> None:
+    """Segment whole slides with a trained run: a class map per slide for `featstore view --seg` (and QuPath
+    GeoJSON with --geojson), each class's area in mm²."""
+    from featstore.core.ui import reason_table, slide_progress
+    from mil.seg.slides import predict_slides as run_slides
+
+    report = run_slides(run, slides, out, cfg, slide_progress)
+    out_console.print(f"segmented {len(report.done)}, already done {len(report.already)}, skipped "
+                      f"{len(report.skipped)} -> {out}", highlight=False)
+    if report.skipped:
+        out_console.print(reason_table(f"skipped slides (also in {out}/seg.json)", report.skipped.items()))
+        raise typer.Exit(1)
+
+
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="`mil seg train` run folders, or folders holding them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for table.md, table.csv, dice_vs_fraction.png.")],
@@ -96,5 +117,6 @@ def register(mil_app: typer.Typer) -> None:
                       add_completion=False, pretty_exceptions_enable=False)
     app.command("train")(train)
     app.command("predict")(predict)
+    app.command("predict-slides")(predict_slides)
     app.command("compare")(compare)
     mil_app.add_typer(app, name="seg")
