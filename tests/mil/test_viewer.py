@@ -28,6 +28,9 @@ from mil.viewer.data import OVERLAY_PX_PER_TILE, ViewerData
 from tests.mil.browser import chrome, pixel, wait
 
 
+# one worker trains the module's fixtures once (pyproject: --dist loadgroup), not each worker again
+pytestmark = pytest.mark.xdist_group("viewer")
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Six 1536 x 1024 slides (tissue blocks), a resnet18 minus2 store and a 2-fold run."""

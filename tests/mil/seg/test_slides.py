@@ -32,6 +32,9 @@ from mil.viewer.seg import SegMaps
 from tests.mil.browser import chrome, pixel, wait
 
 
+# one worker trains the module's fixtures once (pyproject: --dist loadgroup), not each worker again
+pytestmark = pytest.mark.xdist_group("segslides")
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Four 384 px gland slides at 0.5 µm/px (stroma, rim, lumen) and a U-Net trained on them at 1 µm/px."""
