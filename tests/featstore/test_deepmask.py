@@ -48,6 +48,9 @@ def _train_grandqc(path, steps: int = 20, crop: int = 64) -> None:
     torch.save(model.state_dict(), path)
 
 
+# one worker builds the module's fixtures once (pyproject: --dist loadgroup), not each worker again
+pytestmark = pytest.mark.xdist_group("deepmask")
+
 @pytest.fixture(scope="module")
 def grandqc(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepmask")

@@ -26,6 +26,9 @@ CFG = ExtractConfig(encoder="resnet18", levels=(0, 1), weights="random", tiling=
                     input_size=32, precision="fp32", batch_size=16, workers=1)
 
 
+# one worker builds the module's fixtures once (pyproject: --dist loadgroup), not each worker again
+pytestmark = pytest.mark.xdist_group("s3")
+
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 server for the module; AWS_* variables point every default client at it."""

@@ -18,6 +18,9 @@ from featstore.core.errors import LabelsError
 from tests.mil.conftest import burden_cohort, write_labels
 
 
+# one worker builds the module's fixtures once (pyproject: --dist loadgroup), not each worker again
+pytestmark = pytest.mark.xdist_group("endpoints")
+
 @pytest.fixture(scope="module")
 def burden(tmp_path_factory):
     """(store, survival labels, regression labels, burden) of 64 slides."""
