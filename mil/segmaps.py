@@ -19,7 +19,6 @@ slide whose map is half written.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mil.errors import MilError
@@ -55,10 +54,10 @@ def read_manifest(folder: str | Path) -> dict:
 
 def write_manifest(folder: str | Path, doc: dict) -> Path:
     """Replace ``seg.json`` atomically (a temporary name, then a rename)."""
+    from mil.run import write_json
+
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    tmp.replace(path)
+    write_json(path, doc)
     return path
 
 

@@ -16,6 +16,7 @@ reason) and the others go on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -106,6 +107,15 @@ def paste(cmap: np.ndarray, pred: np.ndarray, x0: float, y0: float, size0: float
         cmap[ly:hy, lx:hx] = pred[np.ix_(sy, sx)]
 
 
+@functools.lru_cache(maxsize=4)
+def _norm(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's mean and std on *device*, scaled to 0-255 pixels: made once, not per batch."""
+    def t(v):
+        return torch.tensor(v, device=device).view(1, 3, 1, 1) * 255.0
+
+    return t(mean), t(std)
+
+
 @torch.inference_mode()
 def predict_batch(model: torch.nn.Module, images: Sequence[np.ndarray], pre: dict, device: torch.device) -> np.ndarray:
     """Argmax class ids (B, H, W) uint8 of equal-sized RGB windows; AMP and channels_last on CUDA."""
@@ -116,8 +126,7 @@ def predict_batch(model: torch.nn.Module, images: Sequence[np.ndarray], pre: dic
     if cuda:
         x = x.pin_memory()
     x = x.to(device, non_blocking=cuda).float()
-    mean = torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pre["std"], device=device).view(1, 3, 1, 1) * 255.0
+    mean, std = _norm(tuple(pre["mean"]), tuple(pre["std"]), str(device))
     x, (h, w) = _pad_to((x - mean) / std)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
